@@ -59,7 +59,24 @@ class RelativeBias:
         """Bucket ids, shape (len(q_pos), len(k_pos)), for absolute query and key positions."""
         rel = k_pos[None, :] - (q_pos[:, None] + self.q_offset)
         return relative_position_bucket(
-            rel, bidirectional=self.bidirectional, num_buckets=self.num_buckets, max_distance=self.max_distance
+            rel,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
+        )
+
+    def offset_buckets(self, q_len: int, k_len: int) -> Tensor:
+        """Bucket ids for every `key - query` offset in a q_len x k_len grid, shape (q_len + k_len - 1,).
+
+        Entry `k - q + q_len - 1` is the bucket of query q and key k: the bias is constant along diagonals,
+        so a blocked kernel needs only this O(n) vector, never an (Lq, Lk) grid of ids.
+        """
+        rel = torch.arange(-(q_len - 1), k_len, device=self.table.device) - self.q_offset
+        return relative_position_bucket(
+            rel,
+            bidirectional=self.bidirectional,
+            num_buckets=self.num_buckets,
+            max_distance=self.max_distance,
         )
 
     def block(self, q_pos: Tensor, k_pos: Tensor) -> Tensor:

@@ -1,0 +1,259 @@
+"""Memory-efficient exact attention: FlashAttention's algorithm written with PyTorch tensor ops.
+
+Queries are processed in blocks, keys/values in blocks, with an online (log-sum-exp) softmax accumulated
+in fp32 (float64 stays float64). Only q, k, v, the output and the per-row log-sum-exp are saved for
+backward, which recomputes each score tile. No Lq x Lk tensor exists in either pass, so training memory
+grows linearly with sequence length, also with a learned T5 relative bias (built per tile from positions,
+its gradient folded back into the small bucket table) and with a sliding window, whose out-of-window
+tiles are skipped rather than masked (O(n * w) work).
+
+Each tile is a batched matmul over (B, H), so the Python loop runs over tiles only. torch.compile is not
+needed: on CPU the per-tile work is a few large matmuls and elementwise passes that eager already runs
+at matmul speed (see bench/attention.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from models.kernels.bias import RelativeBias
+from models.kernels.chunked_bias import DenseBlocks, RelativeBlocks
+
+DEFAULT_Q_BLOCK = 256
+DEFAULT_K_BLOCK = 512
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Tiling:
+    """Which key tiles each query block visits, and which of those need an explicit mask."""
+
+    q_len: int
+    k_len: int
+    q_block: int
+    k_block: int
+    causal: bool
+    window: int | None
+
+    def query_blocks(self) -> Iterator[tuple[int, int]]:
+        for qs in range(0, self.q_len, self.q_block):
+            yield qs, min(qs + self.q_block, self.q_len)
+
+    def key_blocks(self, qs: int, qe: int) -> Iterator[tuple[int, int]]:
+        """Key tiles holding at least one key visible to some query in [qs, qe); the rest are skipped."""
+        lo, hi = 0, self.k_len
+        if self.causal:
+            hi = min(hi, qe)
+        if self.window is not None:
+            lo = max(lo, qs - self.window + 1)
+            hi = min(hi, qe - 1 + self.window)
+        for ks in range(lo, hi, self.k_block):
+            yield ks, min(ks + self.k_block, hi)
+
+    def visible(self, qs: int, qe: int, ks: int, ke: int, device: torch.device) -> Tensor | None:
+        """Bool (bq, bk) mask of visible (query, key) pairs, or None when the whole tile is visible."""
+        partial = self.causal and ke - 1 > qs
+        if self.window is not None:
+            partial = partial or qe - 1 - ks >= self.window or ke - 1 - qs >= self.window
+        if not partial:
+            return None
+        offset = torch.arange(ks, ke, device=device)[None, :] - torch.arange(qs, qe, device=device)[:, None]
+        keep = torch.ones_like(offset, dtype=torch.bool)
+        if self.causal:
+            keep &= offset <= 0
+        if self.window is not None:
+            keep &= offset.abs() < self.window
+        return keep
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Spec:
+    """Everything the autograd function needs besides tensors."""
+
+    tiling: _Tiling
+    scale: float
+    relative: RelativeBias | None
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _block_bias(spec: _Spec, dense: Tensor | None, table: Tensor | None, dtype: torch.dtype, need_grad: bool):
+    if dense is not None:
+        return DenseBlocks(dense, dtype=dtype, need_grad=need_grad)
+    if table is not None:
+        t = spec.tiling
+        return RelativeBlocks(spec.relative, table, t.q_len, t.k_len, dtype=dtype, need_grad=need_grad)
+    return None
+
+
+def _scores(
+    spec: _Spec, q_blk: Tensor, k: Tensor, qs: int, qe: int, ks: int, ke: int, bias, pad: Tensor | None
+) -> Tensor:
+    """Masked, biased scores of one tile, (B, H, bq, bk), in the compute dtype; masked entries are -inf."""
+    s = q_blk @ k[:, :, ks:ke].transpose(-1, -2)
+    if bias is not None:
+        s += bias.block(qs, qe, ks, ke)
+    if pad is not None:
+        s += pad[:, :, :, ks:ke]
+    keep = spec.tiling.visible(qs, qe, ks, ke, s.device)
+    if keep is not None:
+        s.masked_fill_(~keep, -math.inf)
+    return s
+
+
+class _ChunkedAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, pad, dense, table, spec: _Spec):
+        dtype = _compute_dtype(q.dtype)
+        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+        bias = _block_bias(spec, dense, table, dtype, need_grad=False)
+        B, H, Lq, _ = q.shape
+        out = q.new_empty(B, H, Lq, v.shape[-1])
+        lse = q.new_empty(B, H, Lq, dtype=dtype)
+        for qs, qe in spec.tiling.query_blocks():
+            q_blk = qc[:, :, qs:qe] * spec.scale
+            row_max = q_blk.new_full((B, H, qe - qs, 1), -math.inf)
+            row_sum = q_blk.new_zeros(B, H, qe - qs, 1)
+            acc = q_blk.new_zeros(B, H, qe - qs, v.shape[-1])
+            for ks, ke in spec.tiling.key_blocks(qs, qe):
+                s = _scores(spec, q_blk, kc, qs, qe, ks, ke, bias, pad)
+                new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
+                # A row with nothing visible yet keeps max -inf; shift it by 0 so exp gives 0, not NaN.
+                shift = new_max.masked_fill(new_max == -math.inf, 0.0)
+                p = s.sub_(shift).exp_()
+                rescale = (row_max - shift).exp_()
+                row_sum.mul_(rescale).add_(p.sum(-1, keepdim=True))
+                acc.mul_(rescale).add_(p @ vc[:, :, ks:ke])
+                row_max = new_max
+            empty = row_sum == 0  # no visible key at all: output 0, log-sum-exp +inf (so backward's p = 0)
+            out[:, :, qs:qe] = acc.div_(row_sum.masked_fill(empty, 1.0))
+            lse[:, :, qs:qe] = (row_max + row_sum.log()).masked_fill_(empty, math.inf).squeeze(-1)
+        ctx.spec = spec
+        ctx.save_for_backward(q, k, v, out, lse, pad, dense, table)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, pad, dense, table = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        dtype = lse.dtype
+        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+        need_bias_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        bias = _block_bias(spec, dense, table, dtype, need_grad=need_bias_grad)
+        dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
+        for qs, qe in spec.tiling.query_blocks():
+            q_blk = qc[:, :, qs:qe] * spec.scale
+            do = grad_out[:, :, qs:qe].to(dtype)
+            delta = (do * out[:, :, qs:qe].to(dtype)).sum(-1, keepdim=True)  # rowsum(dO * O)
+            row_lse = lse[:, :, qs:qe, None]
+            dq_blk = dq[:, :, qs:qe]
+            for ks, ke in spec.tiling.key_blocks(qs, qe):
+                p = _scores(spec, q_blk, kc, qs, qe, ks, ke, bias, pad).sub_(row_lse).exp_()
+                dv[:, :, ks:ke] += p.transpose(-1, -2) @ do
+                ds = (do @ vc[:, :, ks:ke].transpose(-1, -2)).sub_(delta).mul_(p)
+                if need_bias_grad:
+                    bias.add_grad(ds, qs, qe, ks, ke)
+                dq_blk += ds @ kc[:, :, ks:ke]
+                dk[:, :, ks:ke] += ds.transpose(-1, -2) @ q_blk
+            dq_blk *= spec.scale
+        grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None]
+        if ctx.needs_input_grad[4]:
+            grads[4] = bias.grad().to(dense.dtype)
+        if ctx.needs_input_grad[5]:
+            grads[5] = bias.grad().to(table.dtype)
+        return tuple(grads)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | None, bias) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"chunked_attention: {name} must be (B, H, L, D), got shape {tuple(t.shape)}")
+        if not t.is_floating_point() or t.dtype != q.dtype:
+            raise ValueError(f"chunked_attention: {name} must be a float tensor of q's dtype, got {t.dtype}")
+    if k.shape[:2] != q.shape[:2] or v.shape[:3] != k.shape[:3] or k.shape[3] != q.shape[3]:
+        raise ValueError(
+            "chunked_attention: expected q (B, H, Lq, D), k (B, H, Lk, D), v (B, H, Lk, Dv); "
+            f"got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    B, H, Lq, _ = q.shape
+    Lk = k.shape[2]
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, Lk)
+    ):
+        raise ValueError(
+            f"chunked_attention: key_padding_mask must be a bool ({B}, {Lk}) tensor (True = attend), "
+            f"got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}"
+        )
+    if isinstance(bias, RelativeBias):
+        if bias.num_heads != H:
+            raise ValueError(f"chunked_attention: RelativeBias has {bias.num_heads} heads, q has {H}")
+    elif isinstance(bias, Tensor):
+        full = (B, H, Lq, Lk)
+        shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
+        if bias.dim() > 4 or any(s not in (1, f) for s, f in zip(shape, full)):
+            raise ValueError(
+                f"chunked_attention: bias of shape {tuple(bias.shape)} does not broadcast to (B, H, Lq, Lk) = {full}"
+            )
+    elif bias is not None:
+        raise ValueError(
+            f"chunked_attention: bias must be None, a Tensor or a RelativeBias, got {type(bias).__name__}"
+        )
+
+
+def _positive(name: str, value: int | None, default: int | None) -> int | None:
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"chunked_attention: {name} must be a positive int or None, got {value!r}")
+    return value
+
+
+def chunked_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    bias: Tensor | RelativeBias | None = None,
+    window: int | None = None,
+    scale: float | None = None,
+    q_block: int | None = None,
+    k_block: int | None = None,
+) -> Tensor:
+    """Exact softmax attention in O(Lq + Lk) memory: q (B, H, Lq, D), k/v (B, H, Lk, D) -> (B, H, Lq, Dv).
+
+    Semantics are those of `models.attention.attend` (no dropout): key_padding_mask (B, Lk) bool with
+    True = attend; causal means key j is visible to query i iff j <= i; window w keeps |i - j| < w;
+    bias is a dense tensor broadcastable to (B, H, Lq, Lk) or a `RelativeBias`; a query with no visible
+    key outputs 0. q_block / k_block set the tile size (defaults DEFAULT_Q_BLOCK / DEFAULT_K_BLOCK).
+    """
+    _check_inputs(q, k, v, key_padding_mask, bias)
+    tiling = _Tiling(
+        q_len=q.shape[2],
+        k_len=k.shape[2],
+        q_block=_positive("q_block", q_block, DEFAULT_Q_BLOCK),
+        k_block=_positive("k_block", k_block, DEFAULT_K_BLOCK),
+        causal=causal,
+        window=_positive("window", window, None),
+    )
+    spec = _Spec(
+        tiling=tiling,
+        scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
+        relative=bias if isinstance(bias, RelativeBias) else None,
+    )
+    pad = None
+    if key_padding_mask is not None:
+        # Additive 0 / -inf, (B, 1, 1, Lk): one add per tile instead of building a combined bool mask.
+        dtype = _compute_dtype(q.dtype)
+        pad = torch.zeros(key_padding_mask.shape, dtype=dtype, device=q.device)
+        pad = pad.masked_fill_(~key_padding_mask, -math.inf)[:, None, None, :]
+    dense = bias if isinstance(bias, Tensor) else None
+    table = bias.table if isinstance(bias, RelativeBias) else None
+    return _ChunkedAttention.apply(q, k, v, pad, dense, table, spec)

@@ -1,0 +1,89 @@
+"""Additive attention biases served one (query block x key block) tile at a time, with their gradients.
+
+The chunked kernel never holds an Lq x Lk tensor, so a bias must be sliced (dense) or built (T5 relative)
+per tile, and its gradient must be folded back per tile: into the dense bias's own (possibly broadcast)
+shape, or into the small (num_buckets, heads) table of a `RelativeBias`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import Tensor
+
+from models.kernels.bias import RelativeBias
+
+
+class DenseBlocks:
+    """A dense bias broadcastable to (B, H, Lq, Lk), sliced per tile; broadcast dims stay size 1."""
+
+    def __init__(self, bias: Tensor, *, dtype: torch.dtype, need_grad: bool) -> None:
+        self.bias = bias.reshape((1,) * (4 - bias.dim()) + tuple(bias.shape))
+        self._q_broadcast = self.bias.shape[2] == 1
+        self._k_broadcast = self.bias.shape[3] == 1
+        self._sum_dims = [d for d in (0, 1) if self.bias.shape[d] == 1]
+        self._shape = bias.shape
+        self._grad = torch.zeros(self.bias.shape, dtype=dtype, device=bias.device) if need_grad else None
+
+    def _slices(self, qs: int, qe: int, ks: int, ke: int) -> tuple[slice, slice, slice, slice]:
+        q = slice(None) if self._q_broadcast else slice(qs, qe)
+        k = slice(None) if self._k_broadcast else slice(ks, ke)
+        return slice(None), slice(None), q, k
+
+    def block(self, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+        return self.bias[self._slices(qs, qe, ks, ke)]
+
+    def add_grad(self, ds: Tensor, qs: int, qe: int, ks: int, ke: int) -> None:
+        """Fold d(loss)/d(scores) of one tile, (B, H, bq, bk), into the bias's shape."""
+        if self._sum_dims:
+            ds = ds.sum(self._sum_dims, keepdim=True)
+        if self._q_broadcast:
+            ds = ds.sum(2, keepdim=True)
+        if self._k_broadcast:
+            ds = ds.sum(3, keepdim=True)
+        self._grad[self._slices(qs, qe, ks, ke)] += ds
+
+    def grad(self) -> Tensor:
+        return self._grad.reshape(self._shape)
+
+
+class RelativeBlocks:
+    """A T5 relative bias evaluated per tile from one O(Lq + Lk) vector of per-offset values.
+
+    The bias depends only on `key - query`, so the table is gathered once per diagonal (offset) and
+    each tile indexes that vector. Gradients are summed per offset, then per bucket into the table.
+    """
+
+    def __init__(
+        self,
+        rule: RelativeBias,
+        table: Tensor,
+        q_len: int,
+        k_len: int,
+        *,
+        dtype: torch.dtype,
+        need_grad: bool,
+    ) -> None:
+        rule = dataclasses.replace(rule, table=table)
+        self._table = table
+        self._q_len = q_len
+        self._buckets = rule.offset_buckets(q_len, k_len)  # (Lq + Lk - 1,)
+        self._values = table.to(dtype)[self._buckets].t().contiguous()  # (H, Lq + Lk - 1)
+        self._positions = torch.arange(max(q_len, k_len), device=table.device)
+        self._grad = torch.zeros_like(self._values) if need_grad else None
+
+    def _offsets(self, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+        """Index into the per-offset vector for every (query, key) of the tile, shape (bq, bk)."""
+        return self._positions[ks:ke][None, :] - self._positions[qs:qe][:, None] + (self._q_len - 1)
+
+    def block(self, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+        return self._values[:, self._offsets(qs, qe, ks, ke)]  # (H, bq, bk), broadcasts over B
+
+    def add_grad(self, ds: Tensor, qs: int, qe: int, ks: int, ke: int) -> None:
+        heads = self._values.shape[0]
+        self._grad.index_add_(1, self._offsets(qs, qe, ks, ke).flatten(), ds.sum(0).reshape(heads, -1))
+
+    def grad(self) -> Tensor:
+        table_grad = torch.zeros(self._table.shape, dtype=self._grad.dtype, device=self._grad.device)
+        return table_grad.index_add_(0, self._buckets, self._grad.t())
