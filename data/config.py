@@ -1,0 +1,101 @@
+"""Typed configuration of the data pipeline (the `data:` section of a run config)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+TextUnit = Literal["file", "paragraph", "line"]
+TEXT_UNITS = ("file", "paragraph", "line")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixtureComponent:
+    """One source of a weighted mixture; documents are drawn from it with probability ~ weight."""
+
+    source: str
+    weight: float = 1.0
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where text comes from and how it becomes batches.
+
+    source: "builtin" (the Python standard library's sources), a path glob of .txt/.jsonl/.json/.parquet
+    files (optionally .gz/.zst), a directory written by `pretrain data prepare`, "hf:NAME[:CONFIG]",
+    or a list of {source, weight} for a weighted mixture.
+    """
+
+    source: str | list[MixtureComponent] = "builtin"
+    seq_len: int = 128
+    tokenizer: str | None = None  # None: train a byte-level BPE on the source; else a path or hub name
+    vocab_size: int = 8192
+    tokenizer_train_chars: int = 2_000_000  # bounded sample so training takes seconds
+    text_field: str = "text"  # JSON key / parquet column / HF column holding the text
+    text_unit: TextUnit = "paragraph"  # what one document is in a .txt file
+    max_record_bytes: int = 8 << 20  # longer records (lines, paragraphs, files) are skipped and counted
+    num_workers: int = 1
+    prefetch_factor: int = 4
+    shuffle: bool = True
+    shuffle_buffer: int = 1024  # documents per shuffle block (also bounds the re-read on resume)
+    validation_source: str | None = None  # None: split validation_fraction of the source off
+    validation_fraction: float = 0.05
+    hf_split: str = "train"
+    mlm_probability: float = 0.15
+    noise_density: float = 0.15
+    mean_noise_span_length: float = 3.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.source, list):
+            self.source = [_component(c) for c in self.source]
+            if not self.source:
+                raise ValueError("data.source: an empty mixture list; give at least one {source, weight}")
+        elif not isinstance(self.source, str) or not self.source:
+            raise ValueError(
+                f"data.source: expected a string or a list of {{source, weight}}, got {self.source!r}"
+            )
+        _check_int("seq_len", self.seq_len, 8)
+        _check_int("vocab_size", self.vocab_size, 384)
+        _check_int("tokenizer_train_chars", self.tokenizer_train_chars, 1000)
+        _check_int("max_record_bytes", self.max_record_bytes, 1)
+        _check_int("num_workers", self.num_workers, 0)
+        _check_int("prefetch_factor", self.prefetch_factor, 1)
+        _check_int("shuffle_buffer", self.shuffle_buffer, 1)
+        if self.text_unit not in TEXT_UNITS:
+            raise ValueError(f"data.text_unit: {self.text_unit!r} is not one of {', '.join(TEXT_UNITS)}")
+        for name in ("validation_fraction", "mlm_probability", "noise_density"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+                raise ValueError(f"data.{name}: expected a number in [0, 1), got {value!r}")
+        if not self.mean_noise_span_length >= 1.0:
+            raise ValueError(
+                f"data.mean_noise_span_length: expected >= 1, got {self.mean_noise_span_length!r}"
+            )
+
+    @property
+    def components(self) -> list[MixtureComponent]:
+        """The source as a mixture (a single source is a mixture of one)."""
+        if isinstance(self.source, str):
+            return [MixtureComponent(source=self.source)]
+        return list(self.source)
+
+
+def _component(item: Any) -> MixtureComponent:
+    if isinstance(item, MixtureComponent):
+        component = item
+    elif isinstance(item, dict) and set(item) <= {"source", "weight"} and "source" in item:
+        component = MixtureComponent(**item)
+    else:
+        raise ValueError(
+            f"data.source: mixture entries must be {{source: STR, weight: NUMBER}}, got {item!r}"
+        )
+    if not isinstance(component.source, str) or not (
+        isinstance(component.weight, int | float) and component.weight > 0
+    ):
+        raise ValueError(f"data.source: bad mixture entry {item!r} (source must be a string, weight > 0)")
+    return component
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"data.{name}: expected an integer >= {minimum}, got {value!r}")
