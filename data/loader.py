@@ -123,19 +123,18 @@ class DataPipeline:
         self.meta = meta
         if num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else every forked worker warns
-        self._loader = StatefulDataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=num_workers,
-            prefetch_factor=prefetch_factor if num_workers else None,
-        )
+        with warnings.catch_warnings():  # torchdata 0.11 calls an API that recent torch deprecates
+            warnings.filterwarnings("ignore", message=".*set_vital.*")
+            self._loader = StatefulDataLoader(
+                dataset,
+                batch_size=None,
+                num_workers=num_workers,
+                prefetch_factor=prefetch_factor if num_workers else None,
+            )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
-            with warnings.catch_warnings():  # torchdata 0.11 calls an API that recent torch deprecates
-                warnings.filterwarnings("ignore", message=".*set_vital.*")
-                batches = iter(self._loader)
-            yield from batches
+            yield from self._loader
         except DataError as exc:  # from a worker: torch wraps it with the worker's traceback
             raise DataError(str(exc).strip().rsplit("DataError: ", 1)[-1]) from None
 
