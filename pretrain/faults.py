@@ -140,7 +140,7 @@ class DivergenceGuard:
                 f"{where}{self.skips} steps skipped for a non-finite loss or gradient (loss={output.loss}, "
                 f"grad_norm={output.grad_norm}), more than the budget of {self.max_skips}; stopping. "
                 "The last checkpoint on disk was written before the divergence: lower train.lr, check the "
-                "data, or raise the skip budget, then resume."
+                "data, or raise train.max_skips, then resume."
             )
 
     def state_dict(self) -> dict[str, int]:

@@ -1,0 +1,197 @@
+"""`launch`: start `python -m pretrain train CONFIG [overrides]` under torchrun, SLURM, DeepSpeed or Accelerate.
+
+Bad arguments end as ONE line on stderr and exit code 2, before anything is started or submitted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+from launch.external import AccelerateLaunch, DeepSpeedLaunch
+from launch.job import LaunchError, TrainJob, parse_endpoint
+from launch.slurm import SlurmJob, submit
+from launch.torchrun import SIGNAL_ENV, Torchrun, check_nnodes
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+
+    return parse
+
+
+def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except LaunchError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+
+    return parse
+
+
+positive, non_negative = _int_at_least(1), _int_at_least(0)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="launch", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) and exit")
+    job.add_argument("config", type=Path, help="run config YAML")
+    job.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    local = commands.add_parser("local", parents=[job], help="torchrun --standalone on this machine")
+    local.add_argument(
+        "--nproc", type=positive, required=True, help="processes (one per GPU, or CPU workers)"
+    )
+    local.add_argument(
+        "--max-restarts", type=non_negative, default=0, help="restart the group after a failure"
+    )
+
+    multi = commands.add_parser("torchrun", parents=[job], help="one node of a multi-node torchrun (c10d)")
+    multi.add_argument("--nnodes", type=_checked(check_nnodes), required=True, help="N, or MIN:MAX (elastic)")
+    multi.add_argument("--node-rank", type=non_negative, required=True, help="0 on the node at --master")
+    multi.add_argument("--master", type=_checked(parse_endpoint), required=True, help="HOST:PORT of node 0")
+    multi.add_argument("--nproc", type=positive, required=True, help="processes per node")
+    multi.add_argument("--rdzv-id", default="pretrain", help="job id shared by all nodes (default: pretrain)")
+    multi.add_argument("--max-restarts", type=non_negative, default=0)
+
+    slurm = commands.add_parser(
+        "slurm", parents=[job], help="write an sbatch script into the run dir and submit it"
+    )
+    slurm.add_argument("--nodes", type=positive, required=True)
+    slurm.add_argument("--gpus-per-node", type=non_negative, required=True, help="0: a CPU job (gloo)")
+    slurm.add_argument("--nproc-per-node", type=positive, default=None, help="default: GPUs per node, or 1")
+    slurm.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the partition's)")
+    slurm.add_argument("--partition", default=None)
+    slurm.add_argument("--account", default=None)
+    slurm.add_argument("--cpus-per-task", type=positive, default=None, help="CPUs for each node's torchrun")
+    slurm.add_argument(
+        "--max-restarts", type=non_negative, default=0, help="torchrun restarts within one job"
+    )
+    slurm.add_argument(
+        "--signal-lead",
+        type=positive,
+        default=180,
+        help="seconds before the time limit to checkpoint and requeue",
+    )
+    slurm.add_argument("--job-name", default=None, help="default: pretrain-<run dir name>")
+    slurm.add_argument(
+        "--sbatch-arg",
+        action="append",
+        default=[],
+        metavar="--OPTION=VALUE",
+        help="extra #SBATCH line (repeatable)",
+    )
+
+    ds = commands.add_parser("deepspeed", parents=[job], help="the DeepSpeed launcher over a hostfile")
+    ds.add_argument(
+        "--hostfile", type=Path, required=True, help="'HOST slots=N' lines (launch/examples/hostfile)"
+    )
+    ds.add_argument(
+        "--master", type=_checked(parse_endpoint), default=None, help="HOST:PORT (default: first host)"
+    )
+    ds.add_argument(
+        "--num-gpus", type=positive, default=None, help="per host (default: the hostfile's slots)"
+    )
+    ds.add_argument(
+        "--launcher", default="pdsh", choices=["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"]
+    )
+
+    acc = commands.add_parser("accelerate", parents=[job], help="accelerate launch with a config YAML")
+    acc.add_argument(
+        "--config", dest="accelerate_config", type=Path, required=True, help="see launch/accelerate/"
+    )
+    acc.add_argument("--machine-rank", type=non_negative, default=None, help="this machine (multi-node)")
+    return parser
+
+
+def build(args: argparse.Namespace, argv: Sequence[str]) -> list[str] | str:
+    """The command to exec, or (launch slurm) the sbatch script text."""
+    job = TrainJob(config=args.config, overrides=tuple(args.overrides))
+    if args.command == "local":
+        return Torchrun(nproc_per_node=args.nproc, max_restarts=args.max_restarts).command(job)
+    if args.command == "torchrun":
+        return Torchrun(
+            nproc_per_node=args.nproc,
+            max_restarts=args.max_restarts,
+            nnodes=args.nnodes,
+            node_rank=args.node_rank,
+            rendezvous=parse_endpoint(args.master),
+            rdzv_id=args.rdzv_id,
+        ).command(job)
+    if args.command == "deepspeed":
+        master = parse_endpoint(args.master) if args.master else None
+        launcher = DeepSpeedLaunch(
+            hostfile=args.hostfile, master=master, num_gpus=args.num_gpus, launcher=args.launcher
+        )
+        return launcher.command(job)
+    if args.command == "accelerate":
+        return AccelerateLaunch(config_file=args.accelerate_config, machine_rank=args.machine_rank).command(
+            job
+        )
+    slurm = SlurmJob(
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        nproc_per_node=args.nproc_per_node,
+        time=args.time,
+        partition=args.partition,
+        account=args.account,
+        cpus_per_task=args.cpus_per_task,
+        max_restarts=args.max_restarts,
+        signal_lead_s=args.signal_lead,
+        job_name=args.job_name,
+        sbatch_args=tuple(args.sbatch_arg),
+    )
+    launch_command = shlex.join(["launch", *argv])
+    if args.dry_run:
+        return slurm.render(job, launch_command=launch_command)
+    script = slurm.write(job, launch_command=launch_command)
+    job_id = submit(script)
+    print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
+    print(job_id)
+    return ""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    try:
+        command = build(args, argv)
+    except LaunchError as e:
+        print(f"error: launch {args.command}: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    if isinstance(command, str):  # launch slurm: printed script (--dry-run) or submitted
+        print(command, end="")
+        return 0
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
+    sys.stdout.flush()
+    os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
+    return 0  # not reached

@@ -1,0 +1,85 @@
+"""What every launcher runs: `python -m pretrain train CONFIG [overrides]`, plus the checks done before launching.
+
+Launchers validate their own arguments and find the run directory here with plain YAML, so a typo fails in a
+second on the login node, and `launch` never imports the training stack (it must start on machines and in
+shells where CUDA or DeepSpeed would be slow or absent).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+
+class LaunchError(ValueError):
+    """Bad launcher input; the CLI prints it as one line and exits with 2."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """The training command the launchers start on every worker."""
+
+    config: Path
+    overrides: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.config.is_file():
+            raise LaunchError(f"config file not found: {self.config}")
+        for item in self.overrides:
+            key, sep, _ = item.partition("=")
+            if not sep or not key.strip():
+                raise LaunchError(f"override {item!r} is not key.path=value (e.g. train.max_steps=100)")
+
+    def module_args(self) -> list[str]:
+        """Arguments after the interpreter: `-m pretrain train CONFIG overrides...` (config made absolute)."""
+        return ["-m", "pretrain", "train", str(self.config.resolve()), *self.overrides]
+
+    def run_dir(self) -> Path:
+        """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""
+        value = None
+        for item in self.overrides:
+            key, _, text = item.partition("=")
+            if key.strip() == "run.dir":
+                value = yaml.safe_load(text)
+        if value is None:
+            try:
+                raw = yaml.safe_load(self.config.read_text())
+            except yaml.YAMLError as e:
+                raise LaunchError(
+                    f"config file {self.config} is not valid YAML: {str(e).splitlines()[0]}"
+                ) from None
+            run = raw.get("run") if isinstance(raw, dict) else None
+            value = run.get("dir") if isinstance(run, dict) else None
+        return Path(value or Path("runs") / self.config.stem).resolve()
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """HOST:PORT of a rendezvous or master process."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+_HOSTNAME = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9-]{0,62})(\.[A-Za-z0-9]([A-Za-z0-9-]{0,62}))*$")
+
+
+def parse_endpoint(text: str, *, what: str = "--master") -> Endpoint:
+    """`host:port` or `[ipv6]:port` -> Endpoint; a one-line LaunchError otherwise."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise LaunchError(f"{what} must be HOST:PORT with a port in 1-65535, got {text!r}")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if not _HOSTNAME.match(host):
+            raise LaunchError(f"{what}: {host!r} is not a host name or IP address") from None
+    return Endpoint(host, int(port))
