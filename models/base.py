@@ -1,0 +1,66 @@
+"""What all three families have in common beyond their blocks: counting, FLOPs, loss, input checks."""
+
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.config import ModelConfig
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean token cross-entropy in fp32 over labels != -100 (what transformers computes)."""
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100
+    )
+
+
+def reject_unused(model: str, **inputs: Tensor | None) -> None:
+    """A clear error for inputs a family has no use for, instead of silently ignoring them."""
+    given = [name for name, value in inputs.items() if value is not None]
+    if given:
+        raise ValueError(f"{model} does not take {', '.join(given)}")
+
+
+class LanguageModel(nn.Module):
+    """Base class: `config`, `init_weights`, block listing, parameter counts and FLOPs per token."""
+
+    config: ModelConfig
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        """The per-layer blocks, encoder first, for FSDP wrapping and activation checkpointing."""
+        raise NotImplementedError
+
+    def init_weights(self) -> None:
+        raise NotImplementedError
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """Input embeddings (tokens, positions, token types): lookups, not matmuls."""
+        raise NotImplementedError
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (a tied head counts once); optionally without the input embeddings."""
+        params = {id(p): p for p in self.parameters()}
+        if exclude_embeddings:
+            for p in self.embedding_parameters():
+                params.pop(id(p), None)
+        return sum(p.numel() for p in params.values())
+
+    def _attention_layers(self) -> int:
+        """Attention operations per token position (T5's decoder counts self and cross)."""
+        return self.config.n_layers
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token, PaLM appendix B: 6 N + 12 L H Q T.
+
+        N counts the non-embedding parameters plus the vocabulary projection (a tied head is still a
+        matmul); L counts attention operations (T5: encoder self, decoder self and cross attention,
+        taking the target as long as the input). H Q = heads x head width; T = seq_len.
+        """
+        cfg = self.config
+        n = self.num_parameters(exclude_embeddings=True) + self._tied_head_params()
+        return 6.0 * n + 12.0 * self._attention_layers() * cfg.n_heads * cfg.head_dim * seq_len
+
+    def _tied_head_params(self) -> int:
+        return 0

@@ -1,0 +1,102 @@
+"""BERT: embed (tokens + types + positions, LayerNorm) -> post-norm blocks -> MLM head tied to the embedding."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.base import LanguageModel, cross_entropy, reject_unused
+from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
+from models.config import BERTConfig
+from models.outputs import ModelOutput
+
+
+class MLMHead(nn.Module):
+    """dense -> activation -> LayerNorm -> (word embedding)^T + bias, as in BERT's pre-training."""
+
+    def __init__(self, config: BERTConfig) -> None:
+        super().__init__()
+        self.activation = config.activation
+        self.transform = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+        x = self.norm(ACTIVATIONS[self.activation](self.transform(x)))
+        return F.linear(x, embedding, self.bias)
+
+
+class BERT(LanguageModel):
+    def __init__(self, config: BERTConfig) -> None:
+        super().__init__()
+        self.config = config
+        block = BlockConfig(
+            d_model=config.d_model,
+            n_heads=config.n_heads,
+            head_dim=config.head_dim,
+            d_ff=config.d_ff,
+            activation=config.activation,
+            norm_eps=config.layer_norm_eps,
+            dropout=config.dropout,
+            attention_dropout=config.attention_dropout,
+            attention=config.attention,
+        )
+        self.embed = Embeddings(
+            config.vocab_size,
+            config.d_model,
+            max_len=config.max_seq_len,
+            type_vocab_size=config.type_vocab_size,
+            norm_eps=config.layer_norm_eps,
+            dropout=config.dropout,
+            padding_idx=config.pad_token_id,
+        )
+        self.blocks = Stack(
+            [PostNormBlock(block) for _ in range(config.n_layers)],
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        self.head = MLMHead(config)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> ModelOutput:
+        """Masked LM. With `labels`, logits are (num_masked, vocab) for labels != -100 (see ModelOutput)."""
+        reject_unused(
+            "BERT", decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask
+        )
+        padding = attention_mask.bool() if attention_mask is not None else None
+        x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
+        if labels is None:
+            return ModelOutput(logits=self.head(x, self.embed.tokens.weight))
+        masked = labels != -100
+        logits = self.head(x[masked], self.embed.tokens.weight)  # (num_masked, V)
+        return ModelOutput(logits=logits, loss=cross_entropy(logits, labels[masked]))
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [self.embed.tokens.weight, self.embed.positions.weight, self.embed.token_types.weight]
+
+    def _tied_head_params(self) -> int:
+        return self.embed.tokens.weight.numel()
+
+    def init_weights(self) -> None:
+        """BERT's scheme: N(0, init_std) for weights, zero biases (and padding row), unit LayerNorms."""
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=self.config.init_std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                nn.init.zeros_(module.weight[module.padding_idx])
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        nn.init.zeros_(self.head.bias)

@@ -1,0 +1,182 @@
+"""The building blocks all three families share: embeddings, feed-forward, norms, residual blocks, stacks.
+
+A family file only chooses among these (pre- or post-norm, LayerNorm or RMSNorm, activation, cross
+attention) through a `BlockConfig`; no family re-implements a block.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from models.attention import CrossAttention, SelfAttention
+from models.kernels.bias import RelativeBias
+from models.position import LearnedPositions
+
+ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+
+
+@dataclass(frozen=True, kw_only=True)
+class BlockConfig:
+    """Everything one residual block needs to know, and nothing else."""
+
+    d_model: int
+    n_heads: int
+    head_dim: int
+    d_ff: int
+    activation: str
+    gated: bool = False
+    norm: str = "layer"  # "layer" (LayerNorm) | "rms" (T5's RMSNorm, no bias, no mean)
+    norm_eps: float = 1e-5
+    bias: bool = True  # biases on the linear layers
+    causal: bool = False
+    cross_attention: bool = False
+    scale: float | None = None  # None -> 1/sqrt(head_dim)
+    dropout: float = 0.0  # on each residual branch
+    attention_dropout: float = 0.0
+    ff_dropout: float = 0.0  # inside the feed-forward, after the activation (T5)
+    attention: str = "auto"
+
+
+def make_norm(cfg: BlockConfig) -> nn.Module:
+    if cfg.norm == "rms":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps)
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP. Gated (T5 v1.1): act(x W_gate) * (x W_lin), with both in one fused `up` matmul."""
+
+    def __init__(self, cfg: BlockConfig) -> None:
+        super().__init__()
+        self.activation, self.gated = cfg.activation, cfg.gated
+        self.up = nn.Linear(cfg.d_model, (2 if cfg.gated else 1) * cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.ff_dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        act = ACTIVATIONS[self.activation]
+        h = self.up(x)
+        if self.gated:
+            gate, linear = h.chunk(2, dim=-1)
+            h = act(gate) * linear
+        else:
+            h = act(h)
+        return self.down(self.dropout(h))
+
+
+def _attention_kwargs(cfg: BlockConfig) -> dict:
+    return dict(bias=cfg.bias, scale=cfg.scale, dropout=cfg.attention_dropout, backend=cfg.attention)
+
+
+class PreNormBlock(nn.Module):
+    """x + f(norm(x)) for self attention, optional cross attention, and the feed-forward (GPT-2, T5)."""
+
+    def __init__(self, cfg: BlockConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = SelfAttention(
+            cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, **_attention_kwargs(cfg)
+        )
+        if cfg.cross_attention:
+            self.cross_norm = make_norm(cfg)
+            self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.head_dim, **_attention_kwargs(cfg))
+        self.ff_norm = make_norm(cfg)
+        self.ff = FeedForward(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        *,
+        key_padding_mask: Tensor | None = None,
+        bias: Tensor | RelativeBias | None = None,
+        context: Tensor | None = None,
+        context_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.drop(self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask, bias=bias))
+        if hasattr(self, "cross_attn"):
+            if context is None:
+                raise ValueError("a block with cross attention needs the encoder output (context)")
+            x = x + self.drop(self.cross_attn(self.cross_norm(x), context, key_padding_mask=context_mask))
+        return x + self.drop(self.ff(self.ff_norm(x)))
+
+
+class PostNormBlock(nn.Module):
+    """norm(x + f(x)) for self attention and the feed-forward (BERT)."""
+
+    def __init__(self, cfg: BlockConfig) -> None:
+        super().__init__()
+        if cfg.cross_attention:
+            raise ValueError("PostNormBlock has no cross attention")
+        self.attn = SelfAttention(
+            cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, **_attention_kwargs(cfg)
+        )
+        self.attn_norm = make_norm(cfg)
+        self.ff = FeedForward(cfg)
+        self.ff_norm = make_norm(cfg)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(
+        self, x: Tensor, *, key_padding_mask: Tensor | None = None, bias: Tensor | RelativeBias | None = None
+    ) -> Tensor:
+        x = self.attn_norm(x + self.drop(self.attn(x, key_padding_mask=key_padding_mask, bias=bias)))
+        return self.ff_norm(x + self.drop(self.ff(x)))
+
+
+class Stack(nn.ModuleList):
+    """Blocks applied in order; with `gradient_checkpointing`, each block's activations are recomputed
+    in the backward pass instead of stored (non-reentrant, so keyword inputs and RNG state are kept)."""
+
+    def __init__(self, blocks: list[nn.Module], *, gradient_checkpointing: bool = False) -> None:
+        super().__init__(blocks)
+        self.gradient_checkpointing = gradient_checkpointing
+
+    def forward(self, x: Tensor, **kwargs) -> Tensor:
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
+        for block in self:
+            x = checkpoint(block, x, use_reentrant=False, **kwargs) if recompute else block(x, **kwargs)
+        return x
+
+
+class Embeddings(nn.Module):
+    """Token embedding (+ token types) (+ learned positions), then an optional LayerNorm and dropout."""
+
+    def __init__(
+        self,
+        vocab_size: int,
+        d_model: int,
+        *,
+        max_len: int | None = None,
+        type_vocab_size: int = 0,
+        norm_eps: float | None = None,
+        dropout: float = 0.0,
+        padding_idx: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
+        self.token_types = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
+        self.positions = LearnedPositions(max_len, d_model) if max_len else None
+        self.norm = nn.LayerNorm(d_model, eps=norm_eps) if norm_eps is not None else None
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
+        x = self.tokens(input_ids)  # (B, L, D)
+        if self.token_types is not None:
+            # No ids means type 0 everywhere: add that one row instead of a lookup per token.
+            x = x + (
+                self.token_types.weight[0] if token_type_ids is None else self.token_types(token_type_ids)
+            )
+        elif token_type_ids is not None:
+            raise ValueError("token_type_ids given to a model without token type embeddings")
+        if self.positions is not None:
+            x = x + self.positions(input_ids.shape[1])
+        if self.norm is not None:
+            x = self.norm(x)
+        return self.drop(x)

@@ -1,0 +1,88 @@
+"""GPT (GPT-2 layout): embed -> pre-norm causal blocks -> LayerNorm -> head tied to the token embedding."""
+
+from __future__ import annotations
+
+import math
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.base import LanguageModel, cross_entropy, reject_unused
+from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
+from models.config import GPTConfig
+from models.outputs import ModelOutput
+
+
+class GPT(LanguageModel):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        block = BlockConfig(
+            d_model=config.d_model,
+            n_heads=config.n_heads,
+            head_dim=config.head_dim,
+            d_ff=config.d_ff,
+            activation=config.activation,
+            norm_eps=config.layer_norm_eps,
+            causal=True,
+            dropout=config.dropout,
+            attention_dropout=config.attention_dropout,
+            attention=config.attention,
+        )
+        self.embed = Embeddings(
+            config.vocab_size, config.d_model, max_len=config.max_seq_len, dropout=config.dropout
+        )
+        self.blocks = Stack(
+            [PreNormBlock(block) for _ in range(config.n_layers)],
+            gradient_checkpointing=config.gradient_checkpointing,
+        )
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        token_type_ids: Tensor | None = None,
+        decoder_input_ids: Tensor | None = None,
+        decoder_attention_mask: Tensor | None = None,
+        labels: Tensor | None = None,
+    ) -> ModelOutput:
+        """Causal LM. `labels` are aligned with `input_ids` (usually equal); the shift happens here."""
+        reject_unused(
+            "GPT",
+            token_type_ids=token_type_ids,
+            decoder_input_ids=decoder_input_ids,
+            decoder_attention_mask=decoder_attention_mask,
+        )
+        padding = attention_mask.bool() if attention_mask is not None else None
+        x = self.blocks(self.embed(input_ids), key_padding_mask=padding)  # (B, L, D)
+        logits = F.linear(self.norm(x), self.embed.tokens.weight)  # (B, L, V)
+        loss = None
+        if labels is not None:
+            # Predict token t+1 at position t; padding the shifted labels avoids copying the logits.
+            loss = cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
+        return ModelOutput(logits=logits, loss=loss)
+
+    def transformer_blocks(self) -> list[nn.Module]:
+        return list(self.blocks)
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        return [self.embed.tokens.weight, self.embed.positions.weight]
+
+    def _tied_head_params(self) -> int:
+        return self.embed.tokens.weight.numel()
+
+    def init_weights(self) -> None:
+        """GPT-2's scheme: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 L)."""
+        std = self.config.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        for block in self.blocks:
+            for proj in (block.attn.out, block.ff.down):
+                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.config.n_layers))

@@ -1,0 +1,402 @@
+"""Conversion to and from transformers: GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration.
+
+Our models keep their own parameter names (fused QKV, fused gated FF, nn.Linear layout); a list of
+`Rule`s per family maps each of our tensors to the HF tensors it is made of, and the same rules run in
+both directions. transformers is imported only when converting *to* it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+from models.base import LanguageModel
+from models.build import build_from_config
+from models.config import BERTConfig, GPTConfig, ModelConfig, T5Config
+
+# Activation names in transformers' ACT2FN that equal one of ours (within fp32 rounding).
+_ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """Our tensor `ours` = the HF tensors `theirs` (each transposed if `transpose`) stacked along dim 0."""
+
+    ours: str
+    theirs: tuple[str, ...]
+    transpose: bool = False
+
+
+def _rule(ours: str, *theirs: str, transpose: bool = False) -> Rule:
+    return Rule(ours, theirs, transpose)
+
+
+def _activation_from_hf(name: str, where: str) -> str:
+    if name not in _ACT_FROM_HF:
+        raise ValueError(
+            f"{where}: activation {name!r} is not supported; accepted: {', '.join(_ACT_FROM_HF)}"
+        )
+    return _ACT_FROM_HF[name]
+
+
+def _require(cond: bool, message: str) -> None:
+    if not cond:
+        raise ValueError(message)
+
+
+# --- GPT-2 --------------------------------------------------------------------------------------------
+
+
+def _gpt_config(hf: Any) -> GPTConfig:
+    _require(hf.scale_attn_weights, "GPT2 with scale_attn_weights=False is not supported")
+    _require(
+        not hf.scale_attn_by_inverse_layer_idx, "GPT2 with scale_attn_by_inverse_layer_idx is not supported"
+    )
+    _require(not hf.add_cross_attention, "GPT2 with add_cross_attention is not supported")
+    eos = hf.eos_token_id if hf.eos_token_id is not None else 0
+    return GPTConfig(
+        vocab_size=hf.vocab_size,
+        d_model=hf.n_embd,
+        n_layers=hf.n_layer,
+        n_heads=hf.n_head,
+        d_ff=hf.n_inner or 4 * hf.n_embd,
+        max_seq_len=hf.n_positions,
+        activation=_activation_from_hf(hf.activation_function, "GPT2 activation_function"),
+        layer_norm_eps=hf.layer_norm_epsilon,
+        dropout=hf.resid_pdrop,
+        attention_dropout=hf.attn_pdrop,
+        init_std=hf.initializer_range,
+        bos_token_id=hf.bos_token_id if hf.bos_token_id is not None else eos,
+        eos_token_id=eos,
+        pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else eos,
+    )
+
+
+def _gpt_hf_config(cfg: GPTConfig) -> Any:
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=cfg.vocab_size,
+        n_embd=cfg.d_model,
+        n_layer=cfg.n_layers,
+        n_head=cfg.n_heads,
+        n_inner=cfg.d_ff,
+        n_positions=cfg.max_seq_len,
+        activation_function=_ACT_TO_HF[cfg.activation],
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.attention_dropout,
+        initializer_range=cfg.init_std,
+        bos_token_id=cfg.bos_token_id,
+        eos_token_id=cfg.eos_token_id,
+        pad_token_id=cfg.pad_token_id,
+    )
+
+
+def _gpt_rules(cfg: GPTConfig) -> list[Rule]:
+    rules = [
+        _rule("embed.tokens.weight", "transformer.wte.weight"),
+        _rule("embed.positions.weight", "transformer.wpe.weight"),
+        _rule("norm.weight", "transformer.ln_f.weight"),
+        _rule("norm.bias", "transformer.ln_f.bias"),
+    ]
+    for i in range(cfg.n_layers):
+        ours, hf = f"blocks.{i}", f"transformer.h.{i}"
+        for mine, theirs in (("attn_norm", "ln_1"), ("ff_norm", "ln_2")):
+            rules += [_rule(f"{ours}.{mine}.{p}", f"{hf}.{theirs}.{p}") for p in ("weight", "bias")]
+        for mine, theirs in (
+            ("attn.qkv", "attn.c_attn"),
+            ("attn.out", "attn.c_proj"),
+            ("ff.up", "mlp.c_fc"),
+            ("ff.down", "mlp.c_proj"),
+        ):
+            rules.append(_rule(f"{ours}.{mine}.weight", f"{hf}.{theirs}.weight", transpose=True))  # Conv1D
+            rules.append(_rule(f"{ours}.{mine}.bias", f"{hf}.{theirs}.bias"))
+    return rules
+
+
+# --- BERT ---------------------------------------------------------------------------------------------
+
+
+def _bert_config(hf: Any) -> BERTConfig:
+    _require(not hf.is_decoder and not hf.add_cross_attention, "BERT as a decoder is not supported")
+    position = getattr(hf, "position_embedding_type", "absolute")
+    _require(position == "absolute", f"BERT position_embedding_type={position!r} is not supported")
+    return BERTConfig(
+        vocab_size=hf.vocab_size,
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        d_ff=hf.intermediate_size,
+        max_seq_len=hf.max_position_embeddings,
+        type_vocab_size=hf.type_vocab_size,
+        activation=_activation_from_hf(hf.hidden_act, "BERT hidden_act"),
+        layer_norm_eps=hf.layer_norm_eps,
+        dropout=hf.hidden_dropout_prob,
+        attention_dropout=hf.attention_probs_dropout_prob,
+        init_std=hf.initializer_range,
+        pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+    )
+
+
+def _bert_hf_config(cfg: BERTConfig) -> Any:
+    from transformers import BertConfig
+
+    return BertConfig(
+        vocab_size=cfg.vocab_size,
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_ff,
+        max_position_embeddings=cfg.max_seq_len,
+        type_vocab_size=cfg.type_vocab_size,
+        hidden_act=_ACT_TO_HF[cfg.activation],
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        initializer_range=cfg.init_std,
+        pad_token_id=cfg.pad_token_id,
+    )
+
+
+def _linear(ours: str, *theirs: str) -> list[Rule]:
+    return [_rule(f"{ours}.{p}", *(f"{t}.{p}" for t in theirs)) for p in ("weight", "bias")]
+
+
+def _bert_rules(cfg: BERTConfig) -> list[Rule]:
+    emb = "bert.embeddings"
+    rules = [
+        _rule("embed.tokens.weight", f"{emb}.word_embeddings.weight"),
+        _rule("embed.positions.weight", f"{emb}.position_embeddings.weight"),
+        _rule("embed.token_types.weight", f"{emb}.token_type_embeddings.weight"),
+        *_linear("embed.norm", f"{emb}.LayerNorm"),
+        *_linear("head.transform", "cls.predictions.transform.dense"),
+        *_linear("head.norm", "cls.predictions.transform.LayerNorm"),
+        _rule("head.bias", "cls.predictions.bias"),
+    ]
+    for i in range(cfg.n_layers):
+        ours, hf = f"blocks.{i}", f"bert.encoder.layer.{i}"
+        rules += [
+            *_linear(f"{ours}.attn.qkv", *(f"{hf}.attention.self.{n}" for n in ("query", "key", "value"))),
+            *_linear(f"{ours}.attn.out", f"{hf}.attention.output.dense"),
+            *_linear(f"{ours}.attn_norm", f"{hf}.attention.output.LayerNorm"),
+            *_linear(f"{ours}.ff.up", f"{hf}.intermediate.dense"),
+            *_linear(f"{ours}.ff.down", f"{hf}.output.dense"),
+            *_linear(f"{ours}.ff_norm", f"{hf}.output.LayerNorm"),
+        ]
+    return rules
+
+
+# --- T5 -----------------------------------------------------------------------------------------------
+
+
+def _t5_config(hf: Any) -> T5Config:
+    # transformers >= 5 ties the head always and records v1.0's logit scaling as `scale_decoder_outputs`.
+    scaled = getattr(hf, "scale_decoder_outputs", hf.tie_word_embeddings)
+    return T5Config(
+        vocab_size=hf.vocab_size,
+        d_model=hf.d_model,
+        d_kv=hf.d_kv,
+        d_ff=hf.d_ff,
+        n_layers=hf.num_layers,
+        n_decoder_layers=hf.num_decoder_layers,
+        n_heads=hf.num_heads,
+        relative_buckets=hf.relative_attention_num_buckets,
+        relative_max_distance=hf.relative_attention_max_distance,
+        activation=_activation_from_hf(hf.dense_act_fn, "T5 feed_forward_proj"),
+        gated=hf.is_gated_act,
+        tie_embeddings=bool(scaled),
+        layer_norm_eps=hf.layer_norm_epsilon,
+        dropout=hf.dropout_rate,
+        attention_dropout=hf.dropout_rate,
+        init_std=hf.initializer_factor,
+        pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
+        eos_token_id=hf.eos_token_id if hf.eos_token_id is not None else 1,
+        decoder_start_token_id=hf.decoder_start_token_id if hf.decoder_start_token_id is not None else 0,
+    )
+
+
+def _t5_hf_config(cfg: T5Config) -> Any:
+    from transformers import T5Config as HFT5Config
+
+    _require(
+        cfg.dropout == cfg.attention_dropout, "T5 to_hf needs dropout == attention_dropout (one dropout_rate)"
+    )
+    if cfg.gated:
+        _require(
+            cfg.activation == "gelu_tanh" or cfg.activation == "relu",
+            "T5 to_hf: gated exact GELU has no HF name",
+        )
+        proj = "gated-gelu" if cfg.activation == "gelu_tanh" else "gated-relu"
+    else:
+        proj = _ACT_TO_HF[cfg.activation]
+    return HFT5Config(
+        vocab_size=cfg.vocab_size,
+        d_model=cfg.d_model,
+        d_kv=cfg.d_kv,
+        d_ff=cfg.d_ff,
+        num_layers=cfg.n_layers,
+        num_decoder_layers=cfg.n_decoder_layers,
+        num_heads=cfg.n_heads,
+        relative_attention_num_buckets=cfg.relative_buckets,
+        relative_attention_max_distance=cfg.relative_max_distance,
+        feed_forward_proj=proj,
+        tie_word_embeddings=cfg.tie_embeddings,
+        layer_norm_epsilon=cfg.layer_norm_eps,
+        dropout_rate=cfg.dropout,
+        initializer_factor=cfg.init_std,
+        pad_token_id=cfg.pad_token_id,
+        eos_token_id=cfg.eos_token_id,
+        decoder_start_token_id=cfg.decoder_start_token_id,
+    )
+
+
+def _t5_block_rules(ours: str, hf: str, *, decoder: bool, gated: bool) -> list[Rule]:
+    attn = f"{hf}.layer.0.SelfAttention"
+    rules = [
+        _rule(f"{ours}.attn_norm.weight", f"{hf}.layer.0.layer_norm.weight"),
+        _rule(f"{ours}.attn.qkv.weight", f"{attn}.q.weight", f"{attn}.k.weight", f"{attn}.v.weight"),
+        _rule(f"{ours}.attn.out.weight", f"{attn}.o.weight"),
+    ]
+    if decoder:
+        cross = f"{hf}.layer.1.EncDecAttention"
+        rules += [
+            _rule(f"{ours}.cross_norm.weight", f"{hf}.layer.1.layer_norm.weight"),
+            _rule(f"{ours}.cross_attn.q.weight", f"{cross}.q.weight"),
+            _rule(f"{ours}.cross_attn.kv.weight", f"{cross}.k.weight", f"{cross}.v.weight"),
+            _rule(f"{ours}.cross_attn.out.weight", f"{cross}.o.weight"),
+        ]
+    ff = f"{hf}.layer.{2 if decoder else 1}"
+    up = (
+        (f"{ff}.DenseReluDense.wi_0.weight", f"{ff}.DenseReluDense.wi_1.weight")
+        if gated
+        else (f"{ff}.DenseReluDense.wi.weight",)
+    )
+    return rules + [
+        _rule(f"{ours}.ff_norm.weight", f"{ff}.layer_norm.weight"),
+        _rule(f"{ours}.ff.up.weight", *up),
+        _rule(f"{ours}.ff.down.weight", f"{ff}.DenseReluDense.wo.weight"),
+    ]
+
+
+def _t5_rules(cfg: T5Config) -> list[Rule]:
+    rules = [_rule("embed.tokens.weight", "shared.weight")]
+    for stack, n in (("encoder", cfg.n_layers), ("decoder", cfg.n_decoder_layers)):
+        bias = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+        rules += [
+            _rule(f"{stack}_bias.table.weight", bias),
+            _rule(f"{stack}_norm.weight", f"{stack}.final_layer_norm.weight"),
+        ]
+        for i in range(n):
+            rules += _t5_block_rules(
+                f"{stack}.{i}", f"{stack}.block.{i}", decoder=stack == "decoder", gated=cfg.gated
+            )
+    if not cfg.tie_embeddings:
+        rules.append(_rule("lm_head.weight", "lm_head.weight"))
+    return rules
+
+
+# --- the generic part ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Family:
+    hf_class: str
+    from_hf_config: Callable[[Any], ModelConfig]
+    to_hf_config: Callable[[Any], Any]
+    rules: Callable[[Any], list[Rule]]
+    tied: tuple[str, ...]  # HF keys that alias another HF tensor (not read, and filled by tying)
+
+
+_FAMILIES = {
+    "gpt": _Family("GPT2LMHeadModel", _gpt_config, _gpt_hf_config, _gpt_rules, ("lm_head.weight",)),
+    "bert": _Family(
+        "BertForMaskedLM",
+        _bert_config,
+        _bert_hf_config,
+        _bert_rules,
+        ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+    ),
+    "t5": _Family(
+        "T5ForConditionalGeneration",
+        _t5_config,
+        _t5_hf_config,
+        _t5_rules,
+        ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"),
+    ),
+}
+
+
+def _family_of_hf(hf_model: nn.Module) -> str:
+    name = type(hf_model).__name__
+    for family, spec in _FAMILIES.items():
+        if spec.hf_class == name:
+            return family
+    accepted = ", ".join(spec.hf_class for spec in _FAMILIES.values())
+    raise ValueError(f"from_hf: unsupported model class {name}; accepted: {accepted}")
+
+
+def convert_from_hf(rules: list[Rule], hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Our state dict from an HF one."""
+    out = {}
+    for r in rules:
+        parts = [hf_state[n].t() if r.transpose else hf_state[n] for n in r.theirs]
+        out[r.ours] = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=0)
+    return out
+
+
+def convert_to_hf(rules: list[Rule], state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """An HF state dict from ours (tied HF aliases left out)."""
+    out = {}
+    for r in rules:
+        for name, part in zip(r.theirs, state[r.ours].chunk(len(r.theirs), dim=0)):
+            out[name] = (part.t() if r.transpose else part).contiguous()
+    return out
+
+
+def from_hf(hf_model: nn.Module, attention: str = "auto") -> LanguageModel:
+    """Our model with the same architecture and weights as `hf_model` (same dtype and device)."""
+    family = _family_of_hf(hf_model)
+    spec = _FAMILIES[family]
+    config = spec.from_hf_config(hf_model.config)
+    config.attention = attention
+    config.__post_init__()  # validate the backend name
+    rules = spec.rules(config)
+    hf_state = hf_model.state_dict()
+    unused = set(hf_state) - {n for r in rules for n in r.theirs} - set(spec.tied)
+    if unused:
+        raise ValueError(
+            f"from_hf: {spec.hf_class} has weights we cannot map: {', '.join(sorted(unused)[:5])}"
+        )
+    param = next(hf_model.parameters())
+    model = build_from_config(config, init=False).to(device=param.device, dtype=param.dtype)
+    model.load_state_dict(convert_from_hf(rules, hf_state), strict=True)
+    return model
+
+
+def to_hf(model: LanguageModel) -> nn.Module:
+    """The matching transformers model (eval mode), with our weights copied in."""
+    import transformers
+
+    spec = _FAMILIES[model.config.family]
+    hf_model = getattr(transformers, spec.hf_class)(spec.to_hf_config(model.config))
+    if isinstance(model.config, T5Config) and not model.config.tie_embeddings:
+        # transformers >= 5 always ties T5's head; v1.1 needs its own (from_pretrained unties it likewise).
+        hf_model.lm_head.weight = nn.Parameter(hf_model.lm_head.weight.detach().clone())
+        getattr(hf_model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
+    param = next(model.parameters())
+    hf_model.to(device=param.device, dtype=param.dtype)
+    missing, unexpected = hf_model.load_state_dict(
+        convert_to_hf(spec.rules(model.config), model.state_dict()), strict=False
+    )
+    bad = [k for k in missing if k not in spec.tied]
+    if bad or unexpected:
+        raise ValueError(f"to_hf: state dict mismatch: missing {bad}, unexpected {unexpected}")
+    return hf_model.eval()
