@@ -20,10 +20,12 @@ def stdlib_root() -> Path:
 
 @cache
 def builtin_files() -> tuple[Path, ...]:
-    """The corpus files in a machine-independent order (sorted relative paths)."""
+    """The corpus files (empty ones left out) in a machine-independent order (sorted relative paths)."""
     root = stdlib_root()
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS]
-        found.extend(Path(dirpath, f) for f in filenames if f.endswith(".py"))
+        found.extend(
+            Path(dirpath, f) for f in filenames if f.endswith(".py") and os.path.getsize(Path(dirpath, f))
+        )
     return tuple(sorted(found, key=lambda p: p.relative_to(root).as_posix()))

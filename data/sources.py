@@ -60,16 +60,17 @@ class SourceSpec(Protocol):
 
 
 class SkipLog:
-    """Counts records skipped as bad; logs the first of each kind per file, so logs stay readable."""
+    """Counts records skipped as bad; logs the first of each kind per file and process, so logs stay readable."""
+
+    _logged: set[tuple[str, str]] = set()  # per process: streams re-read blocks and files every epoch
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
-        self._seen: set[tuple[str, str]] = set()
 
     def add(self, kind: str, path: str, record: int) -> None:
         self.counts[kind] += 1
-        if (path, kind) not in self._seen:
-            self._seen.add((path, kind))
+        if (path, kind) not in SkipLog._logged:
+            SkipLog._logged.add((path, kind))
             log.warning(
                 "data: skipped record %d of %s (%s); later ones of this kind are only counted",
                 record,
