@@ -1,0 +1,245 @@
+"""Checkpoints that are whole or absent, verified before use, pruned to the last `keep`.
+
+Layout (INTERFACES.md): `checkpoints/step_N/` holds `engine/` (Engine.save), `model.safetensors` (our names),
+`trainer_state.json`, `rank_{r}/data_state.json` + `rank_{r}/rng.json`, and `manifest.json` (written last).
+A save goes to `.tmp-step_N`, is renamed to `step_N`, and only then is `latest` replaced, so a job killed at any
+moment leaves `latest` on a complete checkpoint. On resume the manifest and every pickle are checked before the
+engine reads a byte; a damaged checkpoint is reported and the previous one used, and if none is intact the run
+stops rather than silently starting over.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+from pretrain.engines.base import DistInfo, Engine
+from pretrain.rng import rng_state, set_rng_state
+
+LATEST = "latest"
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """No usable checkpoint where one is required; the message says where and what to do."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(kw_only=True)
+class TrainerState:
+    """Loop counters saved with each checkpoint."""
+
+    step: int = 0
+    tokens: int = 0
+    world_size: int = 1
+    skips: int = 0
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj))
+
+
+def step_of(path: Path) -> int:
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint directory (step_N)")
+    return int(match.group(1))
+
+
+def checkpoint_dirs(root: Path) -> list[Path]:
+    """Resume candidates, best first: the one `latest` names, then the others from newest to oldest."""
+    steps = sorted(
+        (p for p in root.glob("step_*") if _STEP_DIR.match(p.name) and p.is_dir()), key=step_of, reverse=True
+    )
+    latest_file = root / LATEST
+    if latest_file.is_file():
+        target = root / latest_file.read_text().strip()
+        if target in steps:
+            steps.remove(target)
+            steps.insert(0, target)
+    return steps
+
+
+def verify(path: Path) -> str | None:
+    """None if `path` is complete and safe to load, else what is wrong with it (manifest, pickles)."""
+    from pretrain import safety
+
+    try:
+        safety.verify_manifest(path)
+        safety.check_pickles_under(path)
+    except (safety.CorruptCheckpointError, safety.UnsafeCheckpointError, OSError, ValueError) as e:
+        return " ".join(str(e).split())
+    return None
+
+
+def find_checkpoint(root: Path, step: int | None = None, *, say: Callable[[str], None] = _say) -> Path:
+    """The checkpoint to read (the newest intact one, or exactly `step`), verified."""
+    candidates = checkpoint_dirs(root)
+    if not candidates:
+        raise CheckpointError(f"no checkpoint under {root}; train first (pretrain train CONFIG)")
+    if step is not None:
+        wanted = root / f"step_{step}"
+        if wanted not in candidates:
+            have = ", ".join(str(step_of(p)) for p in sorted(candidates, key=step_of))
+            raise CheckpointError(f"no checkpoint for step {step} under {root}; available steps: {have}")
+        candidates = [wanted]
+    for path in candidates:
+        problem = verify(path)
+        if problem is None:
+            return path
+        say(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
+    raise CheckpointError(
+        f"no intact checkpoint under {root} (tried {', '.join(p.name for p in candidates)})"
+    )
+
+
+def _unshared(weights: dict[str, Any]) -> dict[str, Any]:
+    """safetensors refuses tensors that share memory (tied embeddings): give repeats their own copy."""
+    seen: set[int] = set()
+    out = {}
+    for name, tensor in weights.items():
+        ptr = tensor.untyped_storage().data_ptr()
+        out[name] = tensor.clone() if ptr in seen else tensor.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _local(flag: bool) -> bool:
+    return flag
+
+
+def _noop() -> None:
+    return None
+
+
+class CheckpointManager:
+    """Saves and restores the whole training state under `root` (collective on every rank)."""
+
+    def __init__(
+        self,
+        root: Path,
+        *,
+        keep: int,
+        dist: DistInfo,
+        barrier: Callable[[], None] = _noop,
+        any_rank: Callable[[bool], bool] = _local,
+        say: Callable[[str], None] = _say,
+    ) -> None:
+        self.root = root
+        self.keep = keep
+        self.dist = dist
+        self._barrier = barrier
+        self._any_rank = any_rank
+        self._say = say
+
+    # ------------------------------------------------------------------------------------------- save
+
+    def save(self, *, engine: Engine, state: TrainerState, data: Stateful) -> Path:
+        """Write step `state.step`; `latest` points at it only once every file and the manifest are on disk."""
+        from safetensors.torch import save_file
+
+        from pretrain.safety import write_manifest
+
+        tmp = self.root / f".tmp-step_{state.step}"
+        final = self.root / f"step_{state.step}"
+        main = self.dist.is_main
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            (tmp / "engine").mkdir(parents=True)
+        self._barrier()
+        engine.save(tmp / "engine")
+        weights = engine.full_state_dict()
+        rank_dir = tmp / f"rank_{self.dist.rank}"
+        rank_dir.mkdir(exist_ok=True)
+        _write_json(rank_dir / "data_state.json", data.state_dict())
+        _write_json(rank_dir / "rng.json", rng_state())
+        if main:
+            assert weights is not None, "Engine.full_state_dict returns the weights on rank 0"
+            save_file(_unshared(weights), str(tmp / "model.safetensors"))
+            _write_json(tmp / "trainer_state.json", dataclasses.asdict(state))
+        self._barrier()
+        if main:
+            write_manifest(tmp)
+            if final.exists():
+                shutil.rmtree(final)
+            tmp.rename(final)
+            self._point_latest_at(final)
+            self._prune(final)
+        self._barrier()
+        return final
+
+    def _point_latest_at(self, final: Path) -> None:
+        tmp = self.root / f".{LATEST}.tmp"
+        with open(tmp, "w") as f:
+            f.write(final.name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / LATEST)
+        fd = os.open(self.root, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _prune(self, current: Path) -> None:
+        """Keep the newest `keep` checkpoints; drop leftovers of saves that died midway."""
+        steps = sorted(
+            (p for p in self.root.glob("step_*") if _STEP_DIR.match(p.name)), key=step_of, reverse=True
+        )
+        for old in steps[self.keep :]:
+            if old != current:
+                shutil.rmtree(old, ignore_errors=True)
+        for leftover in self.root.glob(".tmp-step_*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+    # ---------------------------------------------------------------------------------------- restore
+
+    def restore(self, *, engine: Engine, data: Stateful) -> TrainerState | None:
+        """Load the newest intact checkpoint into `engine`, `data` and the RNGs; None when there is none yet."""
+        candidates = checkpoint_dirs(self.root) if self.root.is_dir() else []
+        if not candidates:
+            return None
+        for path in candidates:
+            problem = verify(path)
+            if self._any_rank(problem is not None):
+                self._say(
+                    f"warning: checkpoint {path} is damaged ({problem or 'on another rank'}); trying the previous one"
+                )
+                continue
+            state = self._load(path, engine=engine, data=data)
+            if path != candidates[0]:
+                self._say(f"resumed from {path.name}, the newest intact checkpoint")
+            return state
+        raise CheckpointError(
+            f"no intact checkpoint under {self.root} (tried {', '.join(p.name for p in candidates)}); refusing to "
+            "start over: repair it or move the run directory away to start fresh"
+        )
+
+    def _load(self, path: Path, *, engine: Engine, data: Stateful) -> TrainerState:
+        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        if state.world_size != self.dist.world_size:
+            raise CheckpointError(
+                f"{path} was written by {state.world_size} process(es) but this run has {self.dist.world_size}; "
+                "exact resume needs the same world size"
+            )
+        rank_dir = path / f"rank_{self.dist.rank}"
+        engine.load(path / "engine")
+        data.load_state_dict(json.loads((rank_dir / "data_state.json").read_text()))
+        set_rng_state(json.loads((rank_dir / "rng.json").read_text()))
+        return state

@@ -1,0 +1,123 @@
+"""`pretrain` command line: train / export / data prepare / plot.
+
+Bad input of any kind ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows the traceback.
+Heavy imports happen inside the commands so that `pretrain --help` and config errors answer at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors are one line like every other error."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser = _Parser(prog="pretrain", description=__doc__.splitlines()[0], parents=[common])
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = commands.add_parser(
+        "train", parents=[common], help="train (or resume) the run a config describes"
+    )
+    train.add_argument("config", type=Path)
+    train.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    export = commands.add_parser(
+        "export", parents=[common], help="write a transformers directory from a checkpoint"
+    )
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("out_dir", type=Path)
+    export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+
+    data = commands.add_parser("data", parents=[common], help="data tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    prepare = data_commands.add_parser(
+        "prepare", parents=[common], help="pre-tokenise the corpus into shards"
+    )
+    prepare.add_argument("config", type=Path)
+    prepare.add_argument("out_dir", type=Path)
+    prepare.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    plot = commands.add_parser("plot", parents=[common], help="draw loss / lr / throughput curves to a PNG")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    return parser
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Error types that mean bad input or a bad file, not a bug in this program."""
+    from pretrain.checkpoint import CheckpointError
+    from pretrain.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ValueError, FileNotFoundError]
+    try:
+        from pretrain import safety
+
+        errors += [safety.UnsafeCheckpointError, safety.CorruptCheckpointError]
+    except (ImportError, AttributeError):
+        pass
+    try:
+        from pretrain.faults import DivergenceError
+
+        errors.append(DivergenceError)
+    except ImportError:
+        pass
+    return tuple(errors)
+
+
+def _run(args: argparse.Namespace) -> None:
+    if args.command == "train":
+        from pretrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)  # before anything expensive is imported or started
+        from pretrain.loop import train
+
+        train(cfg)
+    elif args.command == "export":
+        from pretrain.export import export
+
+        export(args.run_dir, args.out_dir, step=args.step)
+    elif args.command == "data":
+        from pretrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        from pretrain.prepare import prepare
+
+        prepare(cfg, args.out_dir)
+    elif args.command == "plot":
+        from pretrain.plot import plot_run
+
+        print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        _run(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.debug or not isinstance(e, _user_errors()):
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return EXIT_USAGE
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
