@@ -1,0 +1,138 @@
+"""Single-process engine tests: optimizer groups, LR schedule, DeepSpeed JSON, and each engine end to end."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import engines_worker as worker
+import pytest
+import torch
+
+from models import build_model
+from pretrain.engines import DistInfo, EngineSpec, OptimizerSpec, any_rank, barrier, init_distributed
+from pretrain.engines.ds_config import CONFIG_DIR, default_config_path, resolve_config
+from pretrain.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+
+
+@pytest.fixture(autouse=True)
+def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+
+
+def test_param_groups_exempt_norms_biases_embeddings() -> None:
+    model = build_model("gpt-tiny", **worker.MODEL_OVERRIDES)
+    decay, no_decay = param_groups(model, weight_decay=0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in decay["params"])
+    exempt = sorted(names[id(p)] for p in no_decay["params"])
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    assert all(n.endswith("weight") and "norm" not in n and "embed" not in n for n in decayed)
+    assert {"embed.tokens.weight", "embed.positions.weight", "norm.weight", "norm.bias"} <= set(exempt)
+    # 2 blocks x (qkv, out, up, down) matrices are decayed; every parameter is in exactly one group
+    assert len(decayed) == 8
+    assert len(decayed) + len(exempt) == len(names)
+
+
+def test_lr_schedules() -> None:
+    spec = OptimizerSpec(lr=1.0, max_steps=11, warmup_steps=1, min_lr_ratio=0.1)
+    assert lr_factor(0, spec=spec) == 0.5  # warmup never starts at 0
+    assert lr_factor(1, spec=spec) == 1.0
+    assert math.isclose(lr_factor(6, spec=spec), 0.55)  # cosine half-way: (1 + 0.1) / 2
+    assert math.isclose(lr_factor(11, spec=spec), 0.1)
+    assert math.isclose(lr_factor(50, spec=spec), 0.1)
+    linear = OptimizerSpec(lr=1.0, max_steps=11, warmup_steps=1, schedule="linear", min_lr_ratio=0.0)
+    assert math.isclose(lr_factor(6, spec=linear), 0.5)
+    constant = OptimizerSpec(lr=1.0, max_steps=11, schedule="constant")
+    assert lr_factor(10, spec=constant) == 1.0
+
+
+def test_scheduler_state_is_plain_json() -> None:
+    model = torch.nn.Linear(2, 2)
+    spec = OptimizerSpec(lr=0.5, max_steps=4, warmup_steps=2)
+    optimizer = build_optimizer(model, spec)
+    scheduler = build_scheduler(optimizer, spec)
+    for _ in range(3):
+        optimizer.step()
+        scheduler.step()
+    state = json.loads(json.dumps(scheduler.state_dict()))
+    fresh = build_scheduler(build_optimizer(model, spec), spec)
+    fresh.load_state_dict(state)
+    assert fresh.get_last_lr() == scheduler.get_last_lr() == [0.5 * lr_factor(3, spec=spec)] * 2  # 2 groups
+
+
+def test_deepspeed_json_auto_fields_are_filled() -> None:
+    spec = EngineSpec(zero_stage=3, offload="params", precision="bf16", micro_batch_size=4, grad_accum=8)
+    optim = OptimizerSpec(lr=1e-3, max_steps=10, clip_grad=0.5)
+    config = resolve_config(spec, optim, DistInfo(world_size=4))
+    assert default_config_path(spec) == CONFIG_DIR / "zero3-offload.json"
+    assert config["train_batch_size"] == 128 and config["gradient_accumulation_steps"] == 8
+    assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
+    assert config["fp16"]["enabled"] is False
+    assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
+    assert "optimizer" not in config  # checked, then replaced by the engine's own AdamW
+    assert "auto" not in json.dumps(config)
+
+
+def test_every_shipped_deepspeed_json_resolves() -> None:
+    files = sorted(p.name for p in CONFIG_DIR.glob("*.json"))
+    assert sorted(files) == sorted(
+        [f"zero{s}.json" for s in range(4)] + ["zero2-offload.json", "zero3-offload.json"]
+    )
+    for name in files:
+        stage = int(name[4])
+        offload = ("params" if stage == 3 else "optimizer") if "offload" in name else "none"
+        spec = EngineSpec(zero_stage=stage, offload=offload, deepspeed_config=CONFIG_DIR / name)
+        assert (
+            resolve_config(spec, OptimizerSpec(lr=1e-3, max_steps=1), DistInfo())["zero_optimization"][
+                "stage"
+            ]
+            == stage
+        )
+
+
+@pytest.mark.parametrize(
+    ("content", "match"),
+    [
+        (
+            {"train_micro_batch_size_per_gpu": 8},
+            r"train_micro_batch_size_per_gpu=8 conflicts with train.micro_batch_size",
+        ),
+        ({"zero_optimization": {"stage": 2}}, r"zero_optimization.stage=2 conflicts with engine.zero_stage"),
+        ({"bf16": {"enabled": True}}, r"bf16.enabled=True conflicts with train.precision"),
+        ({"optimizer": {"type": "Lamb"}}, r"only AdamW"),
+        ({"scheduler": {"type": "WarmupLR"}}, r"remove the 'scheduler' section"),
+    ],
+)
+def test_deepspeed_json_conflicts_name_the_key(tmp_path, content: dict, match: str) -> None:
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(content))
+    spec = EngineSpec(zero_stage=1, micro_batch_size=2, deepspeed_config=path)
+    with pytest.raises(ValueError, match=match):
+        resolve_config(spec, OptimizerSpec(lr=1e-3, max_steps=1), DistInfo())
+
+
+def test_deepspeed_offload_needs_a_sharded_stage() -> None:
+    with pytest.raises(ValueError, match="engine.offload=params needs engine.zero_stage=3"):
+        default_config_path(EngineSpec(zero_stage=2, offload="params"))
+    with pytest.raises(ValueError, match="engine.offload=optimizer needs engine.zero_stage 2 or 3"):
+        default_config_path(EngineSpec(zero_stage=0, offload="optimizer"))
+
+
+def test_single_process_helpers() -> None:
+    info = init_distributed(timeout_s=10)
+    assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
+    assert any_rank(True) and not any_rank(False)
+    barrier()
+
+
+@pytest.mark.parametrize("case", ["ds-z2"])
+def test_engine_single_process(tmp_path, case: str) -> None:
+    result, final = worker.check_engine(case, tmp_path, init_distributed(timeout_s=60))
+    worker.assert_result(result, sharded=False)
+    assert (
+        final is not None
+        and final.keys() == build_model("gpt-tiny", **worker.MODEL_OVERRIDES).state_dict().keys()
+    )
