@@ -1,0 +1,125 @@
+"""`launch slurm` against the real local SLURM (tests/slurm/local-cluster.sh): a job trains to the end, and a job
+stopped twice mid-run (the pre-timeout USR1, then `scontrol requeue`) checkpoints, reruns, resumes and finishes with
+the losses of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+from launch_e2e import MAX_STEPS, REPO, Run, launch_cmd, losses_by_step, train_env, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+
+
+def job_state(job_id: str) -> str:
+    done = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, timeout=30
+    )
+    match = re.search(r"\bJobState=(\S+)", done.stdout)
+    return match.group(1) if match else "UNKNOWN"
+
+
+def submit(config: Path) -> str:
+    done = subprocess.run(
+        launch_cmd("slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2", str(config)),
+        env=train_env(),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert re.fullmatch(r"\d+\n", done.stdout), done.stdout
+    return done.stdout.strip()
+
+
+def release_when_pending(job_id: str) -> None:
+    """A requeued job waits ~2 min for its BeginTime; start it now (only possible once it is PENDING)."""
+    wait_for(
+        lambda: job_state(job_id) == "PENDING", timeout=90, what=f"job {job_id} to be requeued", interval=0.5
+    )
+    subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, timeout=30)
+
+
+def wait_done(job_id: str, log: Path) -> None:
+    def done() -> bool:
+        return job_state(job_id) in {
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+        }
+
+    wait_for(done, timeout=300, what=f"job {job_id} to finish", interval=0.5)
+    state = job_state(job_id)
+    assert state == "COMPLETED", f"job {job_id} ended {state}:\n{log.read_text()[-4000:]}"
+
+
+@pytest.fixture
+def job_ids():
+    """Jobs submitted by a test; cancelled if the test leaves them behind."""
+    ids: list[str] = []
+    yield ids
+    for job_id in ids:
+        subprocess.run(["scancel", job_id], capture_output=True, timeout=30)
+
+
+def test_submitted_job_trains_to_the_end(write_config, reference_losses, job_ids):
+    config = write_config("slurm-plain")
+    job_ids.append(job_id := submit(config))
+    run = Run(config.parent / "slurm-plain")
+    log = run.dir / f"slurm-{job_id}.out"
+    wait_done(job_id, log)
+    assert (run.dir / "launch-slurm.sbatch").exists()
+    assert f"launch: job {job_id} restart 0" in log.read_text()
+    assert len(run.attempts()) == 1
+    assert losses_by_step(run.steps()) == reference_losses
+    assert run.latest() == f"step_{MAX_STEPS}"
+
+
+def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_losses, job_ids):
+    config = write_config("slurm-requeue")
+    job_ids.append(job_id := submit(config))
+    run = Run(config.parent / "slurm-requeue")
+    log = run.dir / f"slurm-{job_id}.out"
+
+    # 1. The pre-timeout signal, as `#SBATCH --signal=B:USR1@N` sends it (which fires only to ~30 s accuracy):
+    #    the job checkpoints and requeues itself.
+    wait_for(lambda: run.last_step() >= 5, timeout=180, what="step 5", interval=0.05)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
+    release_when_pending(job_id)
+    # 2. A requeue from outside (preemption, an admin): SIGTERM to every process of the job.
+    wait_for(
+        lambda: len(run.attempts()) == 2 and run.last_step() >= run.attempts()[1][0]["step"] + 3,
+        timeout=180,
+        what="3 steps after the first restart",
+        interval=0.05,
+    )
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
+    release_when_pending(job_id)
+    wait_done(job_id, log)
+
+    text = log.read_text()
+    assert "got SIGUSR1" in text
+    assert f"launch: job {job_id} restart 1" in text and f"launch: job {job_id} restart 2" in text
+    attempts = run.attempts()
+    assert len(attempts) == 3, [[r["step"] for r in a] for a in attempts]
+    report = []
+    for before, after in zip(attempts, attempts[1:]):
+        resumed_from = after[0]["step"] - 1
+        redone = before[-1]["step"] - resumed_from
+        report.append(
+            f"stopped after step {before[-1]['step']}, resumed from {resumed_from}, {redone} redone"
+        )
+        assert resumed_from in run.checkpoints()  # written on the signal (checkpoint.every is 10)
+        assert 0 <= redone <= 1  # the checkpoint was taken at the step boundary after the signal
+    print("\n" + "; ".join(report))
+    assert [r["step"] for r in attempts[-1]][-1] == MAX_STEPS
+    for attempt in attempts:
+        assert losses_by_step(attempt) == {r["step"]: reference_losses[r["step"]] for r in attempt}

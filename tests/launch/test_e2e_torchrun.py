@@ -1,0 +1,87 @@
+"""Real multi-process runs through `launch`: two "nodes" on loopback, and a worker killed under --max-restarts.
+
+Each test's losses are compared step by step with one uninterrupted 2-process run (`reference_losses`).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+
+import psutil
+import pytest
+from launch_e2e import MAX_STEPS, REPO, Run, launch_cmd, losses_by_step, train_env, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_on_loopback_match_one_node(write_config, reference_losses):
+    config = write_config("two-nodes")
+    master = f"127.0.0.1:{free_port()}"
+    nodes = [
+        subprocess.Popen(
+            launch_cmd(
+                "torchrun", "--nnodes", "2", "--node-rank", str(rank), "--master", master, "--nproc", "1"
+            )
+            + ["--rdzv-id", "loopback", str(config)],
+            env=train_env(),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for rank in (0, 1)
+    ]
+    outputs = []
+    try:
+        for node in nodes:
+            outputs.append(node.communicate(timeout=300)[0])
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [n.returncode for n in nodes] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+    run = Run(config.parent / "two-nodes")
+    assert len(run.attempts()) == 1
+    assert losses_by_step(run.steps()) == reference_losses  # world size 2 either way: same data, same numbers
+
+
+def test_killed_worker_restarts_and_resumes_from_newest_checkpoint(write_config, reference_losses):
+    config = write_config("elastic")
+    run = Run(config.parent / "elastic")
+    agent = subprocess.Popen(
+        launch_cmd("local", "--nproc", "2", "--max-restarts", "1", str(config)),
+        env=train_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        # launch execs torchrun, so `agent` is the torchrun agent and its children are the workers.
+        wait_for(lambda: run.latest() is not None and run.last_step() >= 13, timeout=240, what="step 13")
+        workers = psutil.Process(agent.pid).children()
+        assert len(workers) == 2
+        killed_at = run.last_step()
+        os.kill(workers[1].pid, signal.SIGKILL)
+        output = agent.communicate(timeout=300)[0]
+    finally:
+        agent.kill()
+    assert agent.returncode == 0, output[-4000:]
+
+    first, second = run.attempts()
+    resumed_from = second[0]["step"] - 1
+    assert resumed_from == 10  # the newest checkpoint when the worker died (checkpoint.every=10)
+    redone = first[-1]["step"] - resumed_from
+    assert 0 <= redone <= killed_at - resumed_from + 1
+    print(f"\nkill -9 at step ~{killed_at}: resumed from step {resumed_from}, {redone} steps redone")
+    assert [r["step"] for r in second] == list(range(resumed_from + 1, MAX_STEPS + 1))
+    assert losses_by_step(second) == {s: reference_losses[s] for s in range(resumed_from + 1, MAX_STEPS + 1)}
+    assert losses_by_step(first) == {s: reference_losses[s] for s in losses_by_step(first)}
