@@ -40,7 +40,7 @@ def eager_attention(
     )
     if visible is not None:
         scores = scores.masked_fill(~visible, torch.finfo(scores.dtype).min)
-    probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(v.dtype)
+    probs = F.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
     if visible is not None:
         # A query with no visible key would otherwise spread its weight uniformly over masked keys.
         probs = probs * visible.any(dim=-1, keepdim=True)

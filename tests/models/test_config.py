@@ -1,0 +1,93 @@
+"""Presets, overrides and the errors for bad ones; parameter counts equal transformers' for every preset."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.build import build_from_config
+from models.config import PRESETS, T5Config, get_config
+
+
+def test_unknown_preset_names_it_and_lists_accepted() -> None:
+    with pytest.raises(ValueError, match=r"unknown model preset 'gpt5'.*gpt-tiny.*t5-v1_1-base"):
+        models.build_model("gpt5")
+
+
+def test_unknown_field_names_it_and_lists_accepted() -> None:
+    with pytest.raises(ValueError, match=r"unknown field\(s\) n_layer; accepted: .*n_layers"):
+        models.build_model("gpt-tiny", n_layer=3)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(attention="flash"), "attention='flash'; accepted: auto, eager, sdpa, chunked"),
+        (dict(n_heads=5), "d_model=256 is not divisible by n_heads=5"),
+        (dict(activation="swish"), "activation='swish'"),
+        (dict(dropout=1.5), "dropout must be in"),
+    ],
+)
+def test_invalid_values_are_one_line_errors(overrides: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        get_config("gpt-tiny", **overrides)
+
+
+def test_overrides_reach_the_model() -> None:
+    model = models.build_model(
+        "gpt-tiny", n_layers=1, vocab_size=100, attention="eager", gradient_checkpointing=True
+    )
+    assert len(model.transformer_blocks()) == 1
+    assert model.embed.tokens.weight.shape == (100, 256)
+    assert model.blocks[0].attn.backend == "eager" and model.blocks.gradient_checkpointing
+    assert model.config.family == "gpt" and model.config.max_seq_len == 512
+
+
+def test_config_round_trips_through_a_dict() -> None:
+    cfg = get_config("t5-v1_1-base", vocab_size=512)
+    again = models.config.make_config(T5Config, cfg.to_dict())
+    assert again == cfg and again.n_decoder_layers == 12 and again.decoder_start_token_id == 0
+
+
+def _hf_twin(config: models.ModelConfig) -> torch.nn.Module:
+    import transformers
+
+    from models.hf import _FAMILIES
+
+    spec = _FAMILIES[config.family]
+    return getattr(transformers, spec.hf_class)(spec.to_hf_config(config))
+
+
+@pytest.mark.parametrize("preset", list(PRESETS))
+def test_parameter_count_equals_transformers(preset: str) -> None:
+    """Built on the meta device (no memory): same architecture as transformers' => same parameter count."""
+    config = get_config(preset)
+    with torch.device("meta"):
+        ours = build_from_config(config, init=False)
+        theirs = _hf_twin(config)
+    expected = theirs.num_parameters()
+    if config.family == "t5" and not config.tie_embeddings:
+        expected += config.vocab_size * config.d_model  # transformers >= 5 ties T5's head; v1.1's is its own
+    assert ours.num_parameters() == expected
+    assert ours.num_parameters(exclude_embeddings=True) < ours.num_parameters()
+
+
+def test_known_sizes_and_flops() -> None:
+    with torch.device("meta"):
+        gpt2 = models.build_model("gpt2-small")
+    assert gpt2.num_parameters() == 124_439_808  # the published GPT-2 small count
+    n = gpt2.num_parameters(exclude_embeddings=True) + 50257 * 768  # the tied head is a matmul
+    assert gpt2.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+
+
+def test_init_weights_is_deterministic_and_follows_the_scheme() -> None:
+    torch.manual_seed(3)
+    a = models.build_model("gpt-tiny")
+    torch.manual_seed(3)
+    b = models.build_model("gpt-tiny")
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), name
+    assert abs(a.embed.tokens.weight.std().item() - 0.02) < 1e-3
+    assert abs(a.blocks[0].attn.out.weight.std().item() - 0.02 / (2 * 4) ** 0.5) < 1e-3  # 1/sqrt(2 L)
+    assert torch.all(a.blocks[0].attn.qkv.bias == 0) and torch.all(a.norm.weight == 1)

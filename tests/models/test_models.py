@@ -1,0 +1,138 @@
+"""Behaviour of the assembled models beyond HF parity: checkpointing, label conventions, input errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.t5 import shift_right
+
+SMALL = dict(vocab_size=64, d_model=32, n_heads=2, d_ff=48, n_layers=2)
+
+
+def batch(family: str) -> dict[str, torch.Tensor]:
+    torch.manual_seed(1)
+    ids = torch.randint(1, 64, (2, 11))
+    mask = torch.ones_like(ids)
+    mask[1, 8:] = 0
+    if family == "gpt":
+        return dict(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100))
+    if family == "bert":
+        labels = torch.full_like(ids, -100)
+        labels[:, [2, 5]] = ids[:, [2, 5]]
+        return dict(input_ids=ids, attention_mask=mask, token_type_ids=(ids > 30).long(), labels=labels)
+    return dict(input_ids=ids, attention_mask=mask, labels=torch.randint(1, 64, (2, 6)))
+
+
+def grads_of(
+    model: torch.nn.Module, inputs: dict, seed: int = 0
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad()
+    torch.manual_seed(seed)
+    loss = model(**inputs).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "t5-tiny"])
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_leaves_gradients_unchanged(preset: str, dropout: float) -> None:
+    """Also with dropout: the recomputation replays the same random masks (RNG state is restored)."""
+    torch.manual_seed(0)
+    plain = models.build_model(preset, **SMALL, dropout=dropout, attention="sdpa").train()
+    torch.manual_seed(0)
+    ckpt = models.build_model(
+        preset, **SMALL, dropout=dropout, attention="sdpa", gradient_checkpointing=True
+    ).train()
+    inputs = batch(plain.config.family)
+
+    calls = []
+    for block in ckpt.transformer_blocks():
+        block.attn.register_forward_hook(lambda *_: calls.append(1))
+    loss_a, grads_a = grads_of(plain, inputs)
+    loss_b, grads_b = grads_of(ckpt, inputs)
+    assert len(calls) == 2 * len(ckpt.transformer_blocks())  # every block ran again in backward
+    assert torch.equal(loss_a, loss_b)
+    for name, g in grads_a.items():
+        torch.testing.assert_close(grads_b[name], g, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_bert_with_labels_returns_logits_only_at_masked_positions() -> None:
+    model = models.build_model("bert-tiny", **SMALL).eval()
+    inputs = batch("bert")
+    with torch.no_grad():
+        full = model(**{k: v for k, v in inputs.items() if k != "labels"}).logits
+        out = model(**inputs)
+    masked = inputs["labels"] != -100
+    assert full.shape == (2, 11, 64) and out.logits.shape == (int(masked.sum()), 64)
+    torch.testing.assert_close(out.logits, full[masked], rtol=1e-6, atol=1e-6)
+    expected = torch.nn.functional.cross_entropy(full.reshape(-1, 64), inputs["labels"].reshape(-1))
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_gpt_loss_predicts_the_next_token() -> None:
+    model = models.build_model("gpt-tiny", **SMALL).eval()
+    inputs = batch("gpt")
+    with torch.no_grad():
+        out = model(**inputs)
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, 64), inputs["labels"][:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, expected)
+
+
+def test_t5_derives_decoder_inputs_from_labels_like_transformers() -> None:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    labels = torch.tensor([[5, 6, 7, 1], [8, 9, -100, -100]])
+    hf = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=16, d_model=8, d_kv=4, d_ff=8, num_layers=1, num_heads=2, decoder_start_token_id=3
+        )
+    )
+    expected = hf._shift_right(labels)
+    assert torch.equal(shift_right(labels, start_token_id=3, pad_token_id=0), expected)
+    assert expected.tolist() == [[3, 5, 6, 7], [3, 8, 9, 0]]
+
+    model = models.build_model("t5-tiny", **SMALL).eval()
+    inputs = batch("t5")
+    derived = shift_right(inputs["labels"], start_token_id=0, pad_token_id=0)
+    with torch.no_grad():
+        a = model(**inputs)
+        b = model(**inputs, decoder_input_ids=derived)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
+
+
+@pytest.mark.parametrize(
+    ("preset", "inputs", "message"),
+    [
+        (
+            "gpt-tiny",
+            dict(token_type_ids=torch.zeros(1, 4, dtype=torch.long)),
+            "GPT does not take token_type_ids",
+        ),
+        (
+            "bert-tiny",
+            dict(decoder_input_ids=torch.zeros(1, 4, dtype=torch.long)),
+            "BERT does not take decoder_input_ids",
+        ),
+        ("t5-tiny", dict(), "T5 needs decoder_input_ids or labels"),
+        (
+            "gpt-tiny",
+            dict(input_ids=torch.zeros(1, 600, dtype=torch.long)),
+            "sequence length 600 exceeds max_seq_len=512",
+        ),
+    ],
+)
+def test_bad_inputs_are_clear_errors(preset: str, inputs: dict, message: str) -> None:
+    model = models.build_model(preset, **{**SMALL, "n_layers": 1})
+    inputs = {"input_ids": torch.zeros(1, 4, dtype=torch.long), **inputs}
+    with pytest.raises(ValueError, match=message):
+        model(**inputs)
+
+
+def test_t5_relative_bias_is_one_table_per_stack() -> None:
+    model = models.build_model("t5-tiny", **SMALL)
+    tables = [n for n, _ in model.named_parameters() if "bias.table" in n]
+    assert tables == ["encoder_bias.table.weight", "decoder_bias.table.weight"]
