@@ -92,15 +92,14 @@ def _block_bias(spec: _Spec, dense: Tensor | None, table: Tensor | None, dtype: 
     return None
 
 
-def _scores(
-    spec: _Spec, q_blk: Tensor, k: Tensor, qs: int, qe: int, ks: int, ke: int, bias, pad: Tensor | None
-) -> Tensor:
-    """Masked, biased scores of one tile, (B, H, bq, bk), in the compute dtype; masked entries are -inf."""
-    s = q_blk @ k[:, :, ks:ke].transpose(-1, -2)
+def _add_masks(spec: _Spec, s: Tensor, heads: int, tile: tuple[int, int, int, int], bias, pad) -> Tensor:
+    """Add the bias and the padding / causal / window masks (-inf) to one (B * H, bq, bk) score tile."""
+    qs, qe, ks, ke = tile
+    s4 = s.view(-1, heads, qe - qs, ke - ks)
     if bias is not None:
-        s += bias.block(qs, qe, ks, ke)
+        s4 += bias.block(qs, qe, ks, ke)
     if pad is not None:
-        s += pad[:, :, :, ks:ke]
+        s4 += pad[:, :, :, ks:ke]
     keep = spec.tiling.visible(qs, qe, ks, ke, s.device)
     if keep is not None:
         s.masked_fill_(~keep, -math.inf)
@@ -108,32 +107,36 @@ def _scores(
 
 
 class _ChunkedAttention(torch.autograd.Function):
+    """Tensors are handled as (B * H, L, D) so every tile product is one bmm / baddbmm over all heads."""
+
     @staticmethod
     def forward(ctx, q, k, v, pad, dense, table, spec: _Spec):
-        dtype = _compute_dtype(q.dtype)
-        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
-        bias = _block_bias(spec, dense, table, dtype, need_grad=False)
         B, H, Lq, _ = q.shape
-        out = q.new_empty(B, H, Lq, v.shape[-1])
-        lse = q.new_empty(B, H, Lq, dtype=dtype)
+        Dv = v.shape[-1]
+        dtype = _compute_dtype(q.dtype)
+        qc, kc, vc = (t.to(dtype).reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v))
+        bias = _block_bias(spec, dense, table, dtype, need_grad=False)
+        out = q.new_empty(B * H, Lq, Dv)
+        lse = q.new_empty(B * H, Lq, 1, dtype=dtype)
         for qs, qe in spec.tiling.query_blocks():
-            q_blk = qc[:, :, qs:qe] * spec.scale
-            row_max = q_blk.new_full((B, H, qe - qs, 1), -math.inf)
-            row_sum = q_blk.new_zeros(B, H, qe - qs, 1)
-            acc = q_blk.new_zeros(B, H, qe - qs, v.shape[-1])
+            q_blk = qc[:, qs:qe] * spec.scale
+            row_max = q_blk.new_full((B * H, qe - qs, 1), -math.inf)
+            row_sum = q_blk.new_zeros(B * H, qe - qs, 1)
+            acc = q_blk.new_zeros(B * H, qe - qs, Dv)
             for ks, ke in spec.tiling.key_blocks(qs, qe):
-                s = _scores(spec, q_blk, kc, qs, qe, ks, ke, bias, pad)
+                s = _add_masks(spec, q_blk @ kc[:, ks:ke].transpose(1, 2), H, (qs, qe, ks, ke), bias, pad)
                 new_max = torch.maximum(row_max, s.amax(-1, keepdim=True))
                 # A row with nothing visible yet keeps max -inf; shift it by 0 so exp gives 0, not NaN.
                 shift = new_max.masked_fill(new_max == -math.inf, 0.0)
                 p = s.sub_(shift).exp_()
                 rescale = (row_max - shift).exp_()
                 row_sum.mul_(rescale).add_(p.sum(-1, keepdim=True))
-                acc.mul_(rescale).add_(p @ vc[:, :, ks:ke])
+                acc.mul_(rescale).baddbmm_(p, vc[:, ks:ke])
                 row_max = new_max
             empty = row_sum == 0  # no visible key at all: output 0, log-sum-exp +inf (so backward's p = 0)
-            out[:, :, qs:qe] = acc.div_(row_sum.masked_fill(empty, 1.0))
-            lse[:, :, qs:qe] = (row_max + row_sum.log()).masked_fill_(empty, math.inf).squeeze(-1)
+            out[:, qs:qe] = acc.div_(row_sum.masked_fill(empty, 1.0))
+            lse[:, qs:qe] = (row_max + row_sum.log()).masked_fill_(empty, math.inf)
+        out = out.view(B, H, Lq, Dv)
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, out, lse, pad, dense, table)
         return out
@@ -142,27 +145,37 @@ class _ChunkedAttention(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, out, lse, pad, dense, table = ctx.saved_tensors
         spec: _Spec = ctx.spec
+        B, H, Lq, _ = q.shape
         dtype = lse.dtype
-        qc, kc, vc = q.to(dtype), k.to(dtype), v.to(dtype)
+        qc, kc, vc, oc, doc = (
+            t.to(dtype).reshape(B * H, t.shape[2], t.shape[3]) for t in (q, k, v, out, grad_out)
+        )
         need_bias_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         bias = _block_bias(spec, dense, table, dtype, need_grad=need_bias_grad)
         dq, dk, dv = torch.zeros_like(qc), torch.zeros_like(kc), torch.zeros_like(vc)
+        neg_lse = -lse
         for qs, qe in spec.tiling.query_blocks():
-            q_blk = qc[:, :, qs:qe] * spec.scale
-            do = grad_out[:, :, qs:qe].to(dtype)
-            delta = (do * out[:, :, qs:qe].to(dtype)).sum(-1, keepdim=True)  # rowsum(dO * O)
-            row_lse = lse[:, :, qs:qe, None]
-            dq_blk = dq[:, :, qs:qe]
+            q_blk = qc[:, qs:qe] * spec.scale
+            do = doc[:, qs:qe]
+            neg_delta = -(do * oc[:, qs:qe]).sum(-1, keepdim=True)  # -rowsum(dO * O)
+            dq_blk = dq[:, qs:qe]
             for ks, ke in spec.tiling.key_blocks(qs, qe):
-                p = _scores(spec, q_blk, kc, qs, qe, ks, ke, bias, pad).sub_(row_lse).exp_()
-                dv[:, :, ks:ke] += p.transpose(-1, -2) @ do
-                ds = (do @ vc[:, :, ks:ke].transpose(-1, -2)).sub_(delta).mul_(p)
+                # p = exp(s - lse), recomputed; the -lse rides along in the GEMM's accumulator.
+                s = torch.baddbmm(neg_lse[:, qs:qe], q_blk, kc[:, ks:ke].transpose(1, 2))
+                p = _add_masks(spec, s, H, (qs, qe, ks, ke), bias, pad).exp_()
+                dv[:, ks:ke].baddbmm_(p.transpose(1, 2), do)
+                ds = torch.baddbmm(neg_delta, do, vc[:, ks:ke].transpose(1, 2)).mul_(p)
                 if need_bias_grad:
-                    bias.add_grad(ds, qs, qe, ks, ke)
-                dq_blk += ds @ kc[:, :, ks:ke]
-                dk[:, :, ks:ke] += ds.transpose(-1, -2) @ q_blk
+                    bias.add_grad(ds.view(B, H, qe - qs, ke - ks), qs, qe, ks, ke)
+                dq_blk.baddbmm_(ds, kc[:, ks:ke])
+                dk[:, ks:ke].baddbmm_(ds.transpose(1, 2), q_blk)
             dq_blk *= spec.scale
-        grads = [dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None, None, None, None]
+        grads = [g.view(t.shape).to(t.dtype) for g, t in ((dq, q), (dk, k), (dv, v))] + [
+            None,
+            None,
+            None,
+            None,
+        ]
         if ctx.needs_input_grad[4]:
             grads[4] = bias.grad().to(dense.dtype)
         if ctx.needs_input_grad[5]:
