@@ -109,9 +109,12 @@ def _parser() -> argparse.ArgumentParser:
         help="extra #SBATCH line (repeatable)",
     )
 
-    ds = commands.add_parser("deepspeed", parents=[job], help="the DeepSpeed launcher over a hostfile")
+    ds = commands.add_parser("deepspeed", parents=[job], help="the DeepSpeed launcher (over a hostfile)")
     ds.add_argument(
-        "--hostfile", type=Path, required=True, help="'HOST slots=N' lines (launch/examples/hostfile)"
+        "--hostfile",
+        type=Path,
+        default=None,
+        help="'HOST slots=N' lines (launch/examples/hostfile); none: this machine",
     )
     ds.add_argument(
         "--master", type=_checked(parse_endpoint), default=None, help="HOST:PORT (default: first host)"

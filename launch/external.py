@@ -40,21 +40,23 @@ def read_hostfile(path: Path) -> dict[str, int]:
 
 @dataclass(frozen=True, kw_only=True)
 class DeepSpeedLaunch:
-    hostfile: Path
+    hostfile: Path | None = None  # None: this machine only
     master: Endpoint | None = None
-    num_gpus: int | None = None  # per host; None: the hostfile's slots
+    num_gpus: int | None = None  # per host; None: the hostfile's slots (or all local devices)
     launcher: str = "pdsh"
 
     def command(self, job: TrainJob) -> list[str]:
-        read_hostfile(self.hostfile)
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", f"--hostfile={self.hostfile.resolve()}"]
-        cmd.append(f"--launcher={self.launcher}")
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+        if self.hostfile is not None:
+            read_hostfile(self.hostfile)
+            cmd += [f"--hostfile={self.hostfile.resolve()}", f"--launcher={self.launcher}"]
         if self.num_gpus is not None:
             cmd.append(f"--num_gpus={self.num_gpus}")
         if self.master is not None:
             cmd += [f"--master_addr={self.master.host}", f"--master_port={self.master.port}"]
-        # --module: each process runs `python -m pretrain ...` like torchrun's workers.
-        return [*cmd, "--module", *job.module_args()[1:]]
+        # Each process runs `python -m pretrain ...` like torchrun's workers, without the `--local_rank=N`
+        # argument DeepSpeed would otherwise put first (LOCAL_RANK is in the environment).
+        return [*cmd, "--no_local_rank", "--module", *job.module_args()[1:]]
 
 
 @dataclass(frozen=True, kw_only=True)

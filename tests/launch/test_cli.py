@@ -185,6 +185,7 @@ def test_deepspeed_and_accelerate_commands(capsys, config):
         "--launcher=pdsh",
         "--master_addr=node001",
         "--master_port=29500",
+        "--no_local_rank",
         "--module",
         "pretrain",
         "train",
