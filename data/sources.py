@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import glob
 import gzip
+import io
 import json
 import logging
 import os
@@ -71,7 +72,8 @@ class SkipLog:
         self.counts[kind] += 1
         if (path, kind) not in SkipLog._logged:
             SkipLog._logged.add((path, kind))
-            log.warning(
+            log.log(
+                logging.INFO if kind == "empty" else logging.WARNING,  # blank lines are normal in text
                 "data: skipped record %d of %s (%s); later ones of this kind are only counted",
                 record,
                 path,
@@ -135,7 +137,7 @@ def _open_binary(f: SourceFile):
     if f.compression == "zst":
         import zstandard
 
-        return zstandard.open(f.path, "rb")
+        return io.BufferedReader(zstandard.open(f.path, "rb"))  # adds line iteration
     return open(f.path, "rb")  # noqa: SIM115 (closed by the caller's `with`)
 
 
@@ -181,7 +183,7 @@ def _raw_records(f: SourceFile, unit: str, field: str, pos: int, rec: int) -> It
         records = _paragraphs(fh, pos) if f.fmt == "text" and unit == "paragraph" else _lines(fh, pos)
         for i, (after, raw) in enumerate(records):
             if seekable or i >= rec:
-                yield (after if seekable else i + 1), raw
+                yield (after if seekable else i + 1), raw.rstrip(b"\r\n")
 
 
 def _is_json_array(f: SourceFile) -> bool:

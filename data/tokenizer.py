@@ -86,10 +86,15 @@ def train_tokenizer(cfg: DataConfig, *, family: str) -> PreTrainedTokenizerFast:
 
 
 class Encoder:
-    """text -> token-id array through the Rust tokenizer directly (no special tokens added); picklable."""
+    """text -> token-id array through the Rust tokenizer directly; picklable.
+
+    Special-token strings inside a document ("</s>" in HTML, "[MASK]" in a README) are encoded as plain
+    text: only the pipeline itself inserts separators, masks and sentinels.
+    """
 
     def __init__(self, tokenizer: PreTrainedTokenizerFast) -> None:
-        self.backend = tokenizer.backend_tokenizer
+        self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
+        self.backend.encode_special_tokens = True
 
     def __call__(self, text: str) -> np.ndarray:
         return np.asarray(self.backend.encode(text, add_special_tokens=False).ids, dtype=np.int64)

@@ -75,7 +75,9 @@ def test_state_is_small_json_and_settings_are_checked(make_cfg, tokenizers):
 
 
 def test_ranks_and_seeds_give_different_batches(make_cfg, tokenizers):
-    first = lambda **kw: next(iter(loader(make_cfg, tokenizers, "clm", workers=0, **kw)))["input_ids"]  # noqa: E731
+    def first(**kw):
+        return next(iter(loader(make_cfg, tokenizers, "clm", workers=0, **kw)))["input_ids"]
+
     assert torch.equal(first(seed=1), first(seed=1))
     assert not torch.equal(first(seed=1), first(seed=2))
     assert not torch.equal(first(rank=0, world=2), first(rank=1, world=2))
