@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from launch_e2e import MAX_STEPS, REPO, Run, launch_cmd, losses_by_step, train_env, wait_for
+from launch_e2e import CLUSTER_SCRIPT, MAX_STEPS, REPO, Run, launch_cmd, losses_by_step, train_env, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -123,3 +124,19 @@ def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_lo
     assert [r["step"] for r in attempts[-1]][-1] == MAX_STEPS
     for attempt in attempts:
         assert losses_by_step(attempt) == {r["step"]: reference_losses[r["step"]] for r in attempt}
+
+
+def test_cluster_script_is_idempotent():
+    """`up` on a running cluster changes nothing and returns at once (CI may call it twice)."""
+    started = time.monotonic()
+    done = subprocess.run([str(CLUSTER_SCRIPT), "up"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "already up" in done.stderr
+    assert time.monotonic() - started < 10
+    assert subprocess.run(
+        ["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=30
+    ).stdout.strip() in {
+        "idle",
+        "mixed",
+        "allocated",
+    }
