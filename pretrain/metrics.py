@@ -68,22 +68,22 @@ def memory_gib(device: torch.device) -> float:
 
 
 class Throughput:
-    """Tokens/s and MFU over the window since the last `rate()` call."""
+    """Tokens/s and MFU over the training time since the last `rate()` (evaluation and saving excluded)."""
 
     def __init__(self, *, flops_per_token: float, peak_flops_total: float | None) -> None:
         self.flops_per_token = flops_per_token
         self.peak_flops_total = peak_flops_total
         self._tokens = 0
-        self._start = time.perf_counter()
+        self._seconds = 0.0
 
-    def add(self, tokens: int) -> None:
+    def add(self, tokens: int, seconds: float) -> None:
         self._tokens += tokens
+        self._seconds += seconds
 
     def rate(self) -> tuple[float, float | None]:
         """(tokens/s, MFU or None) for the window, and start a new one."""
-        now = time.perf_counter()
-        tokens_per_s = self._tokens / max(now - self._start, 1e-9)
-        self._tokens, self._start = 0, now
+        tokens_per_s = self._tokens / max(self._seconds, 1e-9)
+        self._tokens, self._seconds = 0, 0.0
         mfu = None
         if self.peak_flops_total:
             mfu = self.flops_per_token * tokens_per_s / self.peak_flops_total

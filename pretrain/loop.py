@@ -1,0 +1,272 @@
+"""The training loop, as short functions: set up, step, evaluate, log, save, resume.
+
+Everything random is seeded from `train.seed` and every piece of state a step depends on (weights, optimizer,
+schedule, data position, each rank's RNGs) is in the checkpoint, so a run resumed from step k repeats exactly
+what an uninterrupted run does after step k. The loop checks for preemption only at step boundaries, where all
+ranks agree, and saves before it stops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from torch import Tensor
+
+from pretrain import components
+from pretrain.checkpoint import CheckpointManager, TrainerState
+from pretrain.config import RunConfig
+from pretrain.engines import Engine, StepOutput, any_rank, barrier, build_engine, init_distributed, shutdown
+from pretrain.engines.base import DistInfo
+from pretrain.faults import DivergenceGuard, PreemptionHandler
+from pretrain.logging import RunLogger
+from pretrain.metrics import Throughput, memory_gib, peak_flops
+from pretrain.rng import seed_everything
+
+Batch = dict[str, Tensor]
+
+
+@dataclass(kw_only=True)
+class Run:
+    """Everything one training run holds while it trains."""
+
+    cfg: RunConfig
+    dist: DistInfo
+    engine: Engine
+    data: Any  # data.DataPipeline: iterable with state_dict()/load_state_dict()
+    batches: Iterator[Batch]
+    checkpoints: CheckpointManager
+    logger: RunLogger
+    guard: DivergenceGuard
+    preemption: PreemptionHandler
+    throughput: Throughput
+    tokenizer: Any
+    state: TrainerState
+    last_saved: int = -1
+    val_batches: list[Batch] = field(default_factory=list)
+
+
+def train(cfg: RunConfig) -> TrainerState:
+    """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes."""
+    dist = init_distributed(timeout_s=cfg.engine.dist_timeout_s)
+    preemption = PreemptionHandler().install()
+    try:
+        run = setup(cfg, dist, preemption)
+        try:
+            return run_loop(run)
+        finally:
+            run.logger.close()
+    finally:
+        preemption.uninstall()
+        shutdown()
+
+
+def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
+    """Run directory, tokenizer, model, engine, data; then restore the newest intact checkpoint, if any."""
+    import data
+
+    prepare_run_dir(cfg, dist)
+    tokenizer = _tokenizer(cfg, dist)
+    seed_everything(cfg.train.seed)  # the same initial weights on every rank
+    model = components.build_model(cfg, tokenizer)
+    engine = build_engine(cfg.engine_spec(), model, cfg.optimizer_spec(), dist)
+    seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
+    pipeline = data.build_loader(
+        cfg.data_config(),
+        objective=cfg.objective,
+        tokenizer=tokenizer,
+        batch_size=cfg.train.micro_batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.train.seed,
+    )
+    say = _say if dist.is_main else _quiet
+    checkpoints = CheckpointManager(
+        cfg.run_dir / "checkpoints",
+        keep=cfg.checkpoint.keep,
+        dist=dist,
+        barrier=barrier,
+        any_rank=any_rank,
+        say=say,
+    )
+    state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
+    guard = DivergenceGuard(cfg.train.max_skips)
+    guard.load_state_dict({"skips": state.skips})
+    peak = peak_flops(dist.device, cfg.train.precision, cfg.log.peak_flops)
+    return Run(
+        cfg=cfg,
+        dist=dist,
+        engine=engine,
+        data=pipeline,
+        batches=iter(pipeline),
+        checkpoints=checkpoints,
+        logger=RunLogger(cfg, enabled=dist.is_main, start_step=state.step),
+        guard=guard,
+        preemption=preemption,
+        throughput=Throughput(
+            flops_per_token=model.flops_per_token(cfg.data.seq_len),
+            peak_flops_total=peak * dist.world_size if peak else None,
+        ),
+        tokenizer=tokenizer,
+        state=state,
+        last_saved=state.step if state.step else -1,
+    )
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _quiet(message: str) -> None:
+    return None
+
+
+def prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> None:
+    """Create the run directory and save the resolved config (noting what changed since the last use)."""
+    if dist.is_main:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        path = cfg.run_dir / "config.yaml"
+        new = cfg.model_dump(mode="json")
+        if path.is_file():
+            changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, new)
+            if changed:
+                _say(f"note: config changed since {path} was written: {', '.join(changed)}")
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        tmp.replace(path)
+    barrier()
+
+
+def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key} ({a!r} -> {b!r})")
+    return out
+
+
+def _tokenizer(cfg: RunConfig, dist: DistInfo) -> Any:
+    """Rank 0 trains/saves the tokenizer first; the others then load the saved one."""
+    tokenizer = components.build_tokenizer(cfg, cfg.run_dir) if dist.is_main else None
+    barrier()
+    return tokenizer or components.build_tokenizer(cfg, cfg.run_dir)
+
+
+def run_loop(run: Run) -> TrainerState:
+    """Step until `train.max_steps` (or a preemption signal), evaluating, logging and saving on schedule."""
+    cfg, state = run.cfg, run.state
+    if state.step >= cfg.train.max_steps:
+        run.logger.note(
+            f"{cfg.run_dir}: already trained to step {state.step} (train.max_steps={cfg.train.max_steps})"
+        )
+        return state
+    verb = f"resuming at step {state.step}" if state.step else "starting"
+    run.logger.note(f"{cfg.run_dir}: {verb}, training to step {cfg.train.max_steps}")
+    while state.step < cfg.train.max_steps:
+        if run.preemption.should_stop(any_rank):
+            return stop_for_preemption(run)
+        out = train_step(run)
+        val_loss = evaluate(run) if _due(state.step, cfg.train.eval_every, cfg.train.max_steps) else None
+        if val_loss is not None or _due(state.step, cfg.log.every, cfg.train.max_steps):
+            run.logger.log(metrics_record(run, out, val_loss))
+        if _due(state.step, cfg.checkpoint.every, cfg.train.max_steps):
+            save(run)
+    run.logger.note(
+        f"done: step {state.step}, {state.tokens:,} tokens; checkpoints in {run.checkpoints.root}"
+    )
+    return state
+
+
+def _due(step: int, every: int, last: int) -> bool:
+    return every > 0 and (step % every == 0 or step == last)
+
+
+def train_step(run: Run) -> StepOutput:
+    """One optimizer step over `grad_accum` micro-batches; counts tokens and feeds the divergence guard."""
+    start = time.perf_counter()
+    micro = [next(run.batches) for _ in range(run.cfg.train.grad_accum)]
+    out = run.engine.train_step(micro)
+    tokens = sum(batch["input_ids"].numel() for batch in micro) * run.dist.world_size
+    run.throughput.add(tokens, time.perf_counter() - start)
+    run.state.step += 1
+    run.state.tokens += tokens
+    run.guard.observe(out, step=run.state.step)
+    run.state.skips = run.guard.skips
+    return out
+
+
+def evaluate(run: Run) -> float:
+    """Mean validation loss over the same `train.eval_batches` batches every time (all ranks, in step)."""
+    if not run.val_batches:
+        run.val_batches = _validation_batches(run)
+    losses = [run.engine.eval_loss(batch) for batch in run.val_batches]
+    return sum(losses) / len(losses)
+
+
+def _validation_batches(run: Run) -> list[Batch]:
+    """The first eval_batches validation batches, repeated if the split is shorter, so every rank runs as many."""
+    import data
+
+    cfg = run.cfg
+    pipeline = data.build_loader(
+        cfg.data_config(),
+        objective=cfg.objective,
+        tokenizer=run.tokenizer,
+        batch_size=cfg.train.micro_batch_size,
+        rank=run.dist.rank,
+        world_size=run.dist.world_size,
+        seed=cfg.train.seed,
+        split="validation",
+    )
+    batches = list(itertools.islice(pipeline, cfg.train.eval_batches))
+    if not batches:
+        raise ValueError(
+            "data: the validation split is empty; set data.validation_source or train.eval_every=0"
+        )
+    return list(itertools.islice(itertools.cycle(batches), cfg.train.eval_batches))
+
+
+def metrics_record(run: Run, out: StepOutput, val_loss: float | None) -> dict[str, Any]:
+    """One metrics.jsonl line: the contract's keys plus MFU, memory and skip counts."""
+    tokens_per_s, mfu = run.throughput.rate()
+    record: dict[str, Any] = {
+        "step": run.state.step,
+        "loss": out.loss,
+        "lr": out.lr,
+        "tokens": run.state.tokens,
+        "tokens_per_s": round(tokens_per_s, 2),
+        "grad_norm": out.grad_norm,
+        "mfu": round(mfu, 6) if mfu is not None else None,
+        "memory_gib": round(memory_gib(run.dist.device), 4),
+        "skipped": out.skipped,
+        "skips": run.state.skips,
+    }
+    if val_loss is not None:
+        record["val_loss"] = val_loss
+    return record
+
+
+def save(run: Run) -> Path:
+    """Checkpoint the current step (collective)."""
+    path = run.checkpoints.save(engine=run.engine, state=run.state, data=run.data)
+    run.last_saved = run.state.step
+    return path
+
+
+def stop_for_preemption(run: Run) -> TrainerState:
+    """Save (unless this step is saved already), requeue the SLURM job if asked, and return."""
+    if run.last_saved != run.state.step:
+        save(run)
+    run.logger.note(f"stopped by signal at step {run.state.step}; checkpoint saved, run again to resume")
+    if run.dist.is_main:
+        run.preemption.requeue()
+    return run.state
