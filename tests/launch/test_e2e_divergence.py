@@ -44,4 +44,5 @@ def test_divergence_skips_then_stops_with_last_good_checkpoint(write_config, ref
     latest = run.latest()
     assert latest is not None and int(latest.removeprefix("step_")) <= 3
     weights = load_file(run.dir / "checkpoints" / latest / "model.safetensors")
-    assert all(t.isfinite().all() for t in weights.values())  # the update of a skipped step never reached them
+    # the update of a skipped step never reached the weights
+    assert all(t.isfinite().all() for t in weights.values())
