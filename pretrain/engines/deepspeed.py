@@ -8,7 +8,6 @@ alike (DeepSpeed's own overflow handling differs between them). Checkpoints are 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -21,12 +20,12 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch import Tensor, nn
 
 from pretrain.engines.base import DistInfo, Engine, EngineSpec, OptimizerSpec, StepOutput
+from pretrain.engines.common import load_scheduler, save_scheduler, to_device
 from pretrain.engines.dist import all_reduce_sum, ensure_process_group
 from pretrain.engines.ds_config import resolve_config
 from pretrain.optim import build_optimizer, build_scheduler
 
 _TAG = "deepspeed"
-_SCHEDULER_FILE = "scheduler.json"
 
 
 @contextmanager
@@ -40,10 +39,6 @@ def _optimizer_step_disabled(optimizer: torch.optim.Optimizer, disabled: bool) -
         yield
     finally:
         del optimizer.step
-
-
-def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
 
 class DeepSpeedEngine(Engine):
@@ -112,8 +107,7 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path: Path) -> None:
         self._ds.save_checkpoint(str(path), tag=_TAG, save_latest=False)
-        if self.dist.is_main:
-            (Path(path) / _SCHEDULER_FILE).write_text(json.dumps(self._scheduler.state_dict()))
+        save_scheduler(self._scheduler, path, is_main=self.dist.is_main)
 
     def load(self, path: Path) -> None:
         loaded, _ = self._ds.load_checkpoint(
@@ -121,7 +115,7 @@ class DeepSpeedEngine(Engine):
         )
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
-        self._scheduler.load_state_dict(json.loads((Path(path) / _SCHEDULER_FILE).read_text()))
+        load_scheduler(self._scheduler, path)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """fp32 master weights (gathered from ZeRO partitions), under the model's own names, on rank 0."""

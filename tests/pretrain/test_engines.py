@@ -128,7 +128,7 @@ def test_single_process_helpers() -> None:
     barrier()
 
 
-@pytest.mark.parametrize("case", ["ds-z2"])
+@pytest.mark.parametrize("case", ["ds-z2", "acc-ddp", "acc-fsdp"])
 def test_engine_single_process(tmp_path, case: str) -> None:
     result, final = worker.check_engine(case, tmp_path, init_distributed(timeout_s=60))
     worker.assert_result(result, sharded=False)
