@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ def tiny_config(run_dir: Path, tokenizer: Path, **sections: dict[str, Any]) -> d
         "train": {"max_steps": MAX_STEPS, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "seed": 0},
         "engine": {"backend": "accelerate"},
         "checkpoint": {"every": 10, "keep": 10},
-        "log": {"every": 1, "progress": False},
+        "log": {"every": 1, "progress": True},  # a "step N/M" line per step
         "wandb": {"mode": "disabled"},
         "run": {"dir": str(run_dir)},
     }
@@ -77,15 +78,6 @@ class Run:
         """Training-step records (those with a loss), in the order they were appended."""
         return [m for m in self.metrics() if "loss" in m and "step" in m]
 
-    def attempts(self) -> list[list[dict[str, Any]]]:
-        """Step records split where the step number goes back: one list per start of the run."""
-        out: list[list[dict[str, Any]]] = []
-        for record in self.steps():
-            if not out or record["step"] <= out[-1][-1]["step"]:
-                out.append([])
-            out[-1].append(record)
-        return out
-
     def last_step(self) -> int:
         steps = self.steps()
         return steps[-1]["step"] if steps else 0
@@ -97,6 +89,29 @@ class Run:
     def latest(self) -> str | None:
         path = self.dir / "checkpoints" / "latest"
         return path.read_text().strip() if path.exists() else None
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One start of a run, read from its console output (metrics.jsonl is truncated to the checkpoint on resume)."""
+
+    resumed_from: int  # 0: a fresh start
+    steps: list[int]  # the steps it logged
+
+
+_START = re.compile(r": (?:starting|resuming at step (\d+)), training to step \d+")
+_STEP = re.compile(r"^step (\d+)/\d+\s")
+
+
+def attempts_from_log(text: str) -> list[Attempt]:
+    """Split a run's output (`log.progress` lines and the loop's notes) into its starts."""
+    out: list[Attempt] = []
+    for line in text.splitlines():
+        if start := _START.search(line):
+            out.append(Attempt(resumed_from=int(start.group(1) or 0), steps=[]))
+        elif (step := _STEP.match(line)) and out:
+            out[-1].steps.append(int(step.group(1)))
+    return out
 
 
 def losses_by_step(records: list[dict[str, Any]]) -> dict[int, float]:
