@@ -25,7 +25,13 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    # SUPPRESS: a subcommand's default must not overwrite `pretrain --debug train ...`
+    common.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks instead of one-line errors",
+    )
     parser = _Parser(prog="pretrain", description=__doc__.splitlines()[0], parents=[common])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -111,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if args.debug or not isinstance(e, _user_errors()):
+        if getattr(args, "debug", False) or not isinstance(e, _user_errors()):
             raise
         message = " ".join(str(e).split()) or type(e).__name__
         print(f"error: {message}", file=sys.stderr)

@@ -1,0 +1,132 @@
+"""Checkpoint manager: atomic saves, keep-N, damaged/tampered checkpoints, RNG and data state restored."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from pretrain_fakes import FakeData, FakeEngine, save_steps
+
+from pretrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_dirs, find_checkpoint
+from pretrain.engines.base import DistInfo
+from pretrain.safety import write_manifest
+
+
+def restore(root: Path, messages: list[str] | None = None) -> tuple[int | None, FakeEngine, FakeData]:
+    engine, data = FakeEngine(), FakeData()
+    say = messages.append if messages is not None else print
+    state = CheckpointManager(root, keep=3, dist=DistInfo(), say=say).restore(engine=engine, data=data)
+    return (state.step if state else None), engine, data
+
+
+def weight_offset(engine: FakeEngine, reference: FakeEngine) -> float:
+    """How many fake steps separate two engines' weights (each fake step adds 1 to every weight)."""
+    return (engine.model.weight - reference.model.weight).mean().item()
+
+
+def test_layout_and_restore(tmp_path: Path) -> None:
+    trained = save_steps(tmp_path, [1, 2])
+    final = tmp_path / "step_2"
+    assert (tmp_path / "latest").read_text() == "step_2"
+    expected = {"engine", "model.safetensors", "trainer_state.json", "rank_0", "manifest.json"}
+    assert {p.name for p in final.iterdir()} == expected
+    assert {p.name for p in (final / "rank_0").iterdir()} == {"data_state.json", "rng.json"}
+    assert json.loads((final / "trainer_state.json").read_text()) == {
+        "step": 2,
+        "tokens": 200,
+        "world_size": 1,
+        "skips": 0,
+    }
+    step, engine, data = restore(tmp_path)
+    assert (step, data.position) == (2, 20)
+    assert torch.equal(engine.model.weight, trained.model.weight)
+
+
+def test_no_checkpoint_means_fresh_start(tmp_path: Path) -> None:
+    assert restore(tmp_path / "missing")[0] is None
+    with pytest.raises(CheckpointError, match="no checkpoint under"):
+        find_checkpoint(tmp_path)
+
+
+def test_keep_last_n(tmp_path: Path) -> None:
+    save_steps(tmp_path, [1, 2, 3, 4, 5], keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_4", "step_5"]
+
+
+def test_save_killed_midway_leaves_latest_on_previous(tmp_path: Path) -> None:
+    here = Path(__file__).parent
+    proc = subprocess.run(
+        [sys.executable, str(here / "pretrain_fakes.py"), str(tmp_path)], capture_output=True, text=True
+    )
+    assert proc.returncode == 17, proc.stderr
+    assert "unreachable" not in proc.stdout
+    assert (tmp_path / "latest").read_text() == "step_1"
+    assert (tmp_path / ".tmp-step_2").is_dir() and not (tmp_path / "step_2").exists()
+    assert restore(tmp_path)[0] == 1
+    save_steps(tmp_path, [2])  # the next save succeeds and clears the leftover
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_1", "step_2"]
+
+
+def test_damaged_newest_falls_back_with_message(tmp_path: Path) -> None:
+    save_steps(tmp_path, [1, 2])
+    weights = tmp_path / "step_2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])  # truncated, e.g. a full disk
+    messages: list[str] = []
+    step, _, data = restore(tmp_path, messages)
+    assert (step, data.position) == (1, 10)
+    assert any("step_2" in m and "damaged" in m and "model.safetensors" in m for m in messages), messages
+    assert find_checkpoint(tmp_path, say=lambda m: None).name == "step_1"
+
+
+def test_no_intact_checkpoint_is_an_error_not_a_restart(tmp_path: Path) -> None:
+    save_steps(tmp_path, [1, 2])
+    for step in (1, 2):
+        (tmp_path / f"step_{step}" / "trainer_state.json").write_text('{"step": 999}')
+    with pytest.raises(CheckpointError, match="no intact checkpoint.*refusing to start over"):
+        restore(tmp_path, [])
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (Path.touch, (Path("/tmp/pretrain-test-pwned"),))
+
+
+def test_tampered_pickle_is_refused_and_never_run(tmp_path: Path) -> None:
+    save_steps(tmp_path, [1, 2])
+    marker = Path("/tmp/pretrain-test-pwned")
+    marker.unlink(missing_ok=True)
+    newest = tmp_path / "step_2"
+    (newest / "engine" / "extra_state.pt").write_bytes(pickle.dumps(_RunsCode()))
+    write_manifest(newest)  # the attacker also rewrote the manifest
+    messages: list[str] = []
+    assert restore(tmp_path, messages)[0] == 1
+    assert not marker.exists()
+    assert any("step_2" in m and "extra_state.pt" in m for m in messages), messages
+
+
+def test_latest_is_trusted_over_an_unreferenced_newer_dir(tmp_path: Path) -> None:
+    """A save killed between the rename and the `latest` update: `latest` still decides."""
+    save_steps(tmp_path, [1, 2])
+    (tmp_path / "latest").write_text("step_1")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step_1", "step_2"]
+    assert restore(tmp_path)[0] == 1
+
+
+def test_rng_states_are_restored(tmp_path: Path) -> None:
+    torch.manual_seed(1)
+    random.seed(2)
+    np.random.seed(3)
+    save_steps(tmp_path, [1])
+    expected = (torch.rand(3).tolist(), random.random(), np.random.rand())
+    torch.manual_seed(99)
+    random.seed(99)
+    np.random.seed(99)
+    restore(tmp_path)
+    assert (torch.rand(3).tolist(), random.random(), np.random.rand()) == expected

@@ -1,0 +1,208 @@
+"""Run config: precedence, round trip, mapping to component specs, and every bad input as one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO, write_yaml
+
+from pretrain.cli import main
+from pretrain.config import ConfigError, load_config
+
+BASE = """\
+model:
+  preset: gpt-tiny
+  n_layers: 2
+train:
+  lr: 0.01
+  max_steps: 50
+"""
+
+
+@pytest.fixture
+def config(tmp_path: Path) -> Path:
+    return write_yaml(tmp_path / "run.yaml", BASE)
+
+
+def test_precedence_defaults_file_command_line(config: Path) -> None:
+    cfg = load_config(config, ["train.lr=0.02", "engine.zero_stage=1", "model.d_model=64"])
+    assert cfg.train.lr == 0.02  # command line beats file
+    assert cfg.train.max_steps == 50  # file beats default
+    assert cfg.train.micro_batch_size == 8 and cfg.train.eps == 1e-8  # defaults
+    assert cfg.engine.zero_stage == 1
+    assert cfg.model.overrides() == {
+        "attention": "auto",
+        "gradient_checkpointing": False,
+        "n_layers": 2,
+        "d_model": 64,
+    }
+    assert cfg.objective == "clm"  # from the family
+    assert cfg.run.dir == Path("runs/run")  # from the file name
+
+
+def test_resolved_config_round_trips(config: Path, tmp_path: Path) -> None:
+    cfg = load_config(config, ["data.seq_len=64", "train.clip_grad=null", "run.dir=" + str(tmp_path / "r")])
+    saved = write_yaml(tmp_path / "resolved.yaml", cfg.to_yaml())
+    assert load_config(saved) == cfg
+    assert cfg.train.clip_grad is None
+
+
+def test_maps_to_component_specs(config: Path) -> None:
+    cfg = load_config(
+        config, ["train.grad_accum=4", "train.precision=bf16", "engine.accelerate.strategy=fsdp"]
+    )
+    spec, optim, data = cfg.engine_spec(), cfg.optimizer_spec(), cfg.data_config()
+    assert (spec.grad_accum, spec.precision, spec.strategy, spec.micro_batch_size) == (4, "bf16", "fsdp", 8)
+    assert (optim.lr, optim.max_steps, optim.clip_grad) == (0.01, 50, 1.0)
+    assert (data.source, data.seq_len) == ("builtin", 128)
+
+
+def test_mixture_source(tmp_path: Path) -> None:
+    corpus = tmp_path / "a.txt"
+    corpus.write_text("hello world\n")
+    cfg = load_config(
+        write_yaml(
+            tmp_path / "m.yaml",
+            BASE + f"data:\n  source:\n    - {{source: builtin, weight: 2}}\n    - {{source: '{corpus}'}}\n",
+        )
+    )
+    assert [(c.source, c.weight) for c in cfg.data_config().components] == [
+        ("builtin", 2),
+        (str(corpus), 1.0),
+    ]
+
+
+def ds_json(tmp_path: Path, text: str) -> str:
+    return str(write_yaml(tmp_path / "ds.json", text))
+
+
+# (config text or None for BASE, overrides, words the one-line message must contain)
+BAD = {
+    "missing file": ("MISSING", [], ["not found", "nope.yaml"]),
+    "not yaml": ("model: [unclosed\n", [], ["not valid YAML", "line"]),
+    "not a mapping": ("- a\n- b\n", [], ["mapping", "list"]),
+    "empty": ("", [], ["mapping", "empty"]),
+    "unknown section": (None, ["trian.lr=1"], ["trian", "did you mean train"]),
+    "unknown key": (None, ["train.max_stesp=3"], ["train.max_stesp", "did you mean train.max_steps"]),
+    "unknown model field": (None, ["model.n_layer=3"], ["model.n_layer", "did you mean model.n_layers"]),
+    "override without =": (None, ["train.lr"], ["train.lr", "key.path=value"]),
+    "override into a value": (None, ["train.lr.x=1"], ["train.lr", "not a section"]),
+    "wrong type": (None, ["train.max_steps=ten"], ["train.max_steps", "integer", "ten"]),
+    "wrong model type": (None, ["model.n_heads=many"], ["model.n_heads", "integer"]),
+    "negative steps": (None, ["train.max_steps=-5"], ["train.max_steps", "greater than 0", "-5"]),
+    "zero batch": (None, ["train.micro_batch_size=0"], ["train.micro_batch_size", "greater than 0"]),
+    "zero seq_len": (None, ["data.seq_len=0"], ["data.seq_len", "greater than 0"]),
+    "zero stage": (None, ["engine.zero_stage=4"], ["engine.zero_stage", "less than or equal to 3"]),
+    "unknown preset": (None, ["model.preset=gpt3"], ["model.preset", "gpt3", "gpt-tiny"]),
+    "unknown attention": (None, ["model.attention=flash"], ["model.attention", "flash", "chunked"]),
+    "unknown objective": (None, ["objective=lm"], ["objective", "'clm', 'mlm' or 'span'"]),
+    "unknown engine": (None, ["engine.backend=megatron"], ["engine.backend", "'deepspeed' or 'accelerate'"]),
+    "clm on bert": (
+        None,
+        ["model.preset=bert-tiny", "model.n_layers=1", "objective=clm"],
+        ["objective", "bert", "'mlm'"],
+    ),
+    "mlm on t5": (None, ["model.preset=t5-tiny", "objective=mlm"], ["objective", "t5", "'span'"]),
+    "span on gpt": (None, ["objective=span"], ["objective", "gpt", "'clm'"]),
+    "glob matches nothing": (
+        None,
+        ["data.source=/nonexistent/dir/*.jsonl"],
+        ["data.source", "matches no files"],
+    ),
+    "online without key": (None, ["wandb.mode=online"], ["wandb.mode", "key", "offline"]),
+    "ds json missing": (
+        None,
+        ["engine.deepspeed_config=/nonexistent.json"],
+        ["engine.deepspeed_config", "nonexistent.json"],
+    ),
+    "ds json invalid": (None, ["DSJSON:{not json"], ["engine.deepspeed_config", "not valid JSON"]),
+    "ds json conflict": (
+        None,
+        ['DSJSON:{"train_micro_batch_size_per_gpu": 4}'],
+        ["train_micro_batch_size_per_gpu", "train.micro_batch_size"],
+    ),
+    "ds stage conflict": (
+        None,
+        ['DSJSON:{"zero_optimization": {"stage": 3}}'],
+        ["zero_optimization.stage", "engine.zero_stage"],
+    ),
+    "offload needs stage": (None, ["engine.offload=params"], ["engine.offload", "zero_stage=3"]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2(
+    case: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    text, overrides, words = BAD[case]
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc W&B login
+    path = (
+        tmp_path / "nope.yaml"
+        if text == "MISSING"
+        else write_yaml(tmp_path / "c.yaml", BASE if text is None else text)
+    )
+    overrides = [
+        f"engine.deepspeed_config={ds_json(tmp_path, o.removeprefix('DSJSON:'))}"
+        if o.startswith("DSJSON:")
+        else o
+        for o in overrides
+    ]
+    assert main(["train", str(path), *overrides]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for word in words:
+        assert word in err, (word, err)
+    with pytest.raises(ConfigError):  # the same problem from the library API
+        load_config(path, overrides)
+
+
+def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian", "x.yaml"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "train" in err
+
+
+def test_export_and_plot_without_a_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err
+    (tmp_path / "config.yaml").write_text(load_config(write_yaml(tmp_path / "c.yaml", BASE)).to_yaml())
+    assert main(["export", str(tmp_path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint under" in err and err.count("\n") == 1
+    assert main(["plot", str(tmp_path)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_cli_process_exit_code_and_no_traceback() -> None:
+    """The real entry point (`python -m pretrain`): exit 2, one line, no traceback; --debug shows one."""
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    args = [sys.executable, "-m", "pretrain", "train", "configs/gpt-tiny.yaml", "train.max_stesp=1"]
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+    assert "did you mean train.max_steps" in proc.stderr and "Traceback" not in proc.stderr
+    debug = subprocess.run(
+        [*args[:3], "--debug", *args[3:]], cwd=REPO, env=env, capture_output=True, text=True
+    )
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "ConfigError" in debug.stderr
+
+
+def test_shipped_configs_validate() -> None:
+    names = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+    assert {"gpt-tiny.yaml", "bert-tiny.yaml", "t5-tiny.yaml"} <= set(names)
+    old = os.getcwd()
+    os.chdir(REPO)
+    try:
+        objectives = {name: load_config(REPO / "configs" / name).objective for name in names}
+    finally:
+        os.chdir(old)
+    assert objectives["bert-tiny.yaml"] == "mlm" and objectives["t5-tiny.yaml"] == "span"
+    json.dumps(objectives)
