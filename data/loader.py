@@ -64,7 +64,7 @@ class PipelineDataset(IterableDataset):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._state = state
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         p = self.plan
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
@@ -99,17 +99,19 @@ class PipelineDataset(IterableDataset):
             open_docs, length=p.objective.chunk_len, sep_id=p.objective.sep_id, state=self._state["packer"]
         )
         while True:
+            # one generator per batch, keyed by position: resuming at a batch boundary re-creates it
+            rng = np.random.default_rng([p.seed, stream, packer.chunks]) if p.objective.random else None
             samples = []
             for _ in range(p.batch_size):
                 try:
                     chunk = packer.next()
                 except StopIteration:
                     break
-                samples.append(p.objective(chunk, np.random.default_rng([p.seed, stream, packer.chunks])))
+                samples.append(p.objective(chunk, rng))
             if not samples:
                 return
             self._state = {"stream": stream, "streams": streams, "packer": packer.state_dict()}
-            yield {k: torch.from_numpy(np.stack([s[k] for s in samples])) for k in samples[0]}
+            yield {k: np.stack([s[k] for s in samples]) for k in samples[0]}
             if len(samples) < p.batch_size:
                 return
 
@@ -130,11 +132,13 @@ class DataPipeline:
                 batch_size=None,
                 num_workers=num_workers,
                 prefetch_factor=prefetch_factor if num_workers else None,
+                collate_fn=_as_is,  # arrays cross from workers pickled: much cheaper than shared-memory tensors
             )
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         try:
-            yield from self._loader
+            for batch in self._loader:
+                yield {k: torch.from_numpy(v) for k, v in batch.items()}
         except DataError as exc:  # from a worker: torch wraps it with the worker's traceback
             raise DataError(str(exc).strip().rsplit("DataError: ", 1)[-1]) from None
 
@@ -153,6 +157,10 @@ class DataPipeline:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise DataError(f"cannot resume the data pipeline exactly, its settings changed ({detail})")
         self._loader.load_state_dict(state["loader"])
+
+
+def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return batch
 
 
 def build_loader(

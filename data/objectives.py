@@ -1,12 +1,13 @@
 """The three pretraining objectives, each turning one packed chunk into one fixed-shape sample.
 
-Randomness comes from a generator the loader seeds per sample (seed, stream, sample number), so a
+Randomness comes from a generator the loader seeds per batch (seed, stream, sample number), so a
 resumed run masks exactly as an uninterrupted one without saving any RNG state.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import numpy as np
 
@@ -22,6 +23,7 @@ class CausalLM:
 
     seq_len: int
     eos_id: int
+    random: ClassVar[bool] = False
 
     @property
     def chunk_len(self) -> int:
@@ -31,7 +33,7 @@ class CausalLM:
     def sep_id(self) -> int:
         return self.eos_id
 
-    def __call__(self, chunk: np.ndarray, rng: np.random.Generator) -> Sample:
+    def __call__(self, chunk: np.ndarray, rng: np.random.Generator | None) -> Sample:
         return {"input_ids": chunk, "labels": chunk}
 
 
@@ -47,6 +49,7 @@ class MaskedLM:
     special_ids: tuple[int, ...]
     vocab_size: int
     probability: float = 0.15
+    random: ClassVar[bool] = True
     _normal_ids: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,6 +131,7 @@ class SpanCorruption:
     sentinel_ids: tuple[int, ...]  # <extra_id_0>, <extra_id_1>, ...
     noise_density: float = 0.15
     mean_span: float = 3.0
+    random: ClassVar[bool] = True
     tokens_length: int = field(init=False)
     targets_length: int = field(init=False)
 

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import zstandard
 
+from data import DataError
 from data.corpus import builtin_files
 from data.sources import in_validation, resolve_source
 
@@ -80,3 +81,24 @@ def test_builtin_corpus_is_the_standard_library_split_deterministically(make_cfg
 def test_mixture_config_from_dicts(make_cfg, corpus):
     cfg = make_cfg(source=[{"source": str(corpus / "*.jsonl"), "weight": 2}, {"source": "builtin"}])
     assert [(c.source, c.weight) for c in cfg.components] == [(str(corpus / "*.jsonl"), 2), ("builtin", 1.0)]
+
+
+def test_hf_source_streams_shards_and_resumes_locally(tmp_path, make_cfg, write_docs, ids_of):
+    """The hf: code path on a local dataset directory (datasets' own loader; no network)."""
+    for f in range(3):
+        write_docs(tmp_path / f"part{f}.jsonl", range(f * 10, f * 10 + 10))
+    spec = resolve_source(f"hf:{tmp_path}", make_cfg(), "train", held_out=True)
+    per_stream = [texts_of(spec, stream=s, streams=2) for s in range(2)]
+    assert sorted(ids_of(t for _, t in per_stream[0] + per_stream[1])) == list(range(30))
+    full = per_stream[1]
+    cursor = json.loads(json.dumps(full[4][0]))  # JSON round trip, as in a checkpoint
+    source = spec.open(stream=1, num_streams=2, seed=0, shuffle=True)
+    assert [t for _, t in source.documents(0, cursor)] == [t for _, t in full[5:]]
+    with pytest.raises(DataError, match=r"cannot load 'hf:.*' split 'validation'"):
+        texts_of(
+            resolve_source(f"hf:{tmp_path}", make_cfg(), "validation", held_out=True), stream=0, streams=1
+        )
+
+
+def texts_of(spec, *, stream, streams):
+    return list(spec.open(stream=stream, num_streams=streams, seed=0, shuffle=True).documents(0, None))

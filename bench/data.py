@@ -1,0 +1,189 @@
+"""Data pipeline speed: tokens/s delivered (streaming + tokenising + packing, and reading prepared shards),
+next to the tokens/s the tiny models consume, and the time to resume at an early and a late position.
+
+The data path must never be the bottleneck, and resuming must not replay: resume time should not grow
+with the position. Shapes are those of configs/gpt-tiny.yaml (builtin corpus, vocab 4096, seq_len 128,
+micro-batch 16) unless changed.
+
+    .venv/bin/python bench/data.py                 # ~2-3 minutes on 2 cores
+    .venv/bin/python bench/data.py --quick         # shorter measurements, earlier "late" position
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import print_table  # noqa: E402
+from data import DataConfig, build_loader, build_tokenizer  # noqa: E402
+from data.prepare import prepare_shards  # noqa: E402
+
+FAMILY = {"clm": "gpt", "mlm": "bert", "span": "t5"}
+
+
+def make_cfg(source: str, workers: int, args) -> DataConfig:
+    return DataConfig(source=source, vocab_size=args.vocab_size, seq_len=args.seq_len, num_workers=workers)
+
+
+def loader(cfg: DataConfig, objective: str, tokenizer, args):
+    return build_loader(
+        cfg,
+        objective=objective,
+        tokenizer=tokenizer,
+        batch_size=args.batch_size,
+        rank=0,
+        world_size=1,
+        seed=0,
+    )
+
+
+def throughput(cfg: DataConfig, objective: str, tokenizer, args) -> float:
+    """Input tokens per second delivered to the training loop, after the first batch (worker start-up)."""
+    batches = iter(loader(cfg, objective, tokenizer, args))
+    next(batches)
+    tokens, start = 0, time.perf_counter()
+    while time.perf_counter() - start < args.seconds:
+        tokens += next(batches)["input_ids"].numel()
+    return tokens / (time.perf_counter() - start)
+
+
+def model_tokens_per_s(args, vocab_size: int) -> list[list[str]]:
+    """A full training step (forward, backward, AdamW) of the tiny models on a batch of the same shape."""
+    try:
+        from models import build_model
+    except ImportError:
+        return [["(models.build_model not available)", "-", "~1,000 (notes: GPT-2 6x384, batch 8x256)"]]
+    rows = []
+    demo = {
+        "n_layers": 2,
+        "d_model": 128,
+        "n_heads": 4,
+        "d_ff": 512,
+        "max_seq_len": 128,
+    }  # configs/gpt-tiny.yaml
+    for name, overrides in (("gpt-tiny (preset)", {}), ("gpt-tiny (configs/gpt-tiny.yaml)", demo)):
+        torch.manual_seed(0)
+        model = build_model("gpt-tiny", vocab_size=vocab_size, **overrides)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        ids = torch.randint(0, vocab_size, (args.batch_size, args.seq_len))
+
+        def step(model=model, optimizer=optimizer, ids=ids) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+
+        step()
+        steps, start = 0, time.perf_counter()
+        while time.perf_counter() - start < args.seconds or steps < 3:
+            step()
+            steps += 1
+        rate = steps * ids.numel() / (time.perf_counter() - start)
+        rows.append([name, f"{args.batch_size}x{args.seq_len}", f"{rate:,.0f}"])
+    return rows
+
+
+def resume_rows(name: str, cfg: DataConfig, tokenizer, args) -> list[list[str]]:
+    """Seconds from a fresh loader + load_state_dict to the first batch, at an early and a late position."""
+    rows = []
+    for label, position in (("early", 5), ("late", args.late)):
+        run = loader(cfg, "clm", tokenizer, args)
+        start = time.perf_counter()
+        batches = iter(run)
+        for _ in islice(batches, position):
+            pass
+        reach = time.perf_counter() - start
+        state = json.loads(json.dumps(run.state_dict()))
+        expected = next(batches)["input_ids"]
+        del batches, run
+        start = time.perf_counter()
+        resumed = loader(cfg, "clm", tokenizer, args)
+        resumed.load_state_dict(state)
+        first = next(iter(resumed))["input_ids"]
+        seconds = time.perf_counter() - start
+        assert torch.equal(first, expected), "resumed batch differs from the uninterrupted one"
+        epochs = sorted({_epoch(w) for w in _worker_states(state)})
+        rows.append(
+            [
+                name,
+                f"{label}: batch {position} (epoch {'/'.join(map(str, epochs))})",
+                f"{len(json.dumps(state))} B",
+                f"{seconds:.2f}",
+                f"{reach:.1f}",
+            ]
+        )
+    return rows
+
+
+def _worker_states(state: dict) -> list[dict]:
+    loader_state = state["loader"]
+    if "_snapshot" in loader_state:
+        return [w["dataset_state"] for w in loader_state["_snapshot"]["_worker_snapshots"].values()]
+    return [loader_state["dataset_state"]]
+
+
+def _epoch(worker_state: dict) -> int:
+    return worker_state["packer"]["doc"]["epoch"] if worker_state.get("packer") else 0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--vocab-size", type=int, default=4096)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch-size", type=int, default=16)
+    args = parser.parse_args()
+    args.seconds = 2.0 if args.quick else 6.0
+    args.late = 400 if args.quick else 2500  # 2500 x 2048 tokens: past one epoch of the builtin corpus
+
+    with tempfile.TemporaryDirectory() as tmp:
+        base = make_cfg("builtin", 2, args)
+        start = time.perf_counter()
+        tokenizers = {
+            obj: build_tokenizer(base, family=fam, out_dir=Path(tmp, fam)) for obj, fam in FAMILY.items()
+        }
+        tokenizer_s = (time.perf_counter() - start) / 3
+        summary = prepare_shards(base, Path(tmp, "shards"), tokenizer=tokenizers["clm"], num_procs=2)
+        shards = str(Path(tmp, "shards"))
+
+        rows = []
+        for source, label in (
+            ("builtin", "streaming builtin (read+tokenise+pack)"),
+            (shards, "prepared shards"),
+        ):
+            objectives = ("clm", "mlm", "span") if source == "builtin" else ("clm",)
+            for objective in objectives:
+                for workers in (1, 2):
+                    if objective != "clm" and workers == 1:
+                        continue
+                    rate = throughput(make_cfg(source, workers, args), objective, tokenizers[objective], args)
+                    rows.append([label, objective, str(workers), f"{rate:,.0f}"])
+        print(
+            f"\nbatch {args.batch_size}x{args.seq_len}, vocab {args.vocab_size}; tokenizer training "
+            f"{tokenizer_s:.1f} s; prepare (2 procs): {summary['seconds']} s, {summary['tokens_per_s']:,} tokens/s, "
+            f"{summary['splits']['train']['tokens']:,} train tokens\n"
+        )
+        print_table(["pipeline", "objective", "workers", "tokens/s delivered"], rows)
+        print()
+        print_table(
+            ["model step (fwd+bwd+AdamW)", "batch", "tokens/s consumed"],
+            model_tokens_per_s(args, len(tokenizers["clm"])),
+        )
+        print()
+        resume = resume_rows("streaming builtin", make_cfg("builtin", 2, args), tokenizers["clm"], args)
+        resume += resume_rows("prepared shards", make_cfg(shards, 2, args), tokenizers["clm"], args)
+        print_table(["source (2 workers)", "position", "state", "resume s", "replay s (reaching it)"], resume)
+
+
+if __name__ == "__main__":
+    main()
