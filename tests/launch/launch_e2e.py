@@ -95,22 +95,22 @@ class Run:
 class Attempt:
     """One start of a run, read from its console output (metrics.jsonl is truncated to the checkpoint on resume)."""
 
-    resumed_from: int  # 0: a fresh start
-    steps: list[int]  # the steps it logged
+    resumed_from: int  # the step before its first logged step (0: a fresh start)
+    steps: list[int]  # the steps it logged, in order
 
 
-_START = re.compile(r": (?:starting|resuming at step (\d+)), training to step \d+")
 _STEP = re.compile(r"^step (\d+)/\d+\s")
 
 
 def attempts_from_log(text: str) -> list[Attempt]:
-    """Split a run's output (`log.progress` lines and the loop's notes) into its starts."""
+    """Split a run's `log.progress` lines ("step N/M ...") into its starts: a new one wherever N goes back."""
     out: list[Attempt] = []
     for line in text.splitlines():
-        if start := _START.search(line):
-            out.append(Attempt(resumed_from=int(start.group(1) or 0), steps=[]))
-        elif (step := _STEP.match(line)) and out:
-            out[-1].steps.append(int(step.group(1)))
+        if step := _STEP.match(line):
+            n = int(step.group(1))
+            if not out or n <= out[-1].steps[-1]:
+                out.append(Attempt(resumed_from=n - 1, steps=[]))
+            out[-1].steps.append(n)
     return out
 
 
