@@ -99,6 +99,8 @@ def _load(path: Path) -> dict[str, Any]:
 
 def resolve_config(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[str, Any]:
     """The DeepSpeed config dict to pass to deepspeed.initialize (without "optimizer"/"scheduler")."""
+    if spec.precision == "fp16" and dist.device.type == "cpu":
+        raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
     path = Path(spec.deepspeed_config) if spec.deepspeed_config else default_config_path(spec)
     config = _load(path)
     if "scheduler" in config:

@@ -35,7 +35,7 @@ GRAD_ACCUM = 2
 SEQ = 16
 VOCAB = 64
 OPTIM = OptimizerSpec(lr=3e-3, max_steps=STEPS, warmup_steps=1, schedule="cosine", clip_grad=1.0)
-MODEL_OVERRIDES = dict(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=2, d_ff=128, max_seq_len=SEQ)
+MODEL_OVERRIDES = dict(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=2, d_ff=128)
 
 CASES: dict[str, dict] = {
     "ds-z0": dict(backend="deepspeed", zero_stage=0),
@@ -47,31 +47,55 @@ CASES: dict[str, dict] = {
     "acc-ddp": dict(backend="accelerate", strategy="ddp"),
     "acc-fsdp": dict(backend="accelerate", strategy="fsdp"),
     "acc-fsdp-bf16": dict(backend="accelerate", strategy="fsdp", precision="bf16"),
+    # the other families: an encoder-decoder (two block stacks) and a masked LM (logits only at masks)
+    "ds-z3-t5": dict(backend="deepspeed", zero_stage=3, family="t5"),
+    "acc-fsdp-bert": dict(backend="accelerate", strategy="fsdp", family="bert"),
 }
 
 
-def make_model(seed: int) -> nn.Module:
+def make_model(family: str, seed: int) -> nn.Module:
     torch.manual_seed(seed)
-    return build_model("gpt-tiny", **MODEL_OVERRIDES)
+    overrides = MODEL_OVERRIDES if family == "t5" else {**MODEL_OVERRIDES, "max_seq_len": SEQ}
+    return build_model(f"{family}-tiny", **overrides)
 
 
-def micro_batches(step: int, rank: int, *, poison: bool = False) -> list[dict[str, Tensor]]:
-    """A fixed pool of 32 sequences over 16 tokens (learnable by memorising); poison -> all labels ignored."""
+def _batch(family: str, ids: Tensor, g: torch.Generator) -> dict[str, Tensor]:
+    """A learnable task per objective: copy (clm), fill in the masks (mlm), reverse the first half (span)."""
+    if family == "gpt":
+        return {"input_ids": ids, "labels": ids.clone()}
+    if family == "t5":
+        return {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "labels": ids[:, : SEQ // 2].flip(1),
+        }
+    masked = torch.rand(ids.shape, generator=g) < 0.3
+    return {
+        "input_ids": ids.masked_fill(masked, 3),
+        "token_type_ids": torch.zeros_like(ids),
+        "attention_mask": torch.ones_like(ids),
+        "labels": ids.masked_fill(~masked, -100),
+    }
+
+
+def micro_batches(family: str, step: int, rank: int, *, poison: bool = False) -> list[dict[str, Tensor]]:
+    """From a fixed pool of 32 sequences over 16 tokens; poison -> every label ignored (CE over none is NaN)."""
     pool = torch.randint(0, 16, (32, SEQ), generator=torch.Generator().manual_seed(1234))
     out = []
     for i in range(GRAD_ACCUM):
         g = torch.Generator().manual_seed(step * 1000 + rank * 10 + i)
-        ids = pool[torch.randint(0, len(pool), (MICRO_BATCH,), generator=g)]
-        labels = torch.full_like(ids, -100) if poison else ids.clone()  # CE over no tokens is NaN
-        out.append({"input_ids": ids, "labels": labels})
+        batch = _batch(family, pool[torch.randint(0, len(pool), (MICRO_BATCH,), generator=g)], g)
+        if poison:
+            batch["labels"] = torch.full_like(batch["labels"], -100)
+        out.append(batch)
     return out
 
 
-def train(engine: Engine, start: int, stop: int) -> list[dict]:
+def train(engine: Engine, family: str, start: int, stop: int) -> list[dict]:
     outs = []
     for step in range(start, stop):
         torch.manual_seed(10_000 + step)  # the loop restores RNG per step; dropout is 0 here anyway
-        out = engine.train_step(micro_batches(step, engine.dist.rank))
+        out = engine.train_step(micro_batches(family, step, engine.dist.rank))
         outs.append({"loss": out.loss, "grad_norm": out.grad_norm, "lr": out.lr, "skipped": out.skipped})
     return outs
 
@@ -90,31 +114,35 @@ def local_param_fraction(model: nn.Module) -> float:
 
 
 def check_engine(case: str, work_dir: Path, dist: DistInfo) -> tuple[dict, dict[str, Tensor] | None]:
-    spec = EngineSpec(**CASES[case], micro_batch_size=MICRO_BATCH, grad_accum=GRAD_ACCUM)
+    options = dict(CASES[case])
+    family = options.pop("family", "gpt")
+    spec = EngineSpec(**options, micro_batch_size=MICRO_BATCH, grad_accum=GRAD_ACCUM)
     ckpt = work_dir / f"{case}-ckpt"
     if dist.is_main:
         ckpt.mkdir(parents=True, exist_ok=True)
     barrier()
 
-    engine = build_engine(spec, make_model(seed=0), OPTIM, dist)
+    engine = build_engine(spec, make_model(family, seed=0), OPTIM, dist)
     fraction = local_param_fraction(engine.model)
-    straight = train(engine, 0, STEPS // 2)
+    straight = train(engine, family, 0, STEPS // 2)
     engine.save(ckpt)
-    straight += train(engine, STEPS // 2, STEPS)
+    straight += train(engine, family, STEPS // 2, STEPS)
     final = engine.full_state_dict()
 
     # NaN loss on the last rank only: every rank must skip, weights and schedule must not move.
     torch.manual_seed(0)
-    poisoned = engine.train_step(micro_batches(STEPS, dist.rank, poison=dist.rank == dist.world_size - 1))
+    poisoned = engine.train_step(
+        micro_batches(family, STEPS, dist.rank, poison=dist.rank == dist.world_size - 1)
+    )
     after_skip = engine.full_state_dict()
-    next_ok = train(engine, STEPS, STEPS + 1)[0]
-    eval_loss = engine.eval_loss(micro_batches(0, dist.rank)[0])
+    next_ok = train(engine, family, STEPS, STEPS + 1)[0]
+    eval_loss = engine.eval_loss(micro_batches(family, 0, dist.rank)[0])
     del engine
 
     barrier()
-    resumed_engine = build_engine(spec, make_model(seed=1), OPTIM, dist)
+    resumed_engine = build_engine(spec, make_model(family, seed=1), OPTIM, dist)
     resumed_engine.load(ckpt)
-    resumed = train(resumed_engine, STEPS // 2, STEPS)
+    resumed = train(resumed_engine, family, STEPS // 2, STEPS)
     resumed_final = resumed_engine.full_state_dict()
 
     result = {
@@ -129,7 +157,7 @@ def check_engine(case: str, work_dir: Path, dist: DistInfo) -> tuple[dict, dict[
         "eval_loss": eval_loss,
     }
     if dist.is_main:
-        reference = make_model(seed=0).state_dict()
+        reference = make_model(family, seed=0).state_dict()
         result["keys_match"] = list(final) == list(reference)
         result["shapes_match"] = all(final[k].shape == v.shape for k, v in reference.items())
         result["dtypes"] = sorted({str(t.dtype) for t in final.values()})
@@ -169,5 +197,6 @@ def assert_result(result: dict, *, sharded: bool) -> None:
     after = result["next_after_skip"]
     assert not after["skipped"] and after["lr"] == result["poisoned_lr"]  # the schedule did not advance
     assert after["loss"] < straight[-1]["loss"] + 0.1
+    assert result["eval_loss"] < straight[0]["loss"] - 0.3
     expected_fraction = 1 / result["world_size"] if sharded else 1.0
     assert abs(result["local_param_fraction"] - expected_fraction) < 0.05, result["local_param_fraction"]
