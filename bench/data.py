@@ -12,7 +12,9 @@ micro-batch 16) unless changed.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
+import statistics
 import sys
 import tempfile
 import time
@@ -92,7 +94,7 @@ def model_tokens_per_s(args, vocab_size: int) -> list[list[str]]:
 
 
 def resume_rows(name: str, cfg: DataConfig, tokenizer, args) -> list[list[str]]:
-    """Seconds from a fresh loader + load_state_dict to the first batch, at an early and a late position."""
+    """Seconds from a fresh loader + load_state_dict to the first batch (median of 3), early and late."""
     rows = []
     for label, position in (("early", 5), ("late", args.late)):
         run = loader(cfg, "clm", tokenizer, args)
@@ -104,19 +106,23 @@ def resume_rows(name: str, cfg: DataConfig, tokenizer, args) -> list[list[str]]:
         state = json.loads(json.dumps(run.state_dict()))
         expected = next(batches)["input_ids"]
         del batches, run
-        start = time.perf_counter()
-        resumed = loader(cfg, "clm", tokenizer, args)
-        resumed.load_state_dict(state)
-        first = next(iter(resumed))["input_ids"]
-        seconds = time.perf_counter() - start
-        assert torch.equal(first, expected), "resumed batch differs from the uninterrupted one"
+        times = []
+        for _ in range(3):
+            gc.collect()  # the previous loader's workers are gone before the clock starts
+            start = time.perf_counter()
+            resumed = loader(cfg, "clm", tokenizer, args)
+            resumed.load_state_dict(state)
+            first = next(iter(resumed))["input_ids"]
+            times.append(time.perf_counter() - start)
+            assert torch.equal(first, expected), "resumed batch differs from the uninterrupted one"
+            del resumed
         epochs = sorted({_epoch(w) for w in _worker_states(state)})
         rows.append(
             [
                 name,
                 f"{label}: batch {position} (epoch {'/'.join(map(str, epochs))})",
                 f"{len(json.dumps(state))} B",
-                f"{seconds:.2f}",
+                f"{statistics.median(times):.2f}",
                 f"{reach:.1f}",
             ]
         )

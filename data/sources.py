@@ -498,7 +498,7 @@ def resolve_source(spec: str, cfg: DataConfig, split: str, *, held_out: bool) ->
         name, _, config = spec[3:].partition(":")
         if not name:
             raise DataError(f"data.source: {spec!r} names no dataset; write hf:NAME or hf:NAME:CONFIG")
-        hf_split = cfg.hf_split if split == "train" or not held_out else "validation"
+        hf_split = cfg.hf_split if split == "train" else "validation"
         return HFSpec(name=spec, dataset=name, config=config or None, split=hf_split, field=cfg.text_field)
     if os.path.isdir(os.path.expanduser(spec)) and os.path.exists(
         os.path.join(os.path.expanduser(spec), PREPARED_INDEX)

@@ -10,6 +10,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -68,7 +69,6 @@ def train_tokenizer(cfg: DataConfig, *, family: str) -> PreTrainedTokenizerFast:
             f"data.vocab_size: {cfg.vocab_size} is too small for 256 bytes + {len(specials)} "
             f"special tokens of family {family!r}"
         )
-    spec = resolve_source(cfg.components[0].source, cfg, "train", held_out=cfg.validation_source is None)
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -79,10 +79,19 @@ def train_tokenizer(cfg: DataConfig, *, family: str) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(spec.sample_texts(cfg.tokenizer_train_chars), trainer=trainer)
+    bpe.train_from_iterator(_training_sample(cfg), trainer=trainer)
     _set_post_processor(bpe, family)
     extra = {"additional_special_tokens": SENTINELS} if family == "t5" else {}
     return PreTrainedTokenizerFast(tokenizer_object=bpe, **FAMILY_TOKENS[family], **extra)
+
+
+def _training_sample(cfg: DataConfig) -> Iterator[str]:
+    """tokenizer_train_chars of text, shared among a mixture's sources by weight."""
+    components = cfg.components
+    total = sum(c.weight for c in components)
+    for c in components:
+        spec = resolve_source(c.source, cfg, "train", held_out=cfg.validation_source is None)
+        yield from spec.sample_texts(max(int(cfg.tokenizer_train_chars * c.weight / total), 1))
 
 
 class Encoder:

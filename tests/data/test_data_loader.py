@@ -63,6 +63,19 @@ def test_resume_across_epoch_boundaries_in_process(make_cfg, tokenizers):
     assert_same(take(iter(resumed), 10), expected)
 
 
+def test_resume_of_a_weighted_mixture(make_cfg, tokenizers, corpus, tmp_path, write_docs):
+    write_docs(tmp_path / "other.jsonl", range(1000, 1100))
+    mixture = [{"source": str(corpus / "*.jsonl"), "weight": 2.0}, {"source": str(tmp_path / "other.jsonl")}]
+    run = loader(make_cfg, tokenizers, "mlm", source=mixture)
+    batches = iter(run)
+    take(batches, 9)
+    state = json.loads(json.dumps(run.state_dict()))
+    expected = take(batches, 6)
+    resumed = loader(make_cfg, tokenizers, "mlm", source=mixture)
+    resumed.load_state_dict(state)
+    assert_same(take(iter(resumed), 6), expected)
+
+
 def test_state_is_small_json_and_settings_are_checked(make_cfg, tokenizers):
     run = loader(make_cfg, tokenizers, "clm")
     batches = iter(run)

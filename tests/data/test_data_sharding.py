@@ -29,12 +29,13 @@ def epoch_docs(spec, tokenizer, *, stream, streams, seed=3, block=7, shuffle=Tru
             return out
 
 
-@pytest.mark.parametrize(("world", "workers"), [(2, 2), (1, 1), (3, 2)])
-def test_every_document_exactly_once_per_epoch(make_cfg, tokenizers, ids_of, world, workers):
+@pytest.mark.parametrize(("world", "workers", "block"), [(2, 2, 7), (1, 1, 7), (3, 2, 7), (1, 1, 10)])
+def test_every_document_exactly_once_per_epoch(make_cfg, tokenizers, ids_of, world, workers, block):
     spec = resolve_source(make_cfg().source, make_cfg(), "train", held_out=False)
     streams = world * workers
     per_stream = [
-        ids_of(epoch_docs(spec, tokenizers["gpt"], stream=s, streams=streams)) for s in range(streams)
+        ids_of(epoch_docs(spec, tokenizers["gpt"], stream=s, streams=streams, block=block))
+        for s in range(streams)
     ]
     seen = [i for ids in per_stream for i in ids]
     assert len(seen) == 300 and sorted(seen) == list(range(300))
