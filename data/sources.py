@@ -248,22 +248,22 @@ class FileSource:
         cfg: DataConfig,
         *,
         split: str,
-        fraction: float,
+        held_out: float | None,
         stream: int,
         num_streams: int,
         seed: int,
         shuffle: bool,
         unit: str,
     ) -> None:
-        self.files, self.split, self.fraction, self.unit = files, split, fraction, unit
+        self.files, self.split, self.held_out, self.unit = files, split, held_out, unit
         self.field, self.max_bytes = cfg.text_field, cfg.max_record_bytes
         self.stream, self.num_streams, self.seed, self.shuffle = stream, num_streams, seed, shuffle
         self.skips = SkipLog()
 
     def _wanted(self, f: SourceFile, record: int) -> bool:
-        if self.fraction <= 0:
+        if self.held_out is None:
             return True
-        return in_validation(f.key, record, self.fraction) == (self.split == "validation")
+        return in_validation(f.key, record, self.held_out) == (self.split == "validation")
 
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, Document]]:
         order = epoch_order(len(self.files), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
@@ -301,7 +301,7 @@ class FilesSpec:
     files: list[SourceFile]
     cfg: DataConfig
     split: str
-    fraction: float  # share of records split off for validation (0: the whole source is this split)
+    held_out: float | None  # share of the records split off for validation; None: all are this split's
     unit: str
 
     def open(self, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> FileSource:
@@ -309,7 +309,7 @@ class FilesSpec:
             self.files,
             self.cfg,
             split=self.split,
-            fraction=self.fraction,
+            held_out=self.held_out,
             stream=stream,
             num_streams=num_streams,
             seed=seed,
@@ -486,14 +486,14 @@ def resolve_source(spec: str, cfg: DataConfig, split: str, *, held_out: bool) ->
     held_out: the validation split is carved out of this source (validation_fraction of its records),
     rather than being a separate source.
     """
-    fraction = cfg.validation_fraction if held_out else 0.0
+    fraction = cfg.validation_fraction if held_out else None
     if spec == "builtin":
         root = stdlib_root()
         files = [
             SourceFile(path=str(p), key=p.relative_to(root).as_posix(), fmt="text", compression=None)
             for p in builtin_files()
         ]
-        return FilesSpec(name=spec, files=files, cfg=cfg, split=split, fraction=fraction, unit="file")
+        return FilesSpec(name=spec, files=files, cfg=cfg, split=split, held_out=fraction, unit="file")
     if spec.startswith("hf:"):
         name, _, config = spec[3:].partition(":")
         if not name:
@@ -514,5 +514,5 @@ def resolve_source(spec: str, cfg: DataConfig, split: str, *, held_out: bool) ->
             "give a glob such as 'DIR/*.jsonl' or a directory from `pretrain data prepare`"
         )
     return FilesSpec(
-        name=spec, files=resolve_files(spec), cfg=cfg, split=split, fraction=fraction, unit=cfg.text_unit
+        name=spec, files=resolve_files(spec), cfg=cfg, split=split, held_out=fraction, unit=cfg.text_unit
     )

@@ -119,3 +119,23 @@ def test_batch_shapes_and_keys(make_cfg, tokenizers, objective):
     assert all(v.dtype == torch.int64 for v in batch.values())
     if objective == "clm":
         assert torch.equal(batch["input_ids"], batch["labels"])
+
+
+def test_validation_source_and_no_held_out_split(make_cfg, tokenizers, corpus, tmp_path, write_docs):
+    assert (
+        list(loader(make_cfg, tokenizers, "clm", workers=0, split="validation", validation_fraction=0.0))
+        == []
+    )
+    write_docs(tmp_path / "val.jsonl", range(2000, 2040))
+    val = list(
+        loader(
+            make_cfg,
+            tokenizers,
+            "clm",
+            workers=0,
+            split="validation",
+            validation_source=str(tmp_path / "val.jsonl"),
+        )
+    )
+    text = tokenizers["gpt"].decode(torch.cat([b["input_ids"].flatten() for b in val]))
+    assert "doc2000:" in text and "doc0:" not in text
