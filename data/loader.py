@@ -56,22 +56,25 @@ class PipelineDataset(IterableDataset):
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
-        self._state: dict[str, Any] = {"packer": None}
+        self._state: dict[str, Any] = {"packer": None}  # as of the last batch yielded
+        self._resume: dict[str, Any] | None = None  # where the next __iter__ starts (None: the beginning)
 
     def state_dict(self) -> dict[str, Any]:
         return self._state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = state
+        self._state = self._resume = state
 
     def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
         p = self.plan
+        start, self._resume = self._resume or {"packer": None}, None
+        self._state = start
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         stream, streams = p.rank * workers + worker, p.world_size * workers
-        if self._state.get("streams", streams) != streams or self._state.get("stream", stream) != stream:
+        if start.get("streams", streams) != streams or start.get("stream", stream) != stream:
             raise DataError(
-                f"loader state is for stream {self._state['stream']} of {self._state['streams']}, "
+                f"loader state is for stream {start['stream']} of {start['streams']}, "
                 f"this is stream {stream} of {streams} (world size or num_workers changed)"
             )
 
@@ -96,7 +99,7 @@ class PipelineDataset(IterableDataset):
             )
 
         packer = Packer(
-            open_docs, length=p.objective.chunk_len, sep_id=p.objective.sep_id, state=self._state["packer"]
+            open_docs, length=p.objective.chunk_len, sep_id=p.objective.sep_id, state=start["packer"]
         )
         while True:
             # one generator per batch, keyed by position: resuming at a batch boundary re-creates it
