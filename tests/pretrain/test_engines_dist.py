@@ -75,3 +75,19 @@ def test_fp32_engines_agree(deepspeed_runs: Path, accelerate_runs: Path) -> None
         assert diff < 2e-5, (case, diff)
         losses = [s["loss"] for s in _result(where, case)["straight"]]
         assert losses == pytest.approx(ref_losses, abs=1e-5), case
+
+
+def test_process_group_reforms_after_elastic_restart(tmp_path: Path) -> None:
+    """torchrun --max-restarts 1: the group re-forms on the agent's store under a new prefix."""
+    out = tmp_path / "dist.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["--max-restarts", "1", str(Path(worker.__file__).with_name("dist_worker.py")), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert json.loads(out.read_text()) == {
+        "attempt": 1,
+        "world_size": 2,
+        "backend": "gloo",
+        "any_rank": [True, False],
+    }
