@@ -95,22 +95,24 @@ class Run:
 class Attempt:
     """One start of a run, read from its console output (metrics.jsonl is truncated to the checkpoint on resume)."""
 
-    resumed_from: int  # the step before its first logged step (0: a fresh start)
+    resumed_from: int  # 0: a fresh start
     steps: list[int]  # the steps it logged, in order
 
 
-_STEP = re.compile(r"^step (\d+)/\d+\s")
+# The loop's start note (rich may wrap it, hence \s+) and its `log.progress` lines, in the order printed.
+_EVENT = re.compile(
+    r"(?:starting|resuming\s+at\s+step\s+(\d+)),\s+training\s+to\s+step|^step (\d+)/\d+\s", re.M
+)
 
 
 def attempts_from_log(text: str) -> list[Attempt]:
-    """Split a run's `log.progress` lines ("step N/M ...") into its starts: a new one wherever N goes back."""
+    """Split a run's console output into its starts ("starting" / "resuming at step K" notes)."""
     out: list[Attempt] = []
-    for line in text.splitlines():
-        if step := _STEP.match(line):
-            n = int(step.group(1))
-            if not out or n <= out[-1].steps[-1]:
-                out.append(Attempt(resumed_from=n - 1, steps=[]))
-            out[-1].steps.append(n)
+    for event in _EVENT.finditer(text):
+        if event.group(2) is None:
+            out.append(Attempt(resumed_from=int(event.group(1) or 0), steps=[]))
+        elif out:
+            out[-1].steps.append(int(event.group(2)))
     return out
 
 
