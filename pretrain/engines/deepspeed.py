@@ -9,6 +9,7 @@ alike (DeepSpeed's own overflow handling differs between them). Checkpoints are 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ def _optimizer_step_disabled(optimizer: torch.optim.Optimizer, disabled: bool) -
 
 class DeepSpeedEngine(Engine):
     def __init__(self, spec: EngineSpec, model: nn.Module, optim: OptimizerSpec, dist: DistInfo) -> None:
+        if spec.precision == "fp16" and dist.device.type == "cpu":
+            raise ValueError(
+                "train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32"
+            )
         ensure_process_group(dist)
         # DeepSpeed reads these even when the group exists (a lone process or srun sets none of them).
         for name, value in (
@@ -80,18 +85,20 @@ class DeepSpeedEngine(Engine):
             if i < len(micro_batches) - 1:
                 self._ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
         local = torch.stack(losses).mean().item()
-        loss_sum, bad = all_reduce_sum([local, float(not torch.isfinite(torch.tensor(local)))])
+        loss_sum, bad = all_reduce_sum([local, float(not math.isfinite(local))])
         # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
         norm = self._replicated_grad_norm() if self._fp32_step else None
-        skipped_before = self._ds.skipped_steps
+        skipped_before = self._ds.skipped_steps  # DeepSpeed's own skips (fp16 overflow, invalid norm)
         with _optimizer_step_disabled(self._optimizer, bad > 0):
             self._ds.step()
         skipped = bad > 0 or self._ds.skipped_steps > skipped_before
         if not skipped:
             self._scheduler.step()
-        if norm is None:
+        if bad:
+            norm = math.nan
+        elif norm is None:
             norm = self._ds.get_global_grad_norm()
-        norm = float("nan") if bad > 0 else float(norm if norm is not None else "nan")
+            norm = math.nan if norm is None else float(norm)
         return StepOutput(loss=loss_sum / self.dist.world_size, grad_norm=norm, lr=lr, skipped=skipped)
 
     def _replicated_grad_norm(self) -> float:

@@ -35,8 +35,7 @@ def default_config_path(spec: EngineSpec) -> Path:
 
 
 def _our_values(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[str, Any]:
-    """Dotted JSON key -> the value the run config implies."""
-    pin = dist.device.type == "cuda"
+    """Dotted JSON key -> the value the run config implies (a different explicit value is an error)."""
     return {
         "train_micro_batch_size_per_gpu": spec.micro_batch_size,
         "gradient_accumulation_steps": spec.grad_accum,
@@ -46,14 +45,21 @@ def _our_values(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[
         "fp16.enabled": spec.precision == "fp16",
         "zero_optimization.stage": spec.zero_stage,
         "zero_optimization.offload_optimizer.device": "cpu" if spec.offload != "none" else "none",
-        "zero_optimization.offload_optimizer.pin_memory": pin,
         "zero_optimization.offload_param.device": "cpu" if spec.offload == "params" else "none",
-        "zero_optimization.offload_param.pin_memory": pin,
         "zero_force_ds_cpu_optimizer": False,
         "optimizer.params.lr": optim.lr,
         "optimizer.params.betas": list(optim.betas),
         "optimizer.params.eps": optim.eps,
         "optimizer.params.weight_decay": optim.weight_decay,
+    }
+
+
+def _defaults(dist: DistInfo) -> dict[str, Any]:
+    """Dotted JSON key -> what "auto" (or absence) means for settings the run config does not own."""
+    pin = dist.device.type == "cuda"  # pinned host memory needs CUDA
+    return {
+        "zero_optimization.offload_optimizer.pin_memory": pin,
+        "zero_optimization.offload_param.pin_memory": pin,
     }
 
 
@@ -99,8 +105,6 @@ def _load(path: Path) -> dict[str, Any]:
 
 def resolve_config(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[str, Any]:
     """The DeepSpeed config dict to pass to deepspeed.initialize (without "optimizer"/"scheduler")."""
-    if spec.precision == "fp16" and dist.device.type == "cpu":
-        raise ValueError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
     path = Path(spec.deepspeed_config) if spec.deepspeed_config else default_config_path(spec)
     config = _load(path)
     if "scheduler" in config:
@@ -114,18 +118,28 @@ def resolve_config(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> di
             f"{path}: optimizer.type={opt_type!r}; only AdamW is supported (or drop the section)"
         )
     for key, ours in _our_values(spec, optim, dist).items():
-        *parents, leaf = key.split(".")
-        node = config
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ValueError(f"{path}: {part!r} must be a JSON object")
+        node, leaf = _parent(config, key, path)
         theirs = node.get(leaf, "auto")
         if theirs != "auto" and not _same(theirs, ours):
             raise ValueError(
-                f"{path}: {key}={theirs!r} conflicts with {_OUR_NAMES.get(key, key)} (= {ours!r}); "
+                f"{path}: {key}={theirs!r} conflicts with {_OUR_NAMES[key]} (= {ours!r}); "
                 'set it to "auto" or to the same value'
             )
         node[leaf] = ours
+    for key, default in _defaults(dist).items():
+        node, leaf = _parent(config, key, path)
+        if node.get(leaf, "auto") == "auto":
+            node[leaf] = default
     config.pop("optimizer")
     return config
+
+
+def _parent(config: dict[str, Any], key: str, path: Path) -> tuple[dict[str, Any], str]:
+    """The dict holding dotted `key` (created when missing) and the key's last part."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"{path}: {part!r} must be a JSON object")
+    return node, leaf

@@ -18,10 +18,10 @@ from safetensors.torch import load_file
 
 pytestmark = pytest.mark.slow
 
-DEEPSPEED_CASES = ["ds-z1", "ds-z2", "ds-z3", "ds-z3-bf16", "ds-z2-offload", "ds-z3-t5"]
+DEEPSPEED_CASES = ["ds-z0", "ds-z1", "ds-z2", "ds-z3", "ds-z3-bf16", "ds-z2-offload", "ds-z3-t5"]
 ACCELERATE_CASES = ["acc-ddp", "acc-fsdp", "acc-fsdp-bf16", "acc-fsdp-bert"]
 SHARDED = {"ds-z3", "ds-z3-bf16", "ds-z3-t5", "acc-fsdp", "acc-fsdp-bf16", "acc-fsdp-bert"}
-FP32 = ["ds-z1", "ds-z2", "ds-z3", "ds-z2-offload", "acc-ddp", "acc-fsdp"]
+FP32 = ["ds-z0", "ds-z1", "ds-z2", "ds-z3", "ds-z2-offload", "acc-ddp", "acc-fsdp"]
 
 
 def _torchrun(out_dir: Path, cases: list[str]) -> Path:
