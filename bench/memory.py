@@ -1,0 +1,225 @@
+"""Peak memory of a training step with and without gradient checkpointing, and per-rank model-state
+memory under ZeRO 0/1/2/3 at world size 2 (torchrun, gloo, through pretrain.engines' DeepSpeed engine).
+
+How it is measured on a CPU, where PyTorch keeps no allocator statistics: every configuration runs in a
+fresh process with glibc told to serve every allocation of 64 KiB or more from mmap and to return freed
+memory at once (MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_), so the resident set follows the live
+tensors instead of the allocator's cache. The process first builds the model and runs one step (so the
+optimizer states exist), then resets the kernel's high-water mark (/proc/self/clear_refs = 5), reads its
+resident set (model states), runs one more step and reads the high-water mark: peak - states is what the
+step itself needed (activations, gradients, temporaries).
+
+For ZeRO, each rank reports (a) the bytes of the distinct tensor storages it holds after a step (params,
+their .grad, DeepSpeed's partitions and buffers, optimizer states), found by walking live objects, and
+(b) its resident-set growth from before the model was built; next to them the analytic figure for
+fp32 AdamW (params 4, grads 4, two moments 8 bytes per parameter, divided by the world size as the stage
+says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers).
+
+    .venv/bin/python bench/memory.py                 # both tables
+    .venv/bin/python bench/memory.py --part checkpointing --quick
+    .venv/bin/python bench/memory.py --part zero
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench._common import FAMILIES, QUICK, SMALL, Shape, adamw, make_batch, print_table, train_step_fn  # noqa: E402
+
+MIB = 2**20
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def _model(family: str, shape: Shape, **overrides) -> torch.nn.Module:
+    from models import build_model
+
+    torch.manual_seed(0)
+    sizes = dict(vocab_size=shape.vocab_size, n_layers=shape.n_layers, d_model=shape.d_model,
+                 n_heads=shape.n_heads, d_ff=shape.d_ff)  # fmt: skip
+    if family == "t5":
+        sizes["d_kv"] = shape.d_kv
+    else:
+        sizes["max_seq_len"] = shape.seq_len
+    return build_model(f"{family}-tiny", **sizes, **overrides)
+
+
+def step_worker(family: str, shape: Shape, checkpointing: bool) -> dict:
+    """In a fresh process: model-state bytes and the peak of one training step (resident set, bytes)."""
+    model = _model(family, shape, gradient_checkpointing=checkpointing).train()
+    batch = make_batch(family, shape)
+    step = train_step_fn(model, batch, "fp32", adamw(model))
+    step()
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")  # high-water mark := current resident set
+    states = _status_kib("VmRSS") * 1024
+    step()
+    peak = _status_kib("VmHWM") * 1024
+    return {"states": states, "peak": peak}
+
+
+def run_checkpointing(shape: Shape, families: list[str]) -> None:
+    rows = []
+    for family in families:
+        result = {}
+        for ckpt in (False, True):
+            cmd = [
+                sys.executable,
+                __file__,
+                "--step-worker",
+                family,
+                "--shape-json",
+                json.dumps(shape.__dict__),
+            ]
+            cmd += ["--checkpointing"] if ckpt else []
+            out = subprocess.run(
+                cmd, capture_output=True, text=True, env={**os.environ, **MALLOC_ENV}, cwd=ROOT
+            )
+            line = next((x for x in out.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if line is None:
+                raise RuntimeError(f"{family} checkpointing={ckpt} failed:\n{out.stderr[-2000:]}")
+            result[ckpt] = json.loads(line[7:])
+        act = {c: (r["peak"] - r["states"]) / MIB for c, r in result.items()}
+        rows.append([
+            family, f"{result[False]['states'] / MIB:.0f}", f"{result[False]['peak'] / MIB:.0f}",
+            f"{act[False]:.0f}", f"{result[True]['peak'] / MIB:.0f}", f"{act[True]:.0f}",
+            f"{act[False] / act[True]:.1f}x",
+        ])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    print(f"\nfp32, {shape}; resident MiB (process incl. torch runtime)")
+    print_table(
+        ["family", "before step", "peak", "step needs", "peak (ckpt)", "step needs (ckpt)", "saved"], rows
+    )
+
+
+# --- ZeRO -----------------------------------------------------------------------------------------
+
+
+def _live_tensor_bytes() -> int:
+    """Bytes of the distinct tensor storages reachable from Python objects (and their .grad/.ds_tensor)."""
+    seen: dict[int, int] = {}
+
+    def add(t: object) -> None:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            s = t.untyped_storage()
+            if s.nbytes():
+                seen[s.data_ptr()] = s.nbytes()
+            for attr in ("grad", "ds_tensor"):
+                sub = getattr(t, attr, None) if attr != "grad" or t.is_leaf else None
+                if isinstance(sub, torch.Tensor):
+                    add(sub)
+
+    gc.collect()
+    for obj in gc.get_objects():
+        try:
+            add(obj)
+        except (RuntimeError, ReferenceError):  # e.g. storages of tensors without data
+            continue
+    return sum(seen.values())
+
+
+def zero_worker(stage: int, shape: Shape, out: Path) -> None:
+    """One rank under torchrun: build the engine at `stage`, run a step, record bytes held."""
+    from pretrain.engines import EngineSpec, OptimizerSpec, build_engine, init_distributed, shutdown
+
+    dist = init_distributed(timeout_s=300)
+    gc.collect()
+    before_tensors, before_rss = _live_tensor_bytes(), _status_kib("VmRSS") * 1024
+    model = _model("gpt", shape)
+    n_params = sum(p.numel() for p in model.parameters())
+    spec = EngineSpec(backend="deepspeed", zero_stage=stage, micro_batch_size=shape.batch_size)
+    engine = build_engine(spec, model, OptimizerSpec(lr=1e-4, max_steps=10), dist)
+    del model
+    engine.train_step([make_batch("gpt", shape, seed=dist.rank)])
+    gc.collect()
+    held = _live_tensor_bytes() - before_tensors
+    rss = _status_kib("VmRSS") * 1024 - before_rss
+    (out / f"rank{dist.rank}.json").write_text(json.dumps({"params": n_params, "tensors": held, "rss": rss}))
+    shutdown()
+
+
+def analytic(stage: int, n: int, world: int) -> float:
+    """fp32 AdamW model states per rank (bytes): params 4, grads 4, moments 8 per parameter (ZeRO paper)."""
+    p, g, o = 4.0 * n, 4.0 * n, 8.0 * n
+    if stage >= 1:
+        o /= world
+    if stage >= 2:
+        g /= world
+    if stage >= 3:
+        p /= world
+    return p + g + o
+
+
+def run_zero(shape: Shape, world: int = 2) -> None:
+    rows = []
+    for stage in (0, 1, 2, 3):
+        with tempfile.TemporaryDirectory() as tmp:
+            env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1", "WANDB_MODE": "disabled"}
+            for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                env.pop(name, None)
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                   __file__, "--zero-worker", str(stage), "--out", tmp, "--shape-json", json.dumps(shape.__dict__)]  # fmt: skip
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+            results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+            if proc.returncode != 0 or len(results) != world:
+                rows.append([str(stage), "failed", proc.stderr.strip().splitlines()[-1][:80], "", ""])
+                continue
+        n = results[0]["params"]
+        rows.append([
+            str(stage), f"{n / 1e6:.2f} M", f"{analytic(stage, n, world) / MIB:.0f}",
+            " / ".join(f"{r['tensors'] / MIB:.0f}" for r in results),
+            " / ".join(f"{r['rss'] / MIB:.0f}" for r in results),
+        ])  # fmt: skip
+        print(" | ".join(rows[-1]), flush=True)
+    print(f"\nGPT {shape}, fp32, DeepSpeed through pretrain.engines, world size {world} (gloo); MiB per rank")
+    print_table(
+        ["ZeRO stage", "params", "analytic states", "measured tensors (r0 / r1)", "RSS growth (r0 / r1)"],
+        rows,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--part", choices=("all", "checkpointing", "zero"), default="all")
+    parser.add_argument("--quick", action="store_true", help="the small bench shape at 2 layers / width 128")
+    parser.add_argument("--families", default=",".join(FAMILIES))
+    parser.add_argument("--step-worker", help=argparse.SUPPRESS)
+    parser.add_argument("--checkpointing", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--zero-worker", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--shape-json", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    shape = Shape(**json.loads(args.shape_json)) if args.shape_json else (QUICK if args.quick else SMALL)
+    if args.step_worker:
+        print("RESULT " + json.dumps(step_worker(args.step_worker, shape, args.checkpointing)), flush=True)
+    elif args.zero_worker is not None:
+        zero_worker(args.zero_worker, shape, args.out)
+    else:
+        if args.part in ("all", "checkpointing"):
+            run_checkpointing(shape, args.families.split(","))
+        if args.part in ("all", "zero"):
+            run_zero(shape)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Model FLOPs utilisation: measured matmul peak of this device, then MFU of training steps of presets.
+
+MFU = step FLOPs (PaLM appendix B: 6 N per token + 12 L H Q T, see `bench._common.step_flops`) / step
+time / peak. The peak is *measured* here (best of several large square matmuls in the same dtype), so
+on a CPU the figure says how close a step gets to what this machine's matrix units actually deliver;
+on a GPU the datasheet peak is shown too, since that is what published MFU numbers divide by.
+The step is the one `pretrain train` runs (forward, backward, clipping, fused AdamW), plain PyTorch in
+one process; bench/gpu_mfu.py measures through the DeepSpeed engine.
+
+    .venv/bin/python bench/mfu.py                 # tiny + small presets, fp32 and bf16 (CPU)
+    .venv/bin/python bench/mfu.py --quick         # tiny presets only, fewer steps
+    .venv/bin/python bench/mfu.py --presets gpt2-small --precisions bf16 --seq-len 1024   # GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench._common import (  # noqa: E402
+    adamw,
+    interleaved,
+    median,
+    print_table,
+    step_flops,
+    sync,
+    t5_target_len,
+    train_step_fn,
+)
+from models import build_model  # noqa: E402
+
+TINY = ("gpt-tiny", "bert-tiny", "t5-tiny")
+SMALL = ("gpt2-small", "bert-base", "t5-small")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# Dense (no sparsity) datasheet peaks in FLOP/s, by a substring of torch.cuda.get_device_name().
+DATASHEET = {"H100": {"bf16": 989e12, "fp32": 67e12}, "H200": {"bf16": 989e12, "fp32": 67e12},
+             "A100": {"bf16": 312e12, "fp32": 19.5e12}}  # fmt: skip
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def matmul_peak(precision: str, *, n: int | None = None, repeats: int = 5) -> float:
+    """Best FLOP/s of an n x n matmul in `precision` on this device (TF32 off for fp32 on GPU)."""
+    dev = device()
+    n = n or (8192 if dev.type == "cuda" else 2048)
+    a = torch.randn(n, n, device=dev, dtype=DTYPES[precision])
+    b = torch.randn(n, n, device=dev, dtype=DTYPES[precision])
+    calls = 10 if dev.type == "cuda" else 1
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first call warms up
+        sync()
+        start = time.perf_counter()
+        for _ in range(calls):
+            a @ b
+        sync()
+        best = min(best, (time.perf_counter() - start) / calls)
+    return 2.0 * n**3 / best
+
+
+def datasheet_peak(precision: str) -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((peaks[precision] for key, peaks in DATASHEET.items() if key in name), None)
+
+
+def preset_batch(model: torch.nn.Module, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    """A batch shaped like the data layer's for the model's objective, on the device."""
+    cfg = model.config
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(4, cfg.vocab_size, (batch_size, seq_len), generator=g)
+    if cfg.family == "gpt":
+        batch = {"input_ids": ids, "labels": ids.clone()}
+    elif cfg.family == "bert":
+        masked = torch.rand(ids.shape, generator=g) < 0.15
+        batch = {
+            "input_ids": ids,
+            "attention_mask": torch.ones_like(ids),
+            "token_type_ids": torch.zeros_like(ids),
+            "labels": torch.where(masked, ids, -100),
+        }
+    else:
+        labels = torch.randint(4, cfg.vocab_size, (batch_size, t5_target_len(seq_len)), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    return {k: v.to(device()) for k, v in batch.items()}
+
+
+def measure(
+    preset: str, precision: str, *, batch_size: int, seq_len: int, warmup: int, steps: int
+) -> tuple[float, float]:
+    """(median seconds per training step, FLOPs per step) for `preset` as configured (its dropout kept)."""
+    torch.manual_seed(0)
+    model = build_model(preset).to(device()).train()
+    batch = preset_batch(model, batch_size, seq_len)
+    step = train_step_fn(model, batch, precision, adamw(model))
+    times = interleaved({"step": step}, warmup=warmup, steps=steps)["step"]
+    return median(times), step_flops(model, batch)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny presets, 1 + 3 steps")
+    parser.add_argument("--presets", help=f"comma-separated (default: {','.join(TINY + SMALL)})")
+    parser.add_argument("--precisions", help="default: fp32,bf16 on CPU, bf16 on GPU")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--warmup", type=int)
+    parser.add_argument("--steps", type=int)
+    args = parser.parse_args(argv)
+    presets = args.presets.split(",") if args.presets else list(TINY if args.quick else TINY + SMALL)
+    gpu = device().type == "cuda"
+    precisions = (args.precisions or ("bf16" if gpu else "fp32,bf16")).split(",")
+    warmup = args.warmup if args.warmup is not None else (1 if args.quick else 2)
+    steps = args.steps if args.steps is not None else (3 if args.quick else 5)
+    name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} threads"
+
+    peaks = {p: matmul_peak(p) for p in precisions}
+    print(f"device: {name}")
+    print_table(
+        ["precision", "measured matmul peak TFLOP/s", "datasheet TFLOP/s"],
+        [
+            [p, f"{peaks[p] / 1e12:.3f}", f"{(datasheet_peak(p) or 0) / 1e12:.0f}" if gpu else "-"]
+            for p in peaks
+        ],
+    )
+    print(f"\nbatch {args.batch_size} x seq {args.seq_len} (T5 targets {t5_target_len(args.seq_len)}), "
+          f"{warmup} warmup + {steps} timed steps")  # fmt: skip
+    rows = []
+    for preset in presets:
+        for precision in precisions:
+            seconds, flops = measure(
+                preset,
+                precision,
+                batch_size=args.batch_size,
+                seq_len=args.seq_len,
+                warmup=warmup,
+                steps=steps,
+            )
+            achieved = flops / seconds
+            sheet = datasheet_peak(precision)
+            rows.append([
+                preset, precision, f"{seconds * 1e3:.0f}", f"{flops / 1e9:.1f}", f"{achieved / 1e12:.3f}",
+                f"{100 * achieved / peaks[precision]:.1f}%", f"{100 * achieved / sheet:.1f}%" if sheet else "-",
+            ])  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
+    print()
+    print_table(
+        ["preset", "precision", "step ms", "GFLOP/step", "TFLOP/s", "MFU (measured peak)", "MFU (datasheet)"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()
