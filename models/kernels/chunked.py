@@ -25,7 +25,7 @@ from models.kernels.bias import RelativeBias
 from models.kernels.chunked_bias import DenseBlocks, RelativeBlocks
 
 DEFAULT_Q_BLOCK = 256
-DEFAULT_K_BLOCK = 512
+DEFAULT_K_BLOCK = 256
 
 
 @dataclass(frozen=True, kw_only=True)
