@@ -9,18 +9,20 @@ ranks agree, and saves before it stops.
 from __future__ import annotations
 
 import itertools
+import json
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import CheckpointManager, TrainerState
+from pretrain.checkpoint import LATEST, CheckpointManager, TrainerState
 from pretrain.config import RunConfig
 from pretrain.engines import Engine, StepOutput, any_rank, barrier, build_engine, init_distributed, shutdown
 from pretrain.engines.base import DistInfo
@@ -55,6 +57,14 @@ class Run:
 def train(cfg: RunConfig) -> TrainerState:
     """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes."""
     dist = init_distributed(timeout_s=cfg.engine.dist_timeout_s)
+    finished = finished_state(cfg)
+    if finished is not None:  # nothing to do: do not pay for a tokenizer, a model and an engine
+        if dist.is_main:
+            _say(
+                f"{cfg.run_dir}: already trained to step {finished.step} (train.max_steps={cfg.train.max_steps})"
+            )
+        shutdown()
+        return finished
     preemption = PreemptionHandler().install()
     try:
         run = setup(cfg, dist, preemption)
@@ -65,6 +75,20 @@ def train(cfg: RunConfig) -> TrainerState:
     finally:
         preemption.uninstall()
         shutdown()
+
+
+def finished_state(cfg: RunConfig) -> TrainerState | None:
+    """The state `latest` points at, if it already reached train.max_steps (a resume verifies it fully)."""
+    latest = cfg.run_dir / "checkpoints" / LATEST
+    if not latest.is_file():
+        return None
+    try:
+        state = TrainerState(
+            **json.loads((latest.parent / latest.read_text().strip() / "trainer_state.json").read_text())
+        )
+    except (OSError, ValueError, TypeError):
+        return None  # damaged: the full resume path reports it
+    return state if state.step >= cfg.train.max_steps else None
 
 
 def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
@@ -104,7 +128,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         dist=dist,
         engine=engine,
         data=pipeline,
-        batches=iter(pipeline),
+        batches=_start(pipeline),
         checkpoints=checkpoints,
         logger=RunLogger(cfg, enabled=dist.is_main, start_step=state.step),
         guard=guard,
@@ -115,8 +139,17 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         ),
         tokenizer=tokenizer,
         state=state,
-        last_saved=state.step if state.step else -1,
+        last_saved=state.step,
     )
+
+
+def _start(pipeline: Iterable[Batch]) -> Iterator[Batch]:
+    """Start the loader without touching the global RNG (it draws a worker seed from it on the first batch),
+    so the dropout stream is the same whether the run started at step 0 or resumed mid-way."""
+    with torch.random.fork_rng(devices=[]):
+        batches = iter(pipeline)
+        first = next(batches)
+    return itertools.chain([first], batches)
 
 
 def _say(message: str) -> None:
@@ -207,7 +240,8 @@ def train_step(run: Run) -> StepOutput:
 def evaluate(run: Run) -> float:
     """Mean validation loss over the same `train.eval_batches` batches every time (all ranks, in step)."""
     if not run.val_batches:
-        run.val_batches = _validation_batches(run)
+        with torch.random.fork_rng(devices=[]):  # as in _start: loading must not shift the dropout stream
+            run.val_batches = _validation_batches(run)
     losses = [run.engine.eval_loss(batch) for batch in run.val_batches]
     return sum(losses) / len(losses)
 

@@ -1,0 +1,145 @@
+"""End to end through the real CLI: train, resume exactly, export to transformers, plot. One tiny run per family."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, TINY
+from safetensors.torch import load_file
+
+from pretrain.cli import main
+from pretrain.export import export
+from pretrain.logging import read_metrics
+
+pytestmark = pytest.mark.slow
+
+STEPS = 4
+CONFIGS = {"gpt": "configs/gpt-tiny.yaml", "bert": "configs/bert-tiny.yaml", "t5": "configs/t5-tiny.yaml"}
+_straight: dict[str, Path] = {}
+
+
+def train(family: str, run_dir: Path, *extra: str, capsys=None) -> str:
+    """`pretrain train` on the tiny config as a real subprocess, or in this process given capsys (only for runs
+    that build no engine: DeepSpeed keeps process-global state between runs).
+
+    Returns what the run wrote to stderr (its notes)."""
+    args = [
+        "train",
+        CONFIGS[family],
+        *TINY,
+        f"train.max_steps={STEPS}",
+        "checkpoint.every=2",
+        "checkpoint.keep=3",
+    ]
+    args += [f"run.dir={run_dir}", *extra]
+    if capsys is not None:
+        cwd = os.getcwd()
+        os.chdir(REPO)
+        try:
+            assert main(args) == 0
+        finally:
+            os.chdir(cwd)
+        return capsys.readouterr().err
+    launcher = {"WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stderr
+
+
+def straight_run(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished uninterrupted run, shared by the tests of one family."""
+    if family not in _straight:
+        run_dir = tmp_path_factory.mktemp(family) / "straight"
+        train(family, run_dir, *(["wandb.mode=offline"] if family == "gpt" else []))
+        _straight[family] = run_dir
+    return _straight[family]
+
+
+def by_step(run_dir: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run_dir)}
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_factory, capsys) -> None:
+    straight = straight_run(family, tmp_path_factory)
+    # The interrupted run: the same directory as it was when the job died right after the step-2 checkpoint.
+    resumed = straight.parent / "resumed"
+    shutil.copytree(straight, resumed)
+    shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
+    (resumed / "checkpoints" / "latest").write_text("step_2")
+    notes = train(family, resumed)
+    assert "resuming at step 2" in notes
+
+    a, b = by_step(straight), by_step(resumed)
+    assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
+    for step in range(1, STEPS + 1):
+        for key in ("loss", "lr", "grad_norm", "tokens", "val_loss"):
+            assert a[step].get(key) == b[step].get(key), (
+                family,
+                step,
+                key,
+                a[step].get(key),
+                b[step].get(key),
+            )
+    assert a[STEPS]["loss"] != a[STEPS - 1]["loss"]  # the numbers compared are real, not constants
+    wa = load_file(str(straight / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
+    wb = load_file(str(resumed / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+    again = train(family, resumed, capsys=capsys)  # finished: a re-run stops before building anything
+    assert "already trained to step 4" in again
+    assert len(read_metrics(resumed)) == STEPS
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_export_round_trip(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    straight = straight_run(family, tmp_path_factory)
+    out = straight.parent / "hf"
+    result = export(straight, out, step=2)
+    assert (result.step, result.family) == (2, family)
+    assert result.max_logit_diff < 1e-4
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    model_type = json.loads((out / "config.json").read_text())["model_type"]
+    assert model_type == {"gpt": "gpt2", "bert": "bert", "t5": "t5"}[family]
+
+
+def test_metrics_contract_wandb_and_plot(tmp_path_factory: pytest.TempPathFactory) -> None:
+    run_dir = straight_run("gpt", tmp_path_factory)
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    tokens_per_step = 2 * 2 * 32  # micro_batch_size x grad_accum x seq_len
+    for r in records:
+        assert {
+            "step",
+            "loss",
+            "lr",
+            "tokens",
+            "tokens_per_s",
+            "grad_norm",
+            "mfu",
+            "memory_gib",
+            "skipped",
+        } <= r.keys()
+        assert r["tokens"] == r["step"] * tokens_per_step
+        assert r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["memory_gib"] > 0 and r["skipped"] is False
+    assert ("val_loss" in records[1]) and ("val_loss" in records[3]) and ("val_loss" not in records[0])
+    assert records[-1]["loss"] < records[0]["loss"] + 0.5
+    assert list(run_dir.glob("wandb/offline-run-*")), "offline W&B files belong under the run directory"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
+    assert main(["plot", str(run_dir)]) == 0
+    assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
