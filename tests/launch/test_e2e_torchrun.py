@@ -1,4 +1,5 @@
-"""Real multi-process runs through `launch`: two "nodes" on loopback, and a worker killed under --max-restarts.
+"""Real multi-process runs through `launch`: two "nodes" on loopback, a worker killed under --max-restarts, and
+the DeepSpeed and Accelerate launchers.
 
 Each test's losses are compared step by step with one uninterrupted 2-process run (`reference_losses`).
 """
@@ -12,6 +13,7 @@ import subprocess
 
 import psutil
 import pytest
+import yaml
 from launch_e2e import (
     MAX_STEPS,
     REPO,
@@ -95,3 +97,25 @@ def test_killed_worker_restarts_and_resumes_from_newest_checkpoint(write_config,
     assert 0 <= redone < 10  # less than checkpoint.every
     assert second.steps == list(range(second.resumed_from + 1, MAX_STEPS + 1))
     assert losses_by_step(run.steps()) == reference_losses  # exact, before and after the resume point
+
+
+@pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])
+def test_deepspeed_and_accelerate_launchers_match_torchrun(
+    launcher, write_config, reference_losses, tmp_path
+):
+    """The same 2-process run started by the DeepSpeed launcher or `accelerate launch` gives the same losses."""
+    config = write_config(launcher)
+    port = free_port()
+    if launcher == "deepspeed":
+        args = ["deepspeed", "--num-gpus", "2", "--master", f"127.0.0.1:{port}"]
+    else:
+        accelerate_config = yaml.safe_load((REPO / "launch" / "accelerate" / "cpu-2proc.yaml").read_text())
+        (tmp_path / "accelerate.yaml").write_text(
+            yaml.safe_dump(accelerate_config | {"main_process_port": port})
+        )
+        args = ["accelerate", "--config", str(tmp_path / "accelerate.yaml")]
+    done = subprocess.run(
+        launch_cmd(*args, str(config)), env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
+    assert losses_by_step(Run(config.parent / launcher).steps()) == reference_losses
