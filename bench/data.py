@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -175,7 +176,10 @@ def main() -> None:
                     rate = throughput(make_cfg(source, workers, args), objective, tokenizers[objective], args)
                     rows.append([label, objective, str(workers), f"{rate:,.0f}"])
         print(
-            f"\nbatch {args.batch_size}x{args.seq_len}, vocab {args.vocab_size}; tokenizer training "
+            f"\nload average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs (other work skews every figure)"
+        )
+        print(
+            f"batch {args.batch_size}x{args.seq_len}, vocab {args.vocab_size}; tokenizer training "
             f"{tokenizer_s:.1f} s; prepare (2 procs): {summary['seconds']} s, {summary['tokens_per_s']:,} tokens/s, "
             f"{summary['splits']['train']['tokens']:,} train tokens\n"
         )

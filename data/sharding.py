@@ -37,13 +37,8 @@ class DocStream:
         state: State | None = None,
     ) -> None:
         self.source, self.encode, self.name = source, encode, name
-        self.seed, self.stream, self.block_size, self.shuffle, self.infinite = (
-            seed,
-            stream,
-            block,
-            shuffle,
-            infinite,
-        )
+        self.seed, self.stream, self.block_size = seed, stream, block
+        self.shuffle, self.infinite = shuffle, infinite
         s = state or {"epoch": 0, "cursor": None, "block": 0, "taken": 0}
         self._epoch, self._cursor, self._block_no = s["epoch"], s["cursor"], s["block"]
         self._load_block()

@@ -344,13 +344,8 @@ class HFSource:
     """A streamed Hugging Face dataset; `split_dataset_by_node` shards it, its own state is the cursor."""
 
     def __init__(self, spec: HFSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> None:
-        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
-            spec,
-            stream,
-            num_streams,
-            seed,
-            shuffle,
-        )
+        self.spec, self.stream, self.num_streams = spec, stream, num_streams
+        self.seed, self.shuffle = seed, shuffle
         self.skips = SkipLog()
 
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, Document]]:
@@ -407,13 +402,8 @@ class PreparedSource:
     def __init__(
         self, spec: PreparedSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool
     ) -> None:
-        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
-            spec,
-            stream,
-            num_streams,
-            seed,
-            shuffle,
-        )
+        self.spec, self.stream, self.num_streams = spec, stream, num_streams
+        self.seed, self.shuffle = seed, shuffle
         split = spec.index["splits"][spec.split]
         self.file_docs = np.array([f["docs"] for f in split["files"]], dtype=np.int64)
         self.file_start = np.concatenate([[0], np.cumsum(self.file_docs)])

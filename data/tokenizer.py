@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.sources import PREPARED_INDEX, PreparedSpec, resolve_source
+from data.sources import PREPARED_INDEX, resolve_source
 
 NUM_SENTINELS = 100
 SENTINELS = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]
@@ -62,7 +62,7 @@ def build_tokenizer(cfg: DataConfig, *, family: str, out_dir: Path) -> PreTraine
 
 
 def train_tokenizer(cfg: DataConfig, *, family: str) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained on a bounded, deterministic sample of the (first) training source."""
+    """A byte-level BPE trained on a bounded, deterministic sample of the training source(s)."""
     specials = family_special_tokens(family)
     if cfg.vocab_size < 256 + len(specials) + 1:
         raise DataError(
@@ -164,13 +164,9 @@ def _with_family_tokens(
 
 
 def _prepared_tokenizer_dir(cfg: DataConfig) -> str | None:
-    """The tokenizer saved with prepared shards, when the source is a prepared directory."""
-    source = cfg.components[0].source
-    if os.path.exists(os.path.join(os.path.expanduser(source), PREPARED_INDEX)):
-        spec = resolve_source(source, cfg, "train", held_out=False)
-        assert isinstance(spec, PreparedSpec)
-        return os.path.join(spec.path, "tokenizer")
-    return None
+    """The tokenizer saved with prepared shards, when the (first) source is a prepared directory."""
+    source = os.path.expanduser(cfg.components[0].source)
+    return os.path.join(source, "tokenizer") if os.path.exists(os.path.join(source, PREPARED_INDEX)) else None
 
 
 def _save_atomically(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
