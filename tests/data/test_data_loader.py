@@ -138,3 +138,42 @@ def test_validation_source_and_no_held_out_split(make_cfg, tokenizers, corpus, t
     )
     text = tokenizers["gpt"].decode(torch.cat([b["input_ids"].flatten() for b in val]))
     assert "doc2000:" in text and "doc0:" not in text
+
+
+def test_resume_reads_one_block_whatever_the_position(make_cfg, tokenizers, monkeypatch):
+    """No replay: loading a state re-reads at most one shuffle block and re-tokenises only what it emits."""
+    from data.sources import FileSource
+    from data.tokenizer import Encoder
+
+    counts = {"read": 0, "encoded": 0}
+    documents, encode = FileSource.documents, Encoder.__call__
+
+    def counted_documents(self, epoch, cursor):
+        for item in documents(self, epoch, cursor):
+            counts["read"] += 1
+            yield item
+
+    def counted_encode(self, text):
+        counts["encoded"] += 1
+        return encode(self, text)
+
+    cost = {}
+    for position in (3, 300):  # early in epoch 0; past two epochs of the 300-document corpus
+        run = loader(make_cfg, tokenizers, "clm", workers=0)
+        batches = iter(run)
+        take(batches, position)
+        state = json.loads(json.dumps(run.state_dict()))
+        cost[f"epoch{position}"] = state["loader"]["dataset_state"]["packer"]["doc"]["epoch"]
+        expected = take(batches, 1)
+        with monkeypatch.context() as patch:
+            patch.setattr(FileSource, "documents", counted_documents)
+            patch.setattr(Encoder, "__call__", counted_encode)
+            counts.update(read=0, encoded=0)
+            resumed = loader(make_cfg, tokenizers, "clm", workers=0)
+            resumed.load_state_dict(state)
+            assert_same(take(iter(resumed), 1), expected)
+            cost[position] = dict(counts)
+    assert cost["epoch3"] == 0 and cost["epoch300"] >= 1
+    assert cost[300]["read"] <= 8 + 8  # one block (shuffle_buffer=8) plus the next one at most
+    assert cost[300]["encoded"] <= 8  # the documents one batch of 4 x 32 tokens spans
+    assert abs(cost[300]["read"] - cost[3]["read"]) <= 8
