@@ -49,13 +49,10 @@ class DeepSpeedEngine(Engine):
                 "train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32"
             )
         ensure_process_group(dist)
-        # DeepSpeed reads these even when the group exists (a lone process or srun sets none of them).
-        for name, value in (
-            ("RANK", dist.rank),
-            ("WORLD_SIZE", dist.world_size),
-            ("LOCAL_RANK", dist.local_rank),
-        ):
-            os.environ.setdefault(name, str(value))
+        # DeepSpeed reads LOCAL_RANK (also while training, ZeRO-3) even when the group exists, and a lone
+        # process or srun sets none. Only LOCAL_RANK: RANK/WORLD_SIZE left behind would make a later
+        # init_distributed() in this process believe it runs under a launcher.
+        os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
         deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo")
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.dist = dist

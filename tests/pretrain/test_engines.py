@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import engines_worker as worker
 import pytest
@@ -133,3 +134,5 @@ def test_engine_single_process(tmp_path, case: str) -> None:
     result, final = worker.check_engine(case, tmp_path, init_distributed(timeout_s=60))
     worker.assert_result(result, sharded=False)
     assert final is not None and final.keys() == worker.make_model("gpt", seed=0).state_dict().keys()
+    # a later run in this process (e.g. an in-process resume) must still see a lone process
+    assert (init_distributed(timeout_s=60).world_size, os.environ.get("RANK")) == (1, None)
