@@ -119,7 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if getattr(args, "debug", False) or not isinstance(e, _user_errors()):
             raise
-        message = " ".join(str(e).split()) or type(e).__name__
+        from pretrain.safety import redact, secret_values
+
+        message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USAGE
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from pretrain.cli import main as cli_main
 from pretrain.config import load_config
+from pretrain.loop import finished_state
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "gpt-tiny.yaml"
@@ -24,6 +25,11 @@ def main() -> int:
     code = cli_main(["train", str(CONFIG)])
     if code:
         return code
+    if finished_state(cfg) is None:  # stopped by a signal after saving a checkpoint
+        print(
+            f"stopped before step {cfg.train.max_steps}; run `make demo` again to continue from the checkpoint"
+        )
+        return 0
     hf_dir = run_dir / "hf"
     for command in (["export", str(run_dir), str(hf_dir)], ["plot", str(run_dir)]):
         code = cli_main(command)

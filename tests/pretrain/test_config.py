@@ -206,3 +206,14 @@ def test_shipped_configs_validate() -> None:
         os.chdir(old)
     assert objectives["bert-tiny.yaml"] == "mlm" and objectives["t5-tiny.yaml"] == "span"
     json.dumps(objectives)
+
+
+def test_error_line_never_shows_a_secret(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch
+) -> None:
+    monkeypatch.setenv("WANDB_API_KEY", "fake-key-0123456789abcdef")
+    assert (
+        main(["train", str(write_yaml(tmp_path / "c.yaml", BASE)), "train.lr=fake-key-0123456789abcdef"]) == 2
+    )
+    err = capsys.readouterr().err
+    assert "train.lr" in err and "fake-key" not in err and "***" in err
