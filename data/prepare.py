@@ -14,7 +14,10 @@ import multiprocessing
 import os
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +27,12 @@ from transformers import PreTrainedTokenizerFast
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.sources import PREPARED_INDEX, FilesSpec, resolve_source
+from data.sources import PREPARED_INDEX, FilesSpec, HFSpec, resolve_source
 from data.tokenizer import Encoder, fingerprint
 
 FORMAT = "pretrain-token-shards"
 TASKS_PER_PROC = 4  # several tasks per process keep the processes busy when files differ in size
+STREAM_BATCH = 256  # documents per task when tokenising a streamed dataset
 
 
 def prepare_shards(
@@ -47,8 +51,9 @@ def prepare_shards(
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, skipped = {}, Counter()
     for split in ("train", "validation"):
-        spec = _files_spec(cfg, split)
-        splits[split], split_skips = _prepare_split(spec, split, out_dir, tokenizer, dtype, num_procs)
+        spec = _source_spec(cfg, split)
+        prepare = _prepare_stream if isinstance(spec, HFSpec) else _prepare_files
+        splits[split], split_skips = prepare(spec, split, out_dir, tokenizer, dtype, num_procs)
         skipped.update(split_skips)
     tokenizer.save_pretrained(out_dir / "tokenizer")
     index = {
@@ -76,43 +81,62 @@ def prepare_shards(
     }
 
 
-def _files_spec(cfg: DataConfig, split: str) -> FilesSpec:
+def _source_spec(cfg: DataConfig, split: str) -> FilesSpec | HFSpec:
     source = cfg.validation_source if split == "validation" and cfg.validation_source else cfg.source
     spec = resolve_source(source, cfg, split, held_out=cfg.validation_source is None)
-    if not isinstance(spec, FilesSpec):
-        raise DataError(f"data prepare: {source!r} is not a local source (builtin or a file glob)")
+    if not isinstance(spec, FilesSpec | HFSpec):
+        raise DataError(f"data prepare: {source!r} is prepared already")
     return spec
 
 
-def _prepare_split(spec: FilesSpec, split: str, out_dir: Path, tokenizer, dtype, num_procs: int):
+def _prepare_files(spec: FilesSpec, split: str, out_dir: Path, tokenizer, dtype, num_procs: int):
+    """Local files: contiguous groups of files tokenised in parallel, one shard per group."""
+    groups = _balanced_groups(spec, num_procs * TASKS_PER_PROC)
     tasks = [
-        (replace(spec, files=group), f"{split}-{i:05d}", str(out_dir), tokenizer, dtype)
-        for i, group in enumerate(_balanced_groups(spec, num_procs * TASKS_PER_PROC))
+        (replace(spec, files=group), f"{split}-{i:05d}", str(out_dir), dtype)
+        for i, group in enumerate(groups)
     ]
     results = []
-    with Progress(transient=False) as progress:
+    with Progress() as progress, _mapper(num_procs, tokenizer) as imap:
         bar = progress.add_task(f"tokenising {split} ({len(spec.files)} files)", total=len(tasks))
-        if num_procs == 1:
-            for task in tasks:
-                results.append(_tokenise_task(task))
-                progress.advance(bar)
-        else:
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process
-            with multiprocessing.Pool(num_procs) as pool:
-                for result in pool.imap(_tokenise_task, tasks):
-                    results.append(result)
-                    progress.advance(bar)
+        for result in imap(_tokenise_files, tasks):
+            results.append(result)
+            progress.advance(bar)
     files = [
-        {"key": f.key, "docs": n} for (group, *_), r in zip(tasks, results) for f, n in zip(group.files, r[0])
+        {"key": f.key, "docs": n}
+        for group, (per_file, _, _) in zip(groups, results)
+        for f, n in zip(group, per_file)
     ]
-    shards = [{"name": name, "docs": sum(r[0]), "tokens": r[1]} for (_, name, *_), r in zip(tasks, results)]
-    summary = {
-        "files": files,
-        "shards": shards,
-        "docs": sum(s["docs"] for s in shards),
-        "tokens": sum(s["tokens"] for s in shards),
-    }
-    return summary, sum((Counter(r[2]) for r in results), Counter())
+    return _split_summary(files, [shard for _, shard, _ in results]), sum(
+        (Counter(r[2]) for r in results), Counter()
+    )
+
+
+def _prepare_stream(spec: HFSpec, split: str, out_dir: Path, tokenizer, dtype, num_procs: int):
+    """A streamed dataset: read in order here, tokenised in parallel in batches, written to one shard."""
+    try:
+        spec.load()
+    except DataError:
+        if split == "validation":  # many hub datasets have no validation split: leave it empty
+            return _split_summary([], []), Counter()
+        raise
+    source = spec.open(stream=0, num_streams=1, seed=0, shuffle=False)
+    texts = (text for _, text in source.documents(0, None))
+    batches = iter(lambda: list(islice(texts, STREAM_BATCH)), [])
+    writer = _ShardWriter(out_dir, f"{split}-00000", dtype)
+    with Progress() as progress, _mapper(num_procs, tokenizer) as imap:
+        bar = progress.add_task(f"tokenising {split} of {spec.name} (documents)", total=None)
+        for token_lists in imap(_tokenise_texts, batches):
+            for tokens in token_lists:
+                writer.add(tokens)
+            progress.advance(bar, len(token_lists))
+    shard = writer.close()
+    return _split_summary([{"key": spec.name, "docs": shard["docs"]}], [shard]), Counter(source.skips.counts)
+
+
+def _split_summary(files: list[dict], shards: list[dict]) -> dict[str, Any]:
+    docs, tokens = sum(s["docs"] for s in shards), sum(s["tokens"] for s in shards)
+    return {"files": files, "shards": shards, "docs": docs, "tokens": tokens}
 
 
 def _balanced_groups(spec: FilesSpec, count: int) -> list[list]:
@@ -123,21 +147,57 @@ def _balanced_groups(spec: FilesSpec, count: int) -> list[list]:
     return [spec.files[a:b] for a, b in zip(edges, edges[1:]) if b > a]
 
 
-def _tokenise_task(task) -> tuple[list[int], int, dict[str, int]]:
-    """One group of files -> one shard; returns (documents per file, tokens, skipped records)."""
-    spec, name, out_dir, tokenizer, dtype = task
-    encode = Encoder(tokenizer)
+class _ShardWriter:
+    """Appends documents' tokens to NAME.bin and their offsets to NAME.idx.npy (moved into place on close)."""
+
+    def __init__(self, out_dir: str | Path, name: str, dtype) -> None:
+        self.out_dir, self.name, self.dtype = Path(out_dir), name, dtype
+        self.tmp = self.out_dir / f".{name}.bin.tmp"
+        self.fh = open(self.tmp, "wb")  # noqa: SIM115 (closed in close())
+        self.offsets = [0]
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.fh.write(tokens.astype(self.dtype).tobytes())
+        self.offsets.append(self.offsets[-1] + len(tokens))
+
+    def close(self) -> dict[str, Any]:
+        self.fh.close()
+        os.replace(self.tmp, self.out_dir / f"{self.name}.bin")
+        np.save(self.out_dir / f"{self.name}.idx.npy", np.asarray(self.offsets, dtype=np.int64))
+        return {"name": self.name, "docs": len(self.offsets) - 1, "tokens": self.offsets[-1]}
+
+
+_encode: Encoder | None = None  # per worker process, set once by _mapper
+
+
+def _set_encoder(tokenizer: PreTrainedTokenizerFast) -> None:
+    global _encode
+    _encode = Encoder(tokenizer)
+
+
+@contextmanager
+def _mapper(num_procs: int, tokenizer: PreTrainedTokenizerFast) -> Iterator[Callable]:
+    """An ordered imap over num_procs processes that each hold the encoder (in-process for one)."""
+    if num_procs == 1:
+        _set_encoder(tokenizer)
+        yield map
+        return
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process
+    with multiprocessing.Pool(num_procs, initializer=_set_encoder, initargs=(tokenizer,)) as pool:
+        yield pool.imap
+
+
+def _tokenise_files(task) -> tuple[list[int], dict[str, Any], dict[str, int]]:
+    """One group of files -> one shard; returns (documents per file, the shard, skipped records)."""
+    spec, name, out_dir, dtype = task
     source = spec.open(stream=0, num_streams=1, seed=0, shuffle=False)
     docs_per_file = [0] * len(spec.files)
-    offsets, total = [0], 0
-    tmp = Path(out_dir, f".{name}.bin.tmp")
-    with open(tmp, "wb") as fh:
-        for cursor, text in source.documents(0, None):
-            tokens = encode(text).astype(dtype)
-            fh.write(tokens.tobytes())
-            total += len(tokens)
-            offsets.append(total)
-            docs_per_file[cursor["file"]] += 1
-    os.replace(tmp, Path(out_dir, f"{name}.bin"))
-    np.save(Path(out_dir, f"{name}.idx.npy"), np.asarray(offsets, dtype=np.int64))
-    return docs_per_file, total, dict(source.skips.counts)
+    writer = _ShardWriter(out_dir, name, dtype)
+    for cursor, text in source.documents(0, None):
+        writer.add(_encode(text))
+        docs_per_file[cursor["file"]] += 1
+    return docs_per_file, writer.close(), dict(source.skips.counts)
+
+
+def _tokenise_texts(texts: list[str]) -> list[np.ndarray]:
+    return [_encode(text) for text in texts]

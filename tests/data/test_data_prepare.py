@@ -112,3 +112,24 @@ def test_prepare_refuses_a_prepared_directory(prepared, make_cfg, tokenizers):
     out, _ = prepared
     with pytest.raises(DataError, match="already holds prepared shards"):
         prepare_shards(make_cfg(), out, tokenizer=tokenizers["gpt"], num_procs=1)
+
+
+def test_prepare_a_streamed_hf_dataset(make_cfg, tokenizers, tmp_path, write_docs):
+    """hf: sources are read in order and tokenised in parallel batches (local dataset dir, no network)."""
+    (tmp_path / "hub").mkdir()
+    for f in range(3):
+        write_docs(tmp_path / "hub" / f"part{f}.jsonl", range(f * 10, f * 10 + 10))
+    cfg = make_cfg(source=f"hf:{tmp_path / 'hub'}")
+    summary = prepare_shards(cfg, tmp_path / "out", tokenizer=tokenizers["gpt"], num_procs=2)
+    assert summary["splits"]["train"]["docs"] == 30 and summary["splits"]["validation"]["docs"] == 0
+    source = resolve_source(str(tmp_path / "out"), cfg, "train", held_out=True)
+    docs = [
+        tokens for _, tokens in source.open(stream=0, num_streams=1, seed=0, shuffle=False).documents(0, None)
+    ]
+    streamed = resolve_source(cfg.source, cfg, "train", held_out=True).open(
+        stream=0, num_streams=1, seed=0, shuffle=False
+    )
+    encode = Encoder(tokenizers["gpt"])
+    assert all(
+        np.array_equal(a, encode(t)) for a, (_, t) in zip(docs, streamed.documents(0, None), strict=True)
+    )
