@@ -18,7 +18,15 @@ from pretrain.optim import build_optimizer, build_scheduler, lr_factor, param_gr
 
 @pytest.fixture(autouse=True)
 def _no_launcher_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID"):
+    for name in (
+        "RANK",
+        "WORLD_SIZE",
+        "LOCAL_RANK",
+        "SLURM_NTASKS",
+        "SLURM_PROCID",
+        "MASTER_ADDR",
+        "MASTER_PORT",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
 
@@ -136,3 +144,31 @@ def test_engine_single_process(tmp_path, case: str) -> None:
     assert final is not None and final.keys() == worker.make_model("gpt", seed=0).state_dict().keys()
     # a later run in this process (e.g. an in-process resume) must still see a lone process
     assert (init_distributed(timeout_s=60).world_size, os.environ.get("RANK")) == (1, None)
+
+
+def test_launcher_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pretrain.engines.dist import _launch_env
+
+    assert _launch_env() is None  # no launcher: one process
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    monkeypatch.setenv("SLURM_NTASKS", "8")
+    monkeypatch.setenv("SLURM_LOCALID", "1")
+    with pytest.raises(ValueError, match="rank 3 of 8: MASTER_ADDR and MASTER_PORT must be set"):
+        _launch_env()
+    monkeypatch.setenv("MASTER_ADDR", "node1")
+    monkeypatch.setenv("MASTER_PORT", "29400")
+    env = _launch_env()
+    assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port) == (
+        3,
+        8,
+        1,
+        "node1",
+        29400,
+    )
+    assert not env.agent_store  # srun alone: rank 0 hosts the store
+    monkeypatch.setenv("RANK", "5")  # torchrun's variables win over SLURM's
+    monkeypatch.setenv("WORLD_SIZE", "16")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "2")
+    env = _launch_env()
+    assert (env.rank, env.world_size, env.agent_store, env.restart_count) == (5, 16, True, 2)
