@@ -136,13 +136,24 @@ class MultiHeadAttention(nn.Module):
 
 
 class SelfAttention(MultiHeadAttention):
-    """Self attention with one fused QKV projection (one matmul instead of three)."""
+    """Self attention with one fused QKV projection (one matmul instead of three).
+
+    `window` makes it local: query i sees keys with |i - j| < window (sliding-window attention).
+    """
 
     def __init__(
-        self, d_model: int, n_heads: int, head_dim: int, *, causal: bool = False, bias: bool = True, **kwargs
+        self,
+        d_model: int,
+        n_heads: int,
+        head_dim: int,
+        *,
+        causal: bool = False,
+        window: int | None = None,
+        bias: bool = True,
+        **kwargs,
     ) -> None:
         super().__init__(d_model, n_heads, head_dim, bias=bias, **kwargs)
-        self.causal = causal
+        self.causal, self.window = causal, window
         self.qkv = nn.Linear(d_model, 3 * n_heads * head_dim, bias=bias)
 
     def forward(
@@ -151,11 +162,10 @@ class SelfAttention(MultiHeadAttention):
         *,
         key_padding_mask: Tensor | None = None,
         bias: Tensor | RelativeBias | None = None,
-        window: int | None = None,
     ) -> Tensor:
         q, k, v = self._split(self.qkv(x), 3)
         return self._attend(
-            q, k, v, causal=self.causal, key_padding_mask=key_padding_mask, bias=bias, window=window
+            q, k, v, causal=self.causal, window=self.window, key_padding_mask=key_padding_mask, bias=bias
         )
 
 

@@ -42,6 +42,7 @@ class BERT(LanguageModel):
             dropout=config.dropout,
             attention_dropout=config.attention_dropout,
             attention=config.attention,
+            window=config.attention_window,
         )
         self.embed = Embeddings(
             config.vocab_size,

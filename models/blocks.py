@@ -36,6 +36,7 @@ class BlockConfig:
     norm_eps: float = 1e-5
     bias: bool = True  # biases on the linear layers
     causal: bool = False
+    window: int | None = None  # sliding-window self attention
     cross_attention: bool = False
     scale: float | None = None  # None -> 1/sqrt(head_dim)
     dropout: float = 0.0  # on each residual branch
@@ -75,15 +76,19 @@ def _attention_kwargs(cfg: BlockConfig) -> dict:
     return dict(bias=cfg.bias, scale=cfg.scale, dropout=cfg.attention_dropout, backend=cfg.attention)
 
 
+def _self_attention(cfg: BlockConfig) -> SelfAttention:
+    return SelfAttention(
+        cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, window=cfg.window, **_attention_kwargs(cfg)
+    )
+
+
 class PreNormBlock(nn.Module):
     """x + f(norm(x)) for self attention, optional cross attention, and the feed-forward (GPT-2, T5)."""
 
     def __init__(self, cfg: BlockConfig) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = SelfAttention(
-            cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, **_attention_kwargs(cfg)
-        )
+        self.attn = _self_attention(cfg)
         if cfg.cross_attention:
             self.cross_norm = make_norm(cfg)
             self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.head_dim, **_attention_kwargs(cfg))
@@ -115,9 +120,7 @@ class PostNormBlock(nn.Module):
         super().__init__()
         if cfg.cross_attention:
             raise ValueError("PostNormBlock has no cross attention")
-        self.attn = SelfAttention(
-            cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, **_attention_kwargs(cfg)
-        )
+        self.attn = _self_attention(cfg)
         self.attn_norm = make_norm(cfg)
         self.ff = FeedForward(cfg)
         self.ff_norm = make_norm(cfg)

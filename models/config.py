@@ -30,6 +30,7 @@ class ModelConfig:
     activation: str
     layer_norm_eps: float
     attention: AttentionBackend = "auto"
+    attention_window: int | None = None  # sliding-window (local) self attention; None = global
     gradient_checkpointing: bool = False
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -47,6 +48,10 @@ class ModelConfig:
         if self.activation not in ACTIVATIONS:
             raise ValueError(
                 f"model config: activation={self.activation!r}; accepted: {', '.join(ACTIVATIONS)}"
+            )
+        if self.attention_window is not None and self.attention_window < 1:
+            raise ValueError(
+                f"model config: attention_window must be >= 1 or None, got {self.attention_window}"
             )
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:

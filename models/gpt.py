@@ -29,6 +29,7 @@ class GPT(LanguageModel):
             dropout=config.dropout,
             attention_dropout=config.attention_dropout,
             attention=config.attention,
+            window=config.attention_window,
         )
         self.embed = Embeddings(
             config.vocab_size, config.d_model, max_len=config.max_seq_len, dropout=config.dropout

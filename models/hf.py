@@ -7,6 +7,7 @@ both directions. transformers is imported only when converting *to* it.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,10 @@ def _activation_from_hf(name: str, where: str) -> str:
             f"{where}: activation {name!r} is not supported; accepted: {', '.join(_ACT_FROM_HF)}"
         )
     return _ACT_FROM_HF[name]
+
+
+def _first_set(*values: int | None) -> int:
+    return next(v for v in values if v is not None)
 
 
 def _require(cond: bool, message: str) -> None:
@@ -219,7 +224,8 @@ def _t5_config(hf: Any) -> T5Config:
         init_std=hf.initializer_factor,
         pad_token_id=hf.pad_token_id if hf.pad_token_id is not None else 0,
         eos_token_id=hf.eos_token_id if hf.eos_token_id is not None else 1,
-        decoder_start_token_id=hf.decoder_start_token_id if hf.decoder_start_token_id is not None else 0,
+        # transformers >= 5 keeps decoder_start_token_id only when given; T5 starts with the pad token.
+        decoder_start_token_id=_first_set(getattr(hf, "decoder_start_token_id", None), hf.pad_token_id, 0),
     )
 
 
@@ -366,8 +372,7 @@ def from_hf(hf_model: nn.Module, attention: str = "auto") -> LanguageModel:
     family = _family_of_hf(hf_model)
     spec = _FAMILIES[family]
     config = spec.from_hf_config(hf_model.config)
-    config.attention = attention
-    config.__post_init__()  # validate the backend name
+    config = dataclasses.replace(config, attention=attention)  # validates the backend name
     rules = spec.rules(config)
     hf_state = hf_model.state_dict()
     unused = set(hf_state) - {n for r in rules for n in r.theirs} - set(spec.tied)
@@ -386,6 +391,10 @@ def to_hf(model: LanguageModel) -> nn.Module:
     import transformers
 
     spec = _FAMILIES[model.config.family]
+    _require(
+        model.config.attention_window is None,
+        "to_hf: transformers has no sliding-window attention for this family",
+    )
     hf_model = getattr(transformers, spec.hf_class)(spec.to_hf_config(model.config))
     if isinstance(model.config, T5Config) and not model.config.tie_embeddings:
         # transformers >= 5 always ties T5's head; v1.1 needs its own (from_pretrained unties it likewise).

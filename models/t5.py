@@ -44,6 +44,7 @@ class T5(LanguageModel):
             attention_dropout=config.attention_dropout,
             ff_dropout=config.dropout,
             attention=config.attention,
+            window=config.attention_window,
         )
         encoder_block = BlockConfig(**block)
         decoder_block = BlockConfig(**block, causal=True, cross_attention=True)

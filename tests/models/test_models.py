@@ -136,3 +136,19 @@ def test_t5_relative_bias_is_one_table_per_stack() -> None:
     model = models.build_model("t5-tiny", **SMALL)
     tables = [n for n, _ in model.named_parameters() if "bias.table" in n]
     assert tables == ["encoder_bias.table.weight", "decoder_bias.table.weight"]
+
+
+def test_sliding_window_limits_the_receptive_field(backend: str) -> None:
+    """Two layers with window 3: position i sees tokens >= i - 4 only, on every backend alike."""
+    torch.manual_seed(0)
+    model = models.build_model("gpt-tiny", **SMALL, attention_window=3, attention=backend).eval()
+    ids = torch.randint(1, 64, (1, 9))
+    changed = ids.clone()
+    changed[0, 0] = (ids[0, 0] + 1) % 64
+    with torch.no_grad():
+        a, b = model(ids).logits, model(changed).logits
+        reference = models.build_model("gpt-tiny", **SMALL, attention_window=3, attention="eager").eval()
+        reference.load_state_dict(model.state_dict())
+        torch.testing.assert_close(a, reference(ids).logits, rtol=1e-5, atol=1e-5)
+    assert torch.equal(a[0, 5:], b[0, 5:])
+    assert not torch.allclose(a[0, 4], b[0, 4])
