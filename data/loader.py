@@ -25,8 +25,10 @@ from data.config import DataConfig
 from data.errors import DataError
 from data.objectives import CausalLM, MaskedLM, SpanCorruption
 from data.packing import Packer
+from data.records import SourceSpec
 from data.sharding import Part, build_stream
-from data.sources import PreparedSpec, SourceSpec, resolve_source
+from data.shards import PreparedSpec
+from data.sources import resolve_source
 from data.tokenizer import SENTINELS, Encoder, fingerprint
 
 Objective = CausalLM | MaskedLM | SpanCorruption

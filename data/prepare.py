@@ -27,7 +27,10 @@ from transformers import PreTrainedTokenizerFast
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.sources import PREPARED_INDEX, FilesSpec, HFSpec, resolve_source
+from data.files import FilesSpec
+from data.hub import HFSpec
+from data.shards import PREPARED_INDEX
+from data.sources import resolve_source
 from data.tokenizer import Encoder, fingerprint
 
 FORMAT = "pretrain-token-shards"

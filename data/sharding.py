@@ -14,7 +14,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from data.errors import DataError
-from data.sources import Cursor, Document, Source
+from data.records import Cursor, Document, Source
 
 Encode = Callable[[str], np.ndarray]
 State = dict[str, Any]

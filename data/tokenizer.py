@@ -19,7 +19,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.sources import PREPARED_INDEX, resolve_source
+from data.shards import PREPARED_INDEX
+from data.sources import resolve_source
 
 NUM_SENTINELS = 100
 SENTINELS = [f"<extra_id_{i}>" for i in range(NUM_SENTINELS)]

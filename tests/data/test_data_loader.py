@@ -142,7 +142,7 @@ def test_validation_source_and_no_held_out_split(make_cfg, tokenizers, corpus, t
 
 def test_resume_reads_one_block_whatever_the_position(make_cfg, tokenizers, monkeypatch):
     """No replay: loading a state re-reads at most one shuffle block and re-tokenises only what it emits."""
-    from data.sources import FileSource
+    from data.files import FileSource
     from data.tokenizer import Encoder
 
     counts = {"read": 0, "encoded": 0}

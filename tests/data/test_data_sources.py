@@ -12,7 +12,8 @@ import zstandard
 
 from data import DataError
 from data.corpus import builtin_files
-from data.sources import in_validation, resolve_source
+from data.files import in_validation
+from data.sources import resolve_source
 
 DOCS = [f"document {i}\nwith a second line é" for i in range(23)]
 

@@ -1,0 +1,64 @@
+"""Hugging Face datasets, streamed: `split_dataset_by_node` shards them, their own state is the cursor."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from data.errors import DataError
+from data.records import Cursor, Document, SkipLog, bounded_sample
+
+
+class HFSource:
+    """A streamed Hugging Face dataset; `split_dataset_by_node` shards it, its own state is the cursor."""
+
+    def __init__(self, spec: HFSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> None:
+        self.spec, self.stream, self.num_streams = spec, stream, num_streams
+        self.seed, self.shuffle = seed, shuffle
+        self.skips = SkipLog()
+
+    def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, Document]]:
+        from datasets.distributed import split_dataset_by_node
+
+        ds = split_dataset_by_node(self.spec.load(), rank=self.stream, world_size=self.num_streams)
+        if self.shuffle:
+            ds = ds.shuffle(seed=self.seed, buffer_size=1)  # shard order only: we own the shuffle buffer
+            ds.set_epoch(epoch)
+        if cursor is not None:
+            ds.load_state_dict(cursor["hf"])
+        index = cursor["n"] if cursor else 0
+        for example in ds:
+            index += 1
+            text = example.get(self.spec.field)
+            if not isinstance(text, str) or not text.strip():
+                self.skips.add("missing_field" if text is None else "empty", self.spec.name, index - 1)
+                continue
+            yield {"hf": ds.state_dict(), "n": index}, text
+
+
+@dataclass(frozen=True)
+class HFSpec:
+    name: str  # as written in the config: hf:NAME[:CONFIG]
+    dataset: str
+    config: str | None
+    split: str
+    field: str
+
+    def load(self):
+        import datasets
+
+        try:
+            return datasets.load_dataset(self.dataset, self.config, split=self.split, streaming=True)
+        except Exception as exc:  # the hub and loaders raise many types; one clear line is what helps
+            raise DataError(
+                f"data.source: cannot load {self.name!r} split {self.split!r}: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+
+    def open(self, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> HFSource:
+        return HFSource(self, stream=stream, num_streams=num_streams, seed=seed, shuffle=shuffle)
+
+    def sample_texts(self, max_chars: int) -> Iterator[str]:
+        yield from bounded_sample(
+            self.open(stream=0, num_streams=1, seed=0, shuffle=False), self.name, max_chars
+        )
