@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -49,26 +48,21 @@ class AccelerateEngine(Engine):
             raise ValueError(f"engine.accelerate.strategy={spec.strategy!r}: expected ddp or fsdp")
         self.dist = dist
         self.spec = spec
-        self._model = model.to(dist.device)
         self._clip = optim.clip_grad if optim.clip_grad else math.inf
-        if spec.strategy == "ddp":
-            self._wrapped = self._wrap_ddp(dist)
-        else:
-            self._wrapped = self._wrap_fsdp(dist)
+        self._model = model.to(dist.device)
+        self._accelerator: Accelerator | None = None  # DDP only
+        # FSDP needs a group even alone; Accelerate adopts an existing one instead of guessing from the env.
+        ensure_process_group(dist)
+        self._wrapped = self._wrap_ddp(dist) if spec.strategy == "ddp" else self._wrap_fsdp(dist)
         self._optimizer = build_optimizer(self._model, optim)  # after sharding: over the DTensor shards
         self._scheduler = build_scheduler(self._optimizer, optim)
 
     def _wrap_ddp(self, dist: DistInfo) -> nn.Module:
-        ensure_process_group(
-            dist
-        )  # Accelerate then adopts the group instead of guessing from the environment
         on_cpu = dist.device.type == "cpu"
         self._accelerator = Accelerator(
             cpu=on_cpu,
             mixed_precision=_MIXED_PRECISION[self.spec.precision],
-            kwargs_handlers=[
-                InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl", timeout=timedelta(minutes=10))
-            ],
+            kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl")],
         )
         if self._accelerator.num_processes != dist.world_size:
             raise RuntimeError(
@@ -78,8 +72,6 @@ class AccelerateEngine(Engine):
         return self._accelerator.prepare_model(self._model)
 
     def _wrap_fsdp(self, dist: DistInfo) -> nn.Module:
-        ensure_process_group(dist)
-        self._accelerator = None
         mesh = init_device_mesh(dist.device.type, (dist.world_size,))
         policy = MixedPrecisionPolicy(
             param_dtype=torch.bfloat16 if self.spec.precision == "bf16" else None, reduce_dtype=torch.float32
