@@ -110,10 +110,10 @@ def test_deepspeed_and_accelerate_launchers_match_torchrun(
         args = ["deepspeed", "--num-gpus", "2", "--master", f"127.0.0.1:{port}"]
     else:
         accelerate_config = yaml.safe_load((REPO / "launch" / "accelerate" / "cpu-2proc.yaml").read_text())
-        (tmp_path / "accelerate.yaml").write_text(
+        (tmp_path / "accelerate-launcher.yaml").write_text(
             yaml.safe_dump(accelerate_config | {"main_process_port": port})
         )
-        args = ["accelerate", "--config", str(tmp_path / "accelerate.yaml")]
+        args = ["accelerate", "--config", str(tmp_path / "accelerate-launcher.yaml")]
     done = subprocess.run(
         launch_cmd(*args, str(config)), env=train_env(), cwd=REPO, capture_output=True, text=True, timeout=300
     )
