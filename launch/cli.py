@@ -134,9 +134,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build(args: argparse.Namespace, argv: Sequence[str]) -> list[str] | str:
-    """The command to exec, or (launch slurm) the sbatch script text."""
-    job = TrainJob(config=args.config, overrides=tuple(args.overrides))
+def exec_command(args: argparse.Namespace, job: TrainJob) -> list[str]:
+    """The launcher command line for `local`, `torchrun`, `deepspeed` and `accelerate`."""
     if args.command == "local":
         return Torchrun(nproc_per_node=args.nproc, max_restarts=args.max_restarts).command(job)
     if args.command == "torchrun":
@@ -154,11 +153,12 @@ def build(args: argparse.Namespace, argv: Sequence[str]) -> list[str] | str:
             hostfile=args.hostfile, master=master, num_gpus=args.num_gpus, launcher=args.launcher
         )
         return launcher.command(job)
-    if args.command == "accelerate":
-        return AccelerateLaunch(config_file=args.accelerate_config, machine_rank=args.machine_rank).command(
-            job
-        )
-    slurm = SlurmJob(
+    accelerate = AccelerateLaunch(config_file=args.accelerate_config, machine_rank=args.machine_rank)
+    return accelerate.command(job)
+
+
+def slurm_job(args: argparse.Namespace) -> SlurmJob:
+    return SlurmJob(
         nodes=args.nodes,
         gpus_per_node=args.gpus_per_node,
         nproc_per_node=args.nproc_per_node,
@@ -171,30 +171,34 @@ def build(args: argparse.Namespace, argv: Sequence[str]) -> list[str] | str:
         job_name=args.job_name,
         sbatch_args=tuple(args.sbatch_arg),
     )
-    launch_command = shlex.join(["launch", *argv])
+
+
+def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """Print (--dry-run), submit (slurm) or exec (the others); LaunchError for bad input."""
+    job = TrainJob(config=args.config, overrides=tuple(args.overrides))
+    if args.command == "slurm":
+        slurm, launch_command = slurm_job(args), shlex.join(["launch", *argv])
+        if args.dry_run:
+            print(slurm.render(job, launch_command=launch_command), end="")
+            return 0
+        script = slurm.write(job, launch_command=launch_command)
+        job_id = submit(script)
+        print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
+        print(job_id)
+        return 0
+    command = exec_command(args, job)
     if args.dry_run:
-        return slurm.render(job, launch_command=launch_command)
-    script = slurm.write(job, launch_command=launch_command)
-    job_id = submit(script)
-    print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
-    print(job_id)
-    return ""
+        print(shlex.join(command))
+        return 0
+    sys.stdout.flush()
+    os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
     try:
-        command = build(args, argv)
+        return run(args, argv)
     except LaunchError as e:
         print(f"error: launch {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE
-    if isinstance(command, str):  # launch slurm: printed script (--dry-run) or submitted
-        print(command, end="")
-        return 0
-    if args.dry_run:
-        print(shlex.join(command))
-        return 0
-    sys.stdout.flush()
-    os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
-    return 0  # not reached

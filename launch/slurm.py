@@ -9,7 +9,6 @@ from __future__ import annotations
 import re
 import shlex
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,7 +117,3 @@ def submit(script: Path) -> str:
         reason = (done.stderr.strip().splitlines() or ["no message"])[-1]
         raise LaunchError(f"sbatch refused {script}: {reason}")
     return done.stdout.strip().split(";")[0]
-
-
-def _main_module() -> str:
-    return shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
