@@ -90,6 +90,7 @@ def test_source_without_any_text(tmp_path, make_cfg):
         build_tokenizer(cfg, family="gpt", out_dir=tmp_path / "tok")
 
 
+@pytest.mark.slow
 def test_no_text_found_by_a_loader_worker_is_one_clear_error(tmp_path, make_cfg, tokenizers):
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"body": f"x{i}"}) + "\n" for i in range(5)))
     cfg = make_cfg(source=str(tmp_path / "a.jsonl"), num_workers=1)

@@ -38,15 +38,19 @@ def assert_same(a, b):
             torch.testing.assert_close(x[k], y[k], rtol=0, atol=0)
 
 
+WORKERS = [0, pytest.param(2, marks=pytest.mark.slow)]  # worker processes: slow
+
+
+@pytest.mark.parametrize("workers", WORKERS)
 @pytest.mark.parametrize("objective", ["clm", "mlm", "span"])
-def test_resume_mid_epoch_gives_the_uninterrupted_batches(make_cfg, tokenizers, objective):
-    run = loader(make_cfg, tokenizers, objective, rank=1, world=2)
+def test_resume_mid_epoch_gives_the_uninterrupted_batches(make_cfg, tokenizers, objective, workers):
+    run = loader(make_cfg, tokenizers, objective, workers=workers, rank=1, world=2)
     batches = iter(run)
-    take(batches, 5)  # an odd count, so the next batch comes from the second worker
+    take(batches, 5)  # an odd count, so with 2 workers the next batch comes from the second one
     state = json.loads(json.dumps(run.state_dict()))  # what a checkpoint stores
     expected = take(batches, 7)
 
-    resumed = loader(make_cfg, tokenizers, objective, rank=1, world=2)
+    resumed = loader(make_cfg, tokenizers, objective, workers=workers, rank=1, world=2)
     resumed.load_state_dict(state)
     assert_same(take(iter(resumed), 7), expected)
 
@@ -66,16 +70,17 @@ def test_resume_across_epoch_boundaries_in_process(make_cfg, tokenizers):
 def test_resume_of_a_weighted_mixture(make_cfg, tokenizers, corpus, tmp_path, write_docs):
     write_docs(tmp_path / "other.jsonl", range(1000, 1100))
     mixture = [{"source": str(corpus / "*.jsonl"), "weight": 2.0}, {"source": str(tmp_path / "other.jsonl")}]
-    run = loader(make_cfg, tokenizers, "mlm", source=mixture)
+    run = loader(make_cfg, tokenizers, "mlm", workers=0, source=mixture)
     batches = iter(run)
     take(batches, 9)
     state = json.loads(json.dumps(run.state_dict()))
     expected = take(batches, 6)
-    resumed = loader(make_cfg, tokenizers, "mlm", source=mixture)
+    resumed = loader(make_cfg, tokenizers, "mlm", workers=0, source=mixture)
     resumed.load_state_dict(state)
     assert_same(take(iter(resumed), 6), expected)
 
 
+@pytest.mark.slow
 def test_state_is_small_json_and_settings_are_checked(make_cfg, tokenizers):
     run = loader(make_cfg, tokenizers, "clm")
     batches = iter(run)
@@ -96,7 +101,7 @@ def test_ranks_and_seeds_give_different_batches(make_cfg, tokenizers):
     assert not torch.equal(first(rank=0, world=2), first(rank=1, world=2))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+@pytest.mark.parametrize("workers", WORKERS)
 def test_validation_is_finite_and_deterministic(make_cfg, tokenizers, workers):
     run = loader(make_cfg, tokenizers, "clm", workers=workers, split="validation", validation_fraction=0.3)
     a, b = list(run), list(run)  # each pass starts from the beginning

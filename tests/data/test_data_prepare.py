@@ -18,7 +18,7 @@ from data.tokenizer import Encoder
 @pytest.fixture(scope="module")
 def prepared(make_cfg, tokenizers, tmp_path_factory):
     out = tmp_path_factory.mktemp("prepared") / "shards"
-    summary = prepare_shards(make_cfg(validation_fraction=0.2), out, tokenizer=tokenizers["gpt"], num_procs=2)
+    summary = prepare_shards(make_cfg(validation_fraction=0.2), out, tokenizer=tokenizers["gpt"], num_procs=1)
     return out, summary
 
 
@@ -120,7 +120,7 @@ def test_prepare_a_streamed_hf_dataset(make_cfg, tokenizers, tmp_path, write_doc
     for f in range(3):
         write_docs(tmp_path / "hub" / f"part{f}.jsonl", range(f * 10, f * 10 + 10))
     cfg = make_cfg(source=f"hf:{tmp_path / 'hub'}")
-    summary = prepare_shards(cfg, tmp_path / "out", tokenizer=tokenizers["gpt"], num_procs=2)
+    summary = prepare_shards(cfg, tmp_path / "out", tokenizer=tokenizers["gpt"], num_procs=1)
     assert summary["splits"]["train"]["docs"] == 30 and summary["splits"]["validation"]["docs"] == 0
     source = resolve_source(str(tmp_path / "out"), cfg, "train", held_out=True)
     docs = [
@@ -133,3 +133,24 @@ def test_prepare_a_streamed_hf_dataset(make_cfg, tokenizers, tmp_path, write_doc
     assert all(
         np.array_equal(a, encode(t)) for a, (_, t) in zip(docs, streamed.documents(0, None), strict=True)
     )
+
+
+@pytest.mark.slow
+def test_parallel_prepare_writes_the_same_documents(prepared, make_cfg, tokenizers, tmp_path):
+    out, summary = prepared
+    parallel = prepare_shards(
+        make_cfg(validation_fraction=0.2), tmp_path / "p", tokenizer=tokenizers["gpt"], num_procs=2
+    )
+    assert parallel["splits"]["train"]["shards"] > summary["splits"]["train"]["shards"]  # really split up
+    cfg = make_cfg()
+    for split in ("train", "validation"):
+        a, b = (
+            [
+                t
+                for _, t in resolve_source(str(d), cfg, split, held_out=True)
+                .open(stream=0, num_streams=1, seed=0, shuffle=False)
+                .documents(0, None)
+            ]
+            for d in (out, tmp_path / "p")
+        )
+        assert len(a) == len(b) > 0 and all(np.array_equal(x, y) for x, y in zip(a, b))
