@@ -15,7 +15,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -31,6 +31,11 @@ from pretrain.logging import RunLogger
 from pretrain.metrics import Throughput, memory_gib, peak_flops
 from pretrain.rng import seed_everything
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+    from data import DataPipeline
+
 Batch = dict[str, Tensor]
 
 
@@ -41,14 +46,14 @@ class Run:
     cfg: RunConfig
     dist: DistInfo
     engine: Engine
-    data: Any  # data.DataPipeline: iterable with state_dict()/load_state_dict()
+    data: DataPipeline
     batches: Iterator[Batch]
     checkpoints: CheckpointManager
     logger: RunLogger
     guard: DivergenceGuard
     preemption: PreemptionHandler
     throughput: Throughput
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerFast
     state: TrainerState
     last_saved: int = -1
     val_batches: list[Batch] = field(default_factory=list)
@@ -187,7 +192,7 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def _tokenizer(cfg: RunConfig, dist: DistInfo) -> Any:
+def _tokenizer(cfg: RunConfig, dist: DistInfo) -> PreTrainedTokenizerFast:
     """Rank 0 trains/saves the tokenizer first; the others then load the saved one."""
     tokenizer = components.build_tokenizer(cfg, cfg.run_dir) if dist.is_main else None
     barrier()
