@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -16,11 +17,17 @@ class HFSource:
         self.spec, self.stream, self.num_streams = spec, stream, num_streams
         self.seed, self.shuffle = seed, shuffle
         self.skips = SkipLog()
+        self._dataset = None  # loaded once: every shuffle block starts a new iteration over it
+        quiet = logging.getLogger("datasets.iterable_dataset")
+        if _no_lost_buffer_warning not in quiet.filters:
+            quiet.addFilter(_no_lost_buffer_warning)
 
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, Document]]:
         from datasets.distributed import split_dataset_by_node
 
-        ds = split_dataset_by_node(self.spec.load(), rank=self.stream, world_size=self.num_streams)
+        if self._dataset is None:
+            self._dataset = self.spec.load()
+        ds = split_dataset_by_node(self._dataset, rank=self.stream, world_size=self.num_streams)
         if self.shuffle:
             ds = ds.shuffle(seed=self.seed, buffer_size=1)  # shard order only: we own the shuffle buffer
             ds.set_epoch(epoch)
@@ -34,6 +41,11 @@ class HFSource:
                 self.skips.add("missing_field" if text is None else "empty", self.spec.name, index - 1)
                 continue
             yield {"hf": ds.state_dict(), "n": index}, text
+
+
+def _no_lost_buffer_warning(record: logging.LogRecord) -> bool:
+    """datasets warns on resume that a shuffle buffer's content is not restored; with buffer_size=1 there is none."""
+    return "shuffle buffer of a dataset without the buffer content" not in record.getMessage()
 
 
 @dataclass(frozen=True)

@@ -182,3 +182,18 @@ def test_resume_reads_one_block_whatever_the_position(make_cfg, tokenizers, monk
     assert cost[300]["read"] <= 8 + 8  # one block (shuffle_buffer=8) plus the next one at most
     assert cost[300]["encoded"] <= 8  # the documents one batch of 4 x 32 tokens spans
     assert abs(cost[300]["read"] - cost[3]["read"]) <= 8
+
+
+def test_resume_of_an_hf_stream(make_cfg, tokenizers, tmp_path, write_docs):
+    (tmp_path / "hub").mkdir()
+    for f in range(2):
+        write_docs(tmp_path / "hub" / f"part{f}.jsonl", range(f * 40, f * 40 + 40))
+    source = f"hf:{tmp_path / 'hub'}"
+    run = loader(make_cfg, tokenizers, "span", workers=0, source=source, rank=1, world=2)
+    batches = iter(run)
+    take(batches, 4)
+    state = json.loads(json.dumps(run.state_dict()))
+    expected = take(batches, 4)
+    resumed = loader(make_cfg, tokenizers, "span", workers=0, source=source, rank=1, world=2)
+    resumed.load_state_dict(state)
+    assert_same(take(iter(resumed), 4), expected)
