@@ -239,7 +239,7 @@ def test_bad_input_gets_one_clear_line(case: str, bad_input_results: dict[str, t
 FAKE_KEY = "fakewandbkey0123456789abcdef0123456789abcd"  # 40 hex-ish chars like a real W&B key
 FAKE_TOKEN = "hf_fakeTokenForLeakTest0123456789"
 TINY = (
-    "train.max_steps=4",
+    "train.max_steps=6",
     "checkpoint.every=2",
     "checkpoint.keep=3",
     "train.micro_batch_size=2",
@@ -273,12 +273,12 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Result]:
-    """One tiny run with checkpoints at steps 2 and 4, trained with fake credentials in the environment."""
+    """One tiny 6-step run (checkpoints at 2, 4, 6), trained with fake credentials in the environment."""
     run_dir = tmp_path_factory.mktemp("trained") / "run"
     env = {**ENV, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "HF_TOKEN": FAKE_TOKEN}
     result = _train(run_dir, "wandb.mode=offline", env=env)
     assert result.rc == 0, result.stderr[-3000:]
-    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_2", "step_4"]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_2", "step_4", "step_6"]
     return run_dir, result
 
 
@@ -291,22 +291,25 @@ class _Touch:
 
 
 def _tamper(checkpoint: Path, marker: Path) -> None:
-    """Plant a code-running pickle next to the real state, and re-sign the manifest as an attacker could."""
+    """Plant a code-running pickle in the engine state, and re-sign the manifest as an attacker could."""
     (pt,) = checkpoint.glob("engine/**/*model_states.pt")
     state = torch.load(pt, weights_only=False)
     torch.save({**state, "payload": _Touch(marker)}, pt)
     write_manifest(checkpoint)
 
 
-def _copy(trained_dir: Path, tmp_path: Path) -> Path:
+def _interrupted(trained_dir: Path, tmp_path: Path) -> Path:
+    """A copy of the run as if it had been stopped right after saving step 4 of 6."""
     run_dir = tmp_path / "run"
     shutil.copytree(trained_dir, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_6")
+    (run_dir / "checkpoints" / "latest").write_text("step_4")
     return run_dir
 
 
 @pytest.mark.slow
 def test_tampered_checkpoint_is_refused_and_resume_uses_the_previous(trained, tmp_path: Path) -> None:
-    run_dir = _copy(trained[0], tmp_path)
+    run_dir = _interrupted(trained[0], tmp_path)
     marker = tmp_path / "pwned"
     _tamper(run_dir / "checkpoints" / "step_4", marker)
     result = _train(run_dir)
@@ -315,13 +318,12 @@ def test_tampered_checkpoint_is_refused_and_resume_uses_the_previous(trained, tm
     output = result.stdout + result.stderr
     assert "step_4" in output and "posix.system" in output, output[-3000:]
     assert "resumed from step_2" in output, output[-3000:]
-    # steps 3-4 were trained again from step 2 and match the original run exactly
-    assert _losses(run_dir) == _losses(trained[0])
+    assert _losses(run_dir) == _losses(trained[0])  # steps 3-6 redone from step 2, exactly as the first time
 
 
 @pytest.mark.slow
 def test_truncated_checkpoint_file_resumes_from_the_previous(trained, tmp_path: Path) -> None:
-    run_dir = _copy(trained[0], tmp_path)
+    run_dir = _interrupted(trained[0], tmp_path)
     weights = run_dir / "checkpoints" / "step_4" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = _train(run_dir)
@@ -334,7 +336,7 @@ def test_truncated_checkpoint_file_resumes_from_the_previous(trained, tmp_path: 
 
 @pytest.mark.slow
 def test_no_intact_checkpoint_stops_instead_of_starting_over(trained, tmp_path: Path) -> None:
-    run_dir = _copy(trained[0], tmp_path)
+    run_dir = _interrupted(trained[0], tmp_path)
     marker = tmp_path / "pwned"
     for step in ("step_2", "step_4"):
         _tamper(run_dir / "checkpoints" / step, marker)
@@ -347,6 +349,19 @@ def test_no_intact_checkpoint_stops_instead_of_starting_over(trained, tmp_path: 
     assert last.startswith("error:") and "no intact checkpoint" in last, result.stderr[-3000:]
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before, "training started over"
     assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_2", "step_4"]
+
+
+@pytest.mark.slow
+def test_finished_run_with_damaged_final_checkpoint_says_so(trained, tmp_path: Path) -> None:
+    # Rerunning a finished run must not vouch for a final checkpoint that no longer verifies.
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained[0], run_dir)
+    weights = run_dir / "checkpoints" / "step_6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = _train(run_dir)
+    output = result.stdout + result.stderr
+    assert "step_6" in output and "model.safetensors" in output, output[-3000:]
+    assert "already trained to step 6" not in output, output[-3000:]
 
 
 @pytest.mark.slow
