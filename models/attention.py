@@ -11,6 +11,7 @@ import importlib
 from collections.abc import Callable
 from functools import cache
 
+import torch
 import torch.nn as nn
 from torch import Tensor
 
@@ -38,7 +39,9 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, **kwarg
         raise ValueError("attention backend 'chunked' has no attention dropout; set attention_dropout=0")
     from models.kernels.chunked import chunked_attention
 
-    return chunked_attention(q, k, v, **kwargs)
+    # The kernel picks its own accumulation precision (fp32); autocast must not recast its tile matmuls.
+    with torch.autocast(q.device.type, enabled=False):
+        return chunked_attention(q, k, v, **kwargs)
 
 
 _KERNELS: dict[str, Callable[..., Tensor]] = {

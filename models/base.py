@@ -37,7 +37,7 @@ class LanguageModel(nn.Module):
 
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Input embeddings (tokens, positions, token types): lookups, not matmuls."""
-        raise NotImplementedError
+        return self.embed.lookup_parameters()
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (a tied head counts once); optionally without the input embeddings."""

@@ -11,6 +11,7 @@ from models.base import LanguageModel, cross_entropy, reject_unused
 from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
 from models.config import BERTConfig
 from models.outputs import ModelOutput
+from models.position import make_positions
 
 
 class MLMHead(nn.Module):
@@ -47,7 +48,7 @@ class BERT(LanguageModel):
         self.embed = Embeddings(
             config.vocab_size,
             config.d_model,
-            max_len=config.max_seq_len,
+            positions=make_positions(config.positions, config.max_seq_len, config.d_model),
             type_vocab_size=config.type_vocab_size,
             norm_eps=config.layer_norm_eps,
             dropout=config.dropout,
@@ -82,9 +83,6 @@ class BERT(LanguageModel):
 
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
-
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        return [self.embed.tokens.weight, self.embed.positions.weight, self.embed.token_types.weight]
 
     def _tied_head_params(self) -> int:
         return self.embed.tokens.weight.numel()

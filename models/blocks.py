@@ -17,7 +17,6 @@ from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, SelfAttention
 from models.kernels.bias import RelativeBias
-from models.position import LearnedPositions
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
 
@@ -149,14 +148,14 @@ class Stack(nn.ModuleList):
 
 
 class Embeddings(nn.Module):
-    """Token embedding (+ token types) (+ learned positions), then an optional LayerNorm and dropout."""
+    """Token embedding (+ token types) (+ absolute positions), then an optional LayerNorm and dropout."""
 
     def __init__(
         self,
         vocab_size: int,
         d_model: int,
         *,
-        max_len: int | None = None,
+        positions: nn.Module | None = None,
         type_vocab_size: int = 0,
         norm_eps: float | None = None,
         dropout: float = 0.0,
@@ -165,9 +164,14 @@ class Embeddings(nn.Module):
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
         self.token_types = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
-        self.positions = LearnedPositions(max_len, d_model) if max_len else None
+        self.positions = positions
         self.norm = nn.LayerNorm(d_model, eps=norm_eps) if norm_eps is not None else None
         self.drop = nn.Dropout(dropout)
+
+    def lookup_parameters(self) -> list[nn.Parameter]:
+        """Parameters used by lookup, not matmul (excluded from FLOPs and `exclude_embeddings` counts)."""
+        tables = (self.tokens, self.token_types, self.positions)
+        return [p for table in tables if table is not None for p in table.parameters()]
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         x = self.tokens(input_ids)  # (B, L, D)
@@ -179,7 +183,7 @@ class Embeddings(nn.Module):
         elif token_type_ids is not None:
             raise ValueError("token_type_ids given to a model without token type embeddings")
         if self.positions is not None:
-            x = x + self.positions(input_ids.shape[1])
+            x = x + self.positions(input_ids.shape[1], device=input_ids.device).to(x.dtype)
         if self.norm is not None:
             x = self.norm(x)
         return self.drop(x)

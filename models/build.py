@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+
 from models.base import LanguageModel
 from models.config import ModelConfig, get_config
 
@@ -17,10 +19,19 @@ def model_class(family: str) -> type[LanguageModel]:
 
 
 def build_from_config(config: ModelConfig, *, init: bool = True) -> LanguageModel:
-    """The model for `config`, initialised (deterministic given torch's seed) unless `init=False`."""
-    model = model_class(config.family)(config)
-    if init:
-        model.init_weights()
+    """The model for `config`, initialised by `init_weights()` unless `init=False` (then PyTorch's defaults).
+
+    With `init`, the modules are created on the meta device first: no time is spent on default
+    initialisation that `init_weights` overwrites, and the weights depend only on torch's seed at this
+    call, exactly as `to_empty()` + `init_weights()` after a meta-device build (as FSDP does it).
+    """
+    cls = model_class(config.family)
+    if not init:
+        return cls(config)
+    with torch.device("meta"):
+        model = cls(config)
+    model.to_empty(device=torch.get_default_device())
+    model.init_weights()
     return model
 
 

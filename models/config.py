@@ -67,9 +67,10 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class _AbsolutePositionConfig(ModelConfig):
-    """GPT-2 and BERT: learned absolute positions, so the head width must divide d_model."""
+    """GPT-2 and BERT: absolute positions (learned, as published, or sinusoidal); d_model = heads x width."""
 
     max_seq_len: int
+    positions: Literal["learned", "sinusoidal"] = "learned"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -77,6 +78,8 @@ class _AbsolutePositionConfig(ModelConfig):
             raise ValueError(
                 f"model config: d_model={self.d_model} is not divisible by n_heads={self.n_heads}"
             )
+        if self.positions not in ("learned", "sinusoidal"):
+            raise ValueError(f"model config: positions={self.positions!r}; accepted: learned, sinusoidal")
         if self.max_seq_len < 1:
             raise ValueError(f"model config: max_seq_len must be >= 1, got {self.max_seq_len}")
 

@@ -12,6 +12,7 @@ from models.base import LanguageModel, cross_entropy, reject_unused
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import GPTConfig
 from models.outputs import ModelOutput
+from models.position import make_positions
 
 
 class GPT(LanguageModel):
@@ -31,8 +32,9 @@ class GPT(LanguageModel):
             attention=config.attention,
             window=config.attention_window,
         )
+        positions = make_positions(config.positions, config.max_seq_len, config.d_model)
         self.embed = Embeddings(
-            config.vocab_size, config.d_model, max_len=config.max_seq_len, dropout=config.dropout
+            config.vocab_size, config.d_model, positions=positions, dropout=config.dropout
         )
         self.blocks = Stack(
             [PreNormBlock(block) for _ in range(config.n_layers)],
@@ -67,9 +69,6 @@ class GPT(LanguageModel):
 
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
-
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        return [self.embed.tokens.weight, self.embed.positions.weight]
 
     def _tied_head_params(self) -> int:
         return self.embed.tokens.weight.numel()

@@ -392,8 +392,11 @@ def to_hf(model: LanguageModel) -> nn.Module:
 
     spec = _FAMILIES[model.config.family]
     _require(
-        model.config.attention_window is None,
-        "to_hf: transformers has no sliding-window attention for this family",
+        model.config.attention_window is None, "to_hf: transformers has no sliding-window attention here"
+    )
+    _require(
+        getattr(model.config, "positions", "learned") == "learned",
+        "to_hf: transformers needs learned positions",
     )
     hf_model = getattr(transformers, spec.hf_class)(spec.to_hf_config(model.config))
     if isinstance(model.config, T5Config) and not model.config.tie_embeddings:

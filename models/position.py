@@ -17,7 +17,7 @@ class LearnedPositions(nn.Embedding):
     def __init__(self, max_len: int, dim: int) -> None:
         super().__init__(max_len, dim)
 
-    def forward(self, seq_len: int) -> Tensor:  # type: ignore[override]
+    def forward(self, seq_len: int, device: torch.device | None = None) -> Tensor:  # type: ignore[override]
         """(seq_len, dim); positions past `max_len` are an error naming both lengths."""
         if seq_len > self.num_embeddings:
             raise ValueError(f"sequence length {seq_len} exceeds max_seq_len={self.num_embeddings}")
@@ -25,21 +25,22 @@ class LearnedPositions(nn.Embedding):
 
 
 class SinusoidalPositions(nn.Module):
-    """Fixed sin/cos positions (Vaswani et al.); no parameters, any length."""
+    """Fixed sin/cos positions (Vaswani et al.): no parameters, no state, so nothing to save or shard."""
 
     def __init__(self, dim: int, base: float = 10000.0) -> None:
         super().__init__()
-        inv_freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(base) / dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
-        self.dim = dim
+        self.dim, self.base = dim, base
 
-    def forward(self, seq_len: int) -> Tensor:
-        """(seq_len, dim): sin on even channels, cos on odd ones."""
-        angles = (
-            torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)[:, None] * self.inv_freq
-        )
-        out = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)
-        return out[:, : self.dim]
+    def forward(self, seq_len: int, device: torch.device | None = None) -> Tensor:
+        """(seq_len, dim): PE[p, 2i] = sin(p / base^(2i/dim)), PE[p, 2i+1] = cos(same)."""
+        inv_freq = torch.exp(torch.arange(0, self.dim, 2, device=device) * (-math.log(self.base) / self.dim))
+        angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
+        return torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)[:, : self.dim]
+
+
+def make_positions(kind: str, max_len: int, dim: int) -> nn.Module:
+    """`learned` (GPT-2, BERT) or `sinusoidal` absolute positions."""
+    return LearnedPositions(max_len, dim) if kind == "learned" else SinusoidalPositions(dim)
 
 
 class RelativePositionBias(nn.Module):

@@ -110,9 +110,6 @@ class T5(LanguageModel):
     def transformer_blocks(self) -> list[nn.Module]:
         return [*self.encoder, *self.decoder]
 
-    def embedding_parameters(self) -> list[nn.Parameter]:
-        return [self.embed.tokens.weight]
-
     def _tied_head_params(self) -> int:
         return self.embed.tokens.weight.numel() if self.lm_head is None else 0
 

@@ -152,3 +152,37 @@ def test_sliding_window_limits_the_receptive_field(backend: str) -> None:
         torch.testing.assert_close(a, reference(ids).logits, rtol=1e-5, atol=1e-5)
     assert torch.equal(a[0, 5:], b[0, 5:])
     assert not torch.allclose(a[0, 4], b[0, 4])
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "t5-tiny", "t5-v1_1-small"])
+def test_init_weights_sets_every_parameter_and_matches_a_meta_build(preset: str) -> None:
+    """The FSDP path (meta build, to_empty, init_weights) gives exactly build_model's weights, NaN-free."""
+    overrides = dict(SMALL, n_heads=2)
+    config = models.get_config(preset, **overrides)
+    with torch.device("meta"):
+        model = models.build_from_config(config, init=False)
+    model.to_empty(device="cpu")
+    for p in model.parameters():
+        p.data.fill_(float("nan"))
+    torch.manual_seed(5)
+    model.init_weights()
+    torch.manual_seed(5)
+    reference = models.build_model(preset, **overrides)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert not p.isnan().any(), f"{name} left uninitialised"
+        assert torch.equal(p, q), name
+
+
+def test_sinusoidal_positions() -> None:
+    from models.position import SinusoidalPositions
+
+    pe = SinusoidalPositions(6)(5)
+    assert pe.shape == (5, 6)
+    assert pe[3, 2].item() == pytest.approx(torch.sin(torch.tensor(3 / 10000 ** (2 / 6))).item(), abs=1e-6)
+    assert pe[3, 5].item() == pytest.approx(torch.cos(torch.tensor(3 / 10000 ** (4 / 6))).item(), abs=1e-6)
+    model = models.build_model("gpt-tiny", **SMALL, positions="sinusoidal")
+    learned = models.build_model("gpt-tiny", **SMALL)
+    assert learned.num_parameters() - model.num_parameters() == 512 * 32  # no position table
+    assert torch.isfinite(model(**batch("gpt")).loss)
+    with pytest.raises(ValueError, match="learned positions"):
+        models.to_hf(model)
