@@ -17,6 +17,9 @@ from data.errors import DataError
 from data.records import Cursor, Document, Source
 
 Encode = Callable[[str], np.ndarray]
+MAX_BLOCK_SIZE = (
+    32 << 20
+)  # characters (or tokens) per shuffle block: bounds a worker's memory on long documents
 State = dict[str, Any]
 
 
@@ -58,12 +61,13 @@ class DocStream:
     def _load_block(self) -> None:
         docs: list[Document] = []
         self._end: Cursor | None = self._cursor
+        self._epoch_done, size = True, 0
         for cursor, doc in self.source.documents(self._epoch, self._cursor):
             docs.append(doc)
-            self._end = cursor
-            if len(docs) == self.block_size:
+            self._end, size = cursor, size + len(doc)
+            if len(docs) == self.block_size or size >= MAX_BLOCK_SIZE:
+                self._epoch_done = False
                 break
-        self._epoch_done = len(docs) < self.block_size
         if self.shuffle and len(docs) > 1:
             rng = np.random.default_rng([self.seed, self.stream, self._epoch, self._block_no])
             docs = [docs[i] for i in rng.permutation(len(docs))]

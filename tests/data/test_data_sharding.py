@@ -107,3 +107,12 @@ def test_mixture_follows_weights(make_cfg, tokenizers, corpus, tmp_path, ids_of,
     ids = ids_of(tok.decode(mix.next()) for _ in range(800))
     share = sum(i < 1000 for i in ids) / len(ids)
     assert 0.70 < share < 0.80  # 3:1 -> 0.75
+
+
+def test_blocks_capped_by_size_still_cover_everything_once(make_cfg, tokenizers, ids_of, monkeypatch):
+    import data.sharding
+
+    monkeypatch.setattr(data.sharding, "MAX_BLOCK_SIZE", 500)  # ~2-10 documents per block instead of 7
+    spec = resolve_source(make_cfg().source, make_cfg(), "train", held_out=False)
+    seen = [i for s in range(2) for i in ids_of(epoch_docs(spec, tokenizers["gpt"], stream=s, streams=2))]
+    assert sorted(seen) == list(range(300))
