@@ -60,15 +60,17 @@ class CheckpointError(ValueError):
 
 
 class UnsafeCheckpointError(CheckpointError):
-    """The file's pickle would import or call something outside the allow-list (it could run code)."""
+    """The file's pickle would import or call something outside the allow-list (it could run code).
 
-    def __init__(self, path: str | os.PathLike[str], global_name: str) -> None:
+    `global_name` is the offending "module.name", or what else made the file uncheckable (`reason` then says it).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], global_name: str, *, reason: str | None = None) -> None:
         self.global_name = global_name
-        super().__init__(
-            path,
-            f"refusing to load: its pickle references {global_name!r}, which is not a plain tensor, "
-            "container or dtype and could run code (was the checkpoint tampered with?)",
+        what = (
+            reason or f"its pickle imports {global_name!r}, which is not a plain tensor, container or dtype"
         )
+        super().__init__(path, f"refusing to load: {what}; loading it could run code (tampered checkpoint?)")
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -198,7 +200,7 @@ def _scan_pickle(stream: BinaryIO, where: str) -> None:
         for opcode, arg, _pos in pickletools.genops(stream):
             op = opcode.name
             if op.startswith("EXT"):
-                raise UnsafeCheckpointError(where, f"copyreg extension code {arg}")
+                raise UnsafeCheckpointError(where, op, reason=f"its pickle imports copyreg extension {arg}")
             before, after = opcode.stack_before, list(opcode.stack_after)
             pushed: list[Any] = [_VALUE] * len(after)
             if op in ("GLOBAL", "INST"):
@@ -207,7 +209,9 @@ def _scan_pickle(stream: BinaryIO, where: str) -> None:
             elif op == "STACK_GLOBAL":
                 module, name = stack[-2], stack[-1]
                 if not (type(module) is str and type(name) is str):
-                    raise UnsafeCheckpointError(where, "a global whose name is computed at load time")
+                    raise UnsafeCheckpointError(
+                        where, op, reason="its pickle imports a global whose name is computed at load time"
+                    )
                 pushed = [allow(module, name)]
             elif op in _STRING_OPS:
                 pushed = [arg if isinstance(arg, str) else _VALUE]
@@ -216,11 +220,15 @@ def _scan_pickle(stream: BinaryIO, where: str) -> None:
             elif op == "DUP":
                 pushed = [stack[-1], stack[-1]]
             elif op in _CALL_DEPTH and not isinstance(stack[-_CALL_DEPTH[op]], _Global):
-                raise UnsafeCheckpointError(where, f"{op} of a value that is not an allowed global")
+                raise UnsafeCheckpointError(
+                    where, op, reason=f"its pickle calls ({op}) a value that is not an allowed global"
+                )
             elif op == "OBJ":
                 mark = len(stack) - 1 - stack[::-1].index(_MARK)
                 if not isinstance(stack[mark + 1], _Global):
-                    raise UnsafeCheckpointError(where, "OBJ of a value that is not an allowed global")
+                    raise UnsafeCheckpointError(
+                        where, op, reason="its pickle calls (OBJ) a value that is not an allowed global"
+                    )
             elif op in _PUT_OPS:
                 memo[len(memo) if op == "MEMOIZE" else arg] = stack[-1]
                 pushed = [stack[-1]] * len(after)  # MEMOIZE pops and pushes back the same object
@@ -294,7 +302,9 @@ def check_pickle_file(path: str | os.PathLike[str]) -> None:
     if path.stat().st_size == 0:
         raise CorruptCheckpointError(path, "empty file")
     if tarfile.is_tarfile(path):  # torch.load tries tar (its legacy format) before anything else
-        raise UnsafeCheckpointError(path, "a tar archive (legacy torch format, not supported)")
+        raise UnsafeCheckpointError(
+            path, "tar", reason="it is a tar archive (torch's legacy format, not checked)"
+        )
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] == b"PK\x03\x04":  # torch.load treats exactly these as zip checkpoints
             scanned = 0
@@ -354,7 +364,11 @@ def _check_dcp_items(metadata_path: Path) -> None:
     for info in getattr(metadata, "storage_data", {}).values():
         where = f"{metadata_path.parent / info.relative_path}@{info.offset}"
         if getattr(info, "transform_descriptors", None):
-            raise UnsafeCheckpointError(where, f"an item stored with transforms {info.transform_descriptors}")
+            raise UnsafeCheckpointError(
+                where,
+                "transform",
+                reason=f"a DCP item stored with transforms {info.transform_descriptors} is not checked",
+            )
         with (
             open(metadata_path.parent / info.relative_path, "rb") as f,
             mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf,

@@ -7,6 +7,7 @@ import io
 import logging
 import os
 import pickle
+import re
 import subprocess
 import sys
 import tarfile
@@ -122,14 +123,14 @@ def _op_str(s: str) -> bytes:
             b"\x80\x04" + _op_str("_codecs") + _op_str("encode") + b"\x93)R" + _op_str("system") + b"\x93.",
             "computed",
         ),
-        (b"\x80\x04})R.", "REDUCE of a value"),  # calling something that is not a global
-        (b"(}o.", "OBJ of a value"),
+        (b"\x80\x04})R.", "calls (REDUCE) a value"),  # calling something that is not a global
+        (b"(}o.", "calls (OBJ) a value"),
     ],
 )
 def test_crafted_pickles_are_refused(tmp_path: Path, payload: bytes, named: str) -> None:
     path = tmp_path / "x.pkl"
     path.write_bytes(payload)
-    with pytest.raises(UnsafeCheckpointError, match=named.replace(".", r"\.")):
+    with pytest.raises(UnsafeCheckpointError, match=re.escape(named)):
         check_pickle_file(path)
 
 
