@@ -193,7 +193,7 @@ class RunConfig(Section):
 
 def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
     """Read, merge and validate; raises ConfigError naming the first problem."""
-    raw = _read_yaml(Path(path))
+    raw = {k: v for k, v in _read_yaml(Path(path)).items() if v is not None}  # `train:` left empty = defaults
     for key, value in parse_overrides(overrides).items():
         _set_dotted(raw, key, value)
     run = raw.setdefault("run", {})
