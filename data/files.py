@@ -15,7 +15,7 @@ import os
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 from data.config import DataConfig
 from data.errors import DataError
@@ -65,7 +65,7 @@ def resolve_files(pattern: str) -> list[SourceFile]:
     return files
 
 
-def _open_binary(f: SourceFile):
+def _open_binary(f: SourceFile) -> BinaryIO:
     if f.compression == "gz":
         return gzip.open(f.path, "rb")
     if f.compression == "zst":

@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from data.errors import DataError
 from data.records import Cursor, Document, SkipLog, bounded_sample
+
+if TYPE_CHECKING:  # imported lazily: datasets costs seconds to import and is only needed for hf: sources
+    import datasets
 
 
 class HFSource:
@@ -56,7 +60,7 @@ class HFSpec:
     split: str
     field: str
 
-    def load(self):
+    def load(self) -> datasets.IterableDataset:
         import datasets
 
         try:

@@ -26,7 +26,7 @@ from data.errors import DataError
 from data.objectives import CausalLM, MaskedLM, SpanCorruption
 from data.packing import Packer
 from data.records import SourceSpec
-from data.sharding import Part, build_stream
+from data.sharding import DocStream, Mixture, Part, build_stream
 from data.shards import PreparedSpec
 from data.sources import resolve_source
 from data.tokenizer import SENTINELS, Encoder, fingerprint
@@ -80,7 +80,7 @@ class PipelineDataset(IterableDataset):
                 f"this is stream {stream} of {streams} (world size or num_workers changed)"
             )
 
-        def open_docs(state):
+        def open_docs(state: dict[str, Any] | None) -> DocStream | Mixture:
             parts = [
                 Part(
                     spec.open(stream=stream, num_streams=streams, seed=p.seed + 7919 * i, shuffle=p.shuffle),

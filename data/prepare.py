@@ -92,7 +92,14 @@ def _source_spec(cfg: DataConfig, split: str) -> FilesSpec | HFSpec:
     return spec
 
 
-def _prepare_files(spec: FilesSpec, split: str, out_dir: Path, tokenizer, dtype, num_procs: int):
+def _prepare_files(
+    spec: FilesSpec,
+    split: str,
+    out_dir: Path,
+    tokenizer: PreTrainedTokenizerFast,
+    dtype: type,
+    num_procs: int,
+) -> tuple[dict[str, Any], Counter[str]]:
     """Local files: contiguous groups of files tokenised in parallel, one shard per group."""
     groups = _balanced_groups(spec, num_procs * TASKS_PER_PROC)
     tasks = [
@@ -115,7 +122,9 @@ def _prepare_files(spec: FilesSpec, split: str, out_dir: Path, tokenizer, dtype,
     )
 
 
-def _prepare_stream(spec: HFSpec, split: str, out_dir: Path, tokenizer, dtype, num_procs: int):
+def _prepare_stream(
+    spec: HFSpec, split: str, out_dir: Path, tokenizer: PreTrainedTokenizerFast, dtype: type, num_procs: int
+) -> tuple[dict[str, Any], Counter[str]]:
     """A streamed dataset: read in order here, tokenised in parallel in batches, written to one shard."""
     try:
         spec.load()
@@ -153,7 +162,7 @@ def _balanced_groups(spec: FilesSpec, count: int) -> list[list]:
 class _ShardWriter:
     """Appends documents' tokens to NAME.bin and their offsets to NAME.idx.npy (moved into place on close)."""
 
-    def __init__(self, out_dir: str | Path, name: str, dtype) -> None:
+    def __init__(self, out_dir: str | Path, name: str, dtype: type) -> None:
         self.out_dir, self.name, self.dtype = Path(out_dir), name, dtype
         self.tmp = self.out_dir / f".{name}.bin.tmp"
         self.fh = open(self.tmp, "wb")  # noqa: SIM115 (closed in close())
