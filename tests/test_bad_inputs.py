@@ -409,3 +409,16 @@ def test_no_secret_in_any_run_output(trained, tmp_path: Path) -> None:
         leaks = [name for name, text in outputs.items() if secret in text]
         leaks += [str(p.relative_to(run_dir)) for p in files if secret.encode() in p.read_bytes()]
         assert not leaks, f"secret {secret[:6]}... found in: {leaks}"
+
+
+def test_a_key_alone_does_not_turn_wandb_online(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Online only when configured: a key in the environment (with no network) would make wandb hang.
+    from pretrain.config import load_config
+
+    monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    config = tmp_path / "no-wandb.yaml"
+    config.write_text(CONFIG.read_text().split("wandb:")[0])
+    assert "wandb" not in config.read_text()
+    assert load_config(config, [f"run.dir={tmp_path / 'run'}"]).wandb.mode == "offline"
+    assert FAKE_KEY not in load_config(config, [f"run.dir={tmp_path / 'run'}"]).to_yaml()
