@@ -361,7 +361,7 @@ def _check_dcp_items(metadata_path: Path) -> None:
     check_pickle_file(metadata_path)
     with open(metadata_path, "rb") as f:
         metadata = _AllowListUnpickler(f).load()
-    for info in getattr(metadata, "storage_data", {}).values():
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
         where = f"{metadata_path.parent / info.relative_path}@{info.offset}"
         if getattr(info, "transform_descriptors", None):
             raise UnsafeCheckpointError(
