@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from models.attention import attend
+from models.kernels import chunked
 from models.kernels.bias import RelativeBias
 from models.kernels.chunked import _Tiling, chunked_attention
 
@@ -120,6 +122,22 @@ def test_forward_and_grads_match_float64_reference(case, blocks):
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
+@pytest.mark.parametrize(
+    "case", ["causal_padding", "window_cross_empty_rows", "t5_causal", "dense_bias_full"]
+)
+def test_matches_the_eager_backend_of_attend(case, monkeypatch):
+    """The same check against the models' own reference backend, through the public dispatcher."""
+    monkeypatch.setattr(chunked, "DEFAULT_Q_BLOCK", 8)  # several tiles even at these small lengths
+    monkeypatch.setattr(chunked, "DEFAULT_K_BLOCK", 11)
+    q, k, v, kwargs = build_case(**CASES[case])
+    leaves = grad_leaves(q, k, v, kwargs)
+    out = attend(q, k, v, backend="chunked", **kwargs)
+    ref = attend(q, k, v, backend="eager", **kwargs)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-10)
+    for g, w in zip(torch.autograd.grad(out.sum(), leaves), torch.autograd.grad(ref.sum(), leaves)):
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-10)
+
+
 def test_fully_masked_rows_give_zero_output_and_zero_grads():
     q, k, v, kwargs = build_case(lq=16, lk=16, pad=True, dead_row=1)
     q.requires_grad_()
@@ -140,22 +158,28 @@ def test_t5_bias_past_max_distance_uses_the_far_buckets():
 
 
 def test_gradcheck_tiny():
-    q, k, v, kwargs = build_case(lq=6, lk=5, pad=True, t5="bi")
-    rule = kwargs.pop("bias")
+    """Finite differences on (B, H, D) = (2, 2, 3), several tiles, padding with a fully masked row."""
+
+    def tiny(lq, lk):
+        q, k, v = make_qkv(2, lq, lk)
+        return [t[:, :2, :, :3].detach().requires_grad_() for t in (q, k, v)]
+
+    mask = torch.tensor([[True, True, False, True, True], [False] * 5])
+    rule = t5_bias(bidirectional=True)
+    table = rule.table[:, :2].detach().requires_grad_()
 
     def f(q, k, v, table):
         bias = dataclasses.replace(rule, table=table)
-        return chunked_attention(q, k, v, bias=bias, q_block=4, k_block=3, **kwargs)
+        return chunked_attention(q, k, v, bias=bias, key_padding_mask=mask, q_block=4, k_block=3)
 
-    assert torch.autograd.gradcheck(f, grad_leaves(q, k, v, {}) + [rule.table.requires_grad_()])
+    assert torch.autograd.gradcheck(f, [*tiny(6, 5), table])
 
-    q, k, v, _ = build_case(lq=5, lk=5)
-    dense = torch.randn(1, H, 5, 5, dtype=torch.float64, requires_grad=True)
+    dense = torch.randn(1, 2, 5, 5, dtype=torch.float64, requires_grad=True)
 
     def g(q, k, v, dense):
         return chunked_attention(q, k, v, causal=True, window=3, bias=dense, q_block=2, k_block=2)
 
-    assert torch.autograd.gradcheck(g, grad_leaves(q, k, v, {}) + [dense])
+    assert torch.autograd.gradcheck(g, [*tiny(5, 5), dense])
 
 
 @pytest.mark.parametrize("causal", [False, True])
@@ -241,3 +265,16 @@ def test_bad_input_names_the_problem(kwargs, match):
     q, k, v = make_qkv(2, 8, 8)
     with pytest.raises(ValueError, match=match):
         chunked_attention(q, k, v, **kwargs)
+
+
+def test_compiled_callers_run_the_kernel_eagerly():
+    """torch.compile traces around the kernel (a graph break) instead of unrolling its tile loops."""
+    q, k, v, kwargs = build_case(**CASES["t5_causal"])
+    weight = torch.randn(D, D, dtype=torch.float64)
+
+    def f(q, k, v):
+        return chunked_attention(q @ weight, k, v, q_block=16, k_block=16, **kwargs).tanh()
+
+    torch._dynamo.reset()
+    assert torch._dynamo.explain(f)(q, k, v).graph_break_count == 1
+    torch.testing.assert_close(torch.compile(f, backend="eager")(q, k, v), f(q, k, v), rtol=0, atol=0)
