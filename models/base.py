@@ -16,6 +16,18 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     )
 
 
+def key_padding(attention_mask: Tensor | None) -> Tensor | None:
+    """The boolean keep-mask for attention, or None when nothing is padded.
+
+    Dropping an all-ones mask keeps SDPA's fused kernels (flash / is_causal) eligible; it costs one
+    host sync per forward, not per layer.
+    """
+    if attention_mask is None:
+        return None
+    keep = attention_mask.bool()
+    return None if bool(keep.all()) else keep
+
+
 def reject_unused(model: str, **inputs: Tensor | None) -> None:
     """A clear error for inputs a family has no use for, instead of silently ignoring them."""
     given = [name for name, value in inputs.items() if value is not None]

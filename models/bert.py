@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, reject_unused
+from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
 from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
 from models.config import BERTConfig
 from models.outputs import ModelOutput
@@ -73,7 +73,7 @@ class BERT(LanguageModel):
         reject_unused(
             "BERT", decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask
         )
-        padding = attention_mask.bool() if attention_mask is not None else None
+        padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
         if labels is None:
             return ModelOutput(logits=self.head(x, self.embed.tokens.weight))

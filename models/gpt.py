@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, reject_unused
+from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import GPTConfig
 from models.outputs import ModelOutput
@@ -58,7 +58,7 @@ class GPT(LanguageModel):
             decoder_input_ids=decoder_input_ids,
             decoder_attention_mask=decoder_attention_mask,
         )
-        padding = attention_mask.bool() if attention_mask is not None else None
+        padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids), key_padding_mask=padding)  # (B, L, D)
         logits = F.linear(self.norm(x), self.embed.tokens.weight)  # (B, L, V)
         loss = None

@@ -318,24 +318,37 @@ class _Family:
     from_hf_config: Callable[[Any], ModelConfig]
     to_hf_config: Callable[[Any], Any]
     rules: Callable[[Any], list[Rule]]
-    tied: tuple[str, ...]  # HF keys that alias another HF tensor (not read, and filled by tying)
+    tied: dict[str, str]  # HF alias key -> the HF key it is tied to (aliases are not read; tying fills them)
 
 
 _FAMILIES = {
-    "gpt": _Family("GPT2LMHeadModel", _gpt_config, _gpt_hf_config, _gpt_rules, ("lm_head.weight",)),
+    "gpt": _Family(
+        "GPT2LMHeadModel",
+        _gpt_config,
+        _gpt_hf_config,
+        _gpt_rules,
+        {"lm_head.weight": "transformer.wte.weight"},
+    ),
     "bert": _Family(
         "BertForMaskedLM",
         _bert_config,
         _bert_hf_config,
         _bert_rules,
-        ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias"),
+        {
+            "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
+            "cls.predictions.decoder.bias": "cls.predictions.bias",
+        },
     ),
     "t5": _Family(
         "T5ForConditionalGeneration",
         _t5_config,
         _t5_hf_config,
         _t5_rules,
-        ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"),
+        {
+            "encoder.embed_tokens.weight": "shared.weight",
+            "decoder.embed_tokens.weight": "shared.weight",
+            "lm_head.weight": "shared.weight",  # read as our own head when the config is untied (v1.1)
+        },
     ),
 }
 
@@ -375,11 +388,16 @@ def from_hf(hf_model: nn.Module, attention: str = "auto") -> LanguageModel:
     config = dataclasses.replace(config, attention=attention)  # validates the backend name
     rules = spec.rules(config)
     hf_state = hf_model.state_dict()
-    unused = set(hf_state) - {n for r in rules for n in r.theirs} - set(spec.tied)
+    read = {n for r in rules for n in r.theirs}
+    unused = set(hf_state) - read - set(spec.tied)
     if unused:
         raise ValueError(
             f"from_hf: {spec.hf_class} has weights we cannot map: {', '.join(sorted(unused)[:5])}"
         )
+    for alias, source in spec.tied.items():
+        # An alias we do not read must really be tied, or we would silently drop its values.
+        if alias in hf_state and alias not in read and not torch.equal(hf_state[alias], hf_state[source]):
+            raise ValueError(f"from_hf: {alias} differs from {source}; this untied variant is not supported")
     param = next(hf_model.parameters())
     model = build_from_config(config, init=False).to(device=param.device, dtype=param.dtype)
     model.load_state_dict(convert_from_hf(rules, hf_state), strict=True)

@@ -11,7 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, reject_unused
+from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import T5Config
 from models.outputs import ModelOutput
@@ -87,8 +87,8 @@ class T5(LanguageModel):
             decoder_input_ids = shift_right(
                 labels, start_token_id=cfg.decoder_start_token_id, pad_token_id=cfg.pad_token_id
             )
-        enc_mask = attention_mask.bool() if attention_mask is not None else None
-        dec_mask = decoder_attention_mask.bool() if decoder_attention_mask is not None else None
+        enc_mask = key_padding(attention_mask)
+        dec_mask = key_padding(decoder_attention_mask)
 
         memory = self.encoder(self.embed(input_ids), key_padding_mask=enc_mask, bias=self.encoder_bias())
         memory = self.drop(self.encoder_norm(memory))  # (B, Lin, D)

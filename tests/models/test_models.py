@@ -186,3 +186,15 @@ def test_sinusoidal_positions() -> None:
     assert torch.isfinite(model(**batch("gpt")).loss)
     with pytest.raises(ValueError, match="learned positions"):
         models.to_hf(model)
+
+
+def test_an_all_ones_mask_is_dropped_so_fused_kernels_stay_eligible() -> None:
+    from models.base import key_padding
+
+    assert key_padding(torch.ones(2, 5, dtype=torch.long)) is None
+    assert key_padding(None) is None
+    assert key_padding(torch.tensor([[1, 0]])).tolist() == [[True, False]]
+    model = models.build_model("gpt-tiny", **SMALL).eval()
+    ids = batch("gpt")["input_ids"]
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=torch.ones_like(ids)).logits, model(ids).logits)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import HFCase
 
@@ -96,3 +97,42 @@ def test_to_hf_from_built_model_matches() -> None:
             assert max_rel_err(model(**inputs).logits, hf(**inputs).logits) < TOL, preset
         if preset.startswith("t5-v1_1"):
             assert hf.lm_head.weight.data_ptr() != hf.shared.weight.data_ptr()  # v1.1 keeps its own head
+
+
+def test_to_hf_survives_save_and_from_pretrained(tmp_path) -> None:
+    """What `pretrain export` writes loads back in transformers with the same logits (v1.1's untied head too)."""
+    import transformers
+
+    for preset in ("gpt-tiny", "bert-tiny", "t5-v1_1-small"):
+        torch.manual_seed(0)
+        model = models.build_model(preset, vocab_size=64, d_model=32, d_ff=48, n_layers=1, n_heads=2).eval()
+        models.to_hf(model).save_pretrained(tmp_path / preset)
+        loaded = getattr(transformers, _FAMILIES[model.config.family].hf_class).from_pretrained(
+            tmp_path / preset
+        )
+        ids = torch.randint(0, 64, (2, 7))
+        inputs = dict(input_ids=ids)
+        if model.config.family == "t5":
+            inputs["decoder_input_ids"] = ids[:, :4]
+        with torch.no_grad():
+            assert max_rel_err(model(**inputs).logits, loaded.eval()(**inputs).logits) < TOL, preset
+
+
+def test_from_hf_refuses_an_untied_head_it_would_drop() -> None:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel(
+        GPT2Config(vocab_size=32, n_embd=16, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    )
+    hf.lm_head.weight = torch.nn.Parameter(hf.lm_head.weight.detach() + 1)
+    with pytest.raises(ValueError, match="lm_head.weight differs from transformer.wte.weight"):
+        models.from_hf(hf)
+
+
+def test_from_hf_rejects_other_classes() -> None:
+    from transformers import BertConfig, BertModel
+
+    with pytest.raises(ValueError, match="unsupported model class BertModel; accepted: GPT2LMHeadModel"):
+        models.from_hf(
+            BertModel(BertConfig(vocab_size=32, hidden_size=16, num_hidden_layers=1, num_attention_heads=2))
+        )
