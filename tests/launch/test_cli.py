@@ -140,7 +140,9 @@ def test_slurm_script_for_multi_node_gpu_job(capsys, config, monkeypatch, tmp_pa
         "run'",
     ]
     assert "PET_RDZV_CONF=is_host=$((SLURM_NODEID == 0))" in out  # node 0 hosts the rendezvous
-    assert "trap 'echo \"launch: got SIGUSR1" in out and 'kill -s USR1 "${SRUN_PID:-}"' in out
+    usr1_trap = next(line for line in lines if line.startswith("trap ") and line.endswith(" USR1"))
+    assert 'kill -s USR1 "${SRUN_PID:-}"' in usr1_trap  # the pre-timeout signal goes on to srun's tasks
+    assert 'scontrol requeue "$SLURM_JOB_ID"' in out  # the shell's fallback requeue after USR1
     assert "TORCHELASTIC_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1" in out
     assert "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=240" in out
     assert "secret-key" not in out and "WANDB_API_KEY=" not in out
