@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +39,7 @@ class Result:
 
 
 def run_cli(
-    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+    module: str, *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 600
 ) -> Result:
     """`python -m MODULE ARGS` in a subprocess; also reports the CPU time it used (load-independent)."""
     out, err = cwd / f".{os.getpid()}-{id(args)}.out", cwd / f".{os.getpid()}-{id(args)}.err"
@@ -46,9 +47,12 @@ def run_cli(
         proc = subprocess.Popen(
             [sys.executable, "-m", module, *args], cwd=cwd, env=env or ENV, stdout=fo, stderr=fe
         )
+        killer = threading.Timer(timeout, proc.kill)  # a hang (e.g. wandb online without network) fails
+        killer.start()
         try:
             _, status, usage = os.wait4(proc.pid, 0)
         finally:
+            killer.cancel()
             proc.returncode = 0  # reaped by wait4 above; keep Popen from waiting again
     result = Result(
         os.waitstatus_to_exitcode(status), out.read_text(), err.read_text(), usage.ru_utime + usage.ru_stime
