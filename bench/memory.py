@@ -9,9 +9,10 @@ optimizer states exist), then resets the kernel's high-water mark (/proc/self/cl
 resident set (model states), runs one more step and reads the high-water mark: peak - states is what the
 step itself needed (activations, gradients, temporaries).
 
-For ZeRO, each rank reports (a) the bytes of the distinct tensor storages it holds after a step (params,
-their .grad, DeepSpeed's partitions and buffers, optimizer states), found by walking live objects, and
-(b) its resident-set growth from before the model was built; next to them the analytic figure for
+For ZeRO, each rank reports, at the moment its second AdamW update starts (an optimizer step pre-hook),
+(a) the bytes of the distinct tensor storages it holds (params, their .grad, DeepSpeed's partitions and
+buffers, optimizer states), found by walking live objects, and (b) its resident-set growth since before
+the model was built (also counts gloo and allocator overheads); next to them the analytic figure for
 fp32 AdamW (params 4, grads 4, two moments 8 bytes per parameter, divided by the world size as the stage
 says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers).
 
@@ -23,6 +24,7 @@ says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import os
@@ -32,6 +34,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -113,46 +116,60 @@ def run_checkpointing(shape: Shape, families: list[str]) -> None:
 # --- ZeRO -----------------------------------------------------------------------------------------
 
 
-def _live_tensor_bytes() -> int:
-    """Bytes of the distinct tensor storages reachable from Python objects (and their .grad/.ds_tensor)."""
-    seen: dict[int, int] = {}
-
-    def add(t: object) -> None:
-        if isinstance(t, torch.Tensor) and t.device.type != "meta":
-            s = t.untyped_storage()
-            if s.nbytes():
-                seen[s.data_ptr()] = s.nbytes()
-            for attr in ("grad", "ds_tensor"):
-                sub = getattr(t, attr, None) if attr != "grad" or t.is_leaf else None
-                if isinstance(sub, torch.Tensor):
-                    add(sub)
-
-    gc.collect()
-    for obj in gc.get_objects():
-        try:
-            add(obj)
-        except (RuntimeError, ReferenceError):  # e.g. storages of tensors without data
+def _bytes(tensors: list[torch.Tensor | None], seen: set[int]) -> int:
+    """Bytes of the tensors' storages not counted yet (views of one flat buffer count once)."""
+    total = 0
+    for t in tensors:
+        if t is None or t.numel() == 0:
             continue
-    return sum(seen.values())
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
+
+
+def model_state_bytes(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, seen: set[int]
+) -> dict[str, int]:
+    """This rank's params (a ZeRO-3 rank holds `ds_tensor`, its partition), gradients, the optimizer's own
+    fp32 copies of the params (DeepSpeed's partitions, when they are not the model's tensors), and AdamW's
+    moments; storages in `seen` are skipped (DeepSpeed steps its param groups one at a time)."""
+    model_params = list(model.parameters())
+    params = _bytes([getattr(p, "ds_tensor", p) for p in model_params], seen)
+    optimized = [p for group in optimizer.param_groups for p in group["params"]]
+    master = _bytes(optimized, seen)
+    grads = _bytes([p.grad for p in optimized + model_params], seen)
+    moments = _bytes([v for state in optimizer.state.values() for v in state.values()
+                      if isinstance(v, torch.Tensor) and v.numel() > 1], seen)  # fmt: skip
+    return {"params": params, "master": master, "grads": grads, "moments": moments}
 
 
 def zero_worker(stage: int, shape: Shape, out: Path) -> None:
-    """One rank under torchrun: build the engine at `stage`, run a step, record bytes held."""
+    """One rank under torchrun: build the engine at `stage`, run two steps, and at the moment the second
+    AdamW update starts (gradients, parameters and both moments all exist then) record what it holds."""
     from pretrain.engines import EngineSpec, OptimizerSpec, build_engine, init_distributed, shutdown
 
     dist = init_distributed(timeout_s=300)
     gc.collect()
-    before_tensors, before_rss = _live_tensor_bytes(), _status_kib("VmRSS") * 1024
+    before_rss = _status_kib("VmRSS") * 1024
     model = _model("gpt", shape)
     n_params = sum(p.numel() for p in model.parameters())
     spec = EngineSpec(backend="deepspeed", zero_stage=stage, micro_batch_size=shape.batch_size)
     engine = build_engine(spec, model, OptimizerSpec(lr=1e-4, max_steps=10), dist)
-    del model
+    held: dict[str, int] = {}
+    seen: set[int] = set()
+
+    def measure(optimizer: torch.optim.Optimizer, *_: object) -> None:  # inside DeepSpeed's step
+        for key, value in model_state_bytes(engine.model, optimizer, seen).items():
+            held[key] = held.get(key, 0) + value
+        held["rss"] = _status_kib("VmRSS") * 1024 - before_rss
+
     engine.train_step([make_batch("gpt", shape, seed=dist.rank)])
-    gc.collect()
-    held = _live_tensor_bytes() - before_tensors
-    rss = _status_kib("VmRSS") * 1024 - before_rss
-    (out / f"rank{dist.rank}.json").write_text(json.dumps({"params": n_params, "tensors": held, "rss": rss}))
+    hook = register_optimizer_step_pre_hook(measure)
+    engine.train_step([make_batch("gpt", shape, seed=10 + dist.rank)])
+    hook.remove()
+    (out / f"rank{dist.rank}.json").write_text(json.dumps({"n": n_params, **held}))
     shutdown()
 
 
@@ -180,20 +197,24 @@ def run_zero(shape: Shape, world: int = 2) -> None:
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
             results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
             if proc.returncode != 0 or len(results) != world:
-                rows.append([str(stage), "failed", proc.stderr.strip().splitlines()[-1][:80], "", ""])
+                lines = proc.stderr.splitlines()
+                errors = [x for x in lines if x.startswith("[rank") and "Error" in x] or ["no result files"]
+                rows.append([str(stage), "failed", errors[-1][-100:], "", "", ""])
                 continue
-        n = results[0]["params"]
+        n, r0 = results[0]["n"], results[0]
+        states = r0["params"] + r0["master"] + r0["grads"] + r0["moments"]
         rows.append([
-            str(stage), f"{n / 1e6:.2f} M", f"{analytic(stage, n, world) / MIB:.0f}",
-            " / ".join(f"{r['tensors'] / MIB:.0f}" for r in results),
+            str(stage), f"{n / 1e6:.2f} M", f"{analytic(stage, n, world) / MIB:.1f}", f"{states / MIB:.1f}",
+            " / ".join(f"{r0[k] / MIB:.1f}" for k in ("params", "master", "grads", "moments")),
             " / ".join(f"{r['rss'] / MIB:.0f}" for r in results),
         ])  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
     print(f"\nGPT {shape}, fp32, DeepSpeed through pretrain.engines, world size {world} (gloo); MiB per rank")
     print_table(
-        ["ZeRO stage", "params", "analytic states", "measured tensors (r0 / r1)", "RSS growth (r0 / r1)"],
+        ["ZeRO", "params", "analytic states", "measured states (rank 0)",
+         "params / fp32 copy / grads / moments", "RSS growth (r0 / r1)"],
         rows,
-    )
+    )  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -218,7 +239,8 @@ def main(argv: list[str] | None = None) -> None:
         if args.part in ("all", "checkpointing"):
             run_checkpointing(shape, args.families.split(","))
         if args.part in ("all", "zero"):
-            run_zero(shape)
+            # Model states do not depend on the batch: a short one keeps the 2-rank steps cheap.
+            run_zero(dataclasses.replace(shape, batch_size=2, seq_len=64))
 
 
 if __name__ == "__main__":
