@@ -1,8 +1,36 @@
-"""Data pipeline: sources -> shards per rank/worker -> tokenizer -> packing -> objectives -> resumable batches."""
+"""Data pipeline: sources -> shards per rank/worker -> tokenizer -> packing -> objectives -> resumable batches.
+
+The heavy parts (torch, transformers, torchdata) load on first use, so that `data.check_sources` and the
+config classes are cheap to import for validating a run config before anything starts.
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 from data.config import DataConfig, MixtureComponent
 from data.errors import DataError
-from data.loader import DataPipeline, build_loader
-from data.tokenizer import build_tokenizer
+from data.sources import check_sources
 
-__all__ = ["DataConfig", "DataError", "DataPipeline", "MixtureComponent", "build_loader", "build_tokenizer"]
+if TYPE_CHECKING:
+    from data.loader import DataPipeline, build_loader
+    from data.tokenizer import build_tokenizer
+
+_LAZY = {"DataPipeline": "data.loader", "build_loader": "data.loader", "build_tokenizer": "data.tokenizer"}
+
+__all__ = [
+    "DataConfig",
+    "DataError",
+    "DataPipeline",
+    "MixtureComponent",
+    "build_loader",
+    "build_tokenizer",
+    "check_sources",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'data' has no attribute {name!r}")

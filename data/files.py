@@ -38,7 +38,7 @@ def in_validation(key: str, record: int, fraction: float) -> bool:
     return zlib.crc32(f"{key}#{record}".encode()) % 100_000 < fraction * 100_000
 
 
-def describe_file(path: str, key: str) -> SourceFile:
+def describe_file(path: str, key: str, *, setting: str = "data.source") -> SourceFile:
     name = path.lower()
     compression = None
     for suffix, comp in ((".gz", "gz"), (".zst", "zst")):
@@ -47,21 +47,21 @@ def describe_file(path: str, key: str) -> SourceFile:
     suffix = os.path.splitext(name)[1]
     fmt = "parquet" if suffix == ".parquet" and compression is None else TEXT_SUFFIXES.get(suffix)
     if fmt is None:
-        raise DataError(f"data.source: unsupported file type {path!r}; accepted: {ACCEPTED}")
+        raise DataError(f"{setting}: unsupported file type {path!r}; accepted: {ACCEPTED}")
     return SourceFile(path=path, key=key, fmt=fmt, compression=compression)
 
 
-def resolve_files(pattern: str) -> list[SourceFile]:
+def resolve_files(pattern: str, *, setting: str = "data.source") -> list[SourceFile]:
     """Expand a glob into the source's files (sorted), with a clear error when nothing usable matches."""
     expanded = os.path.expanduser(pattern)
     paths = sorted(p for p in glob.glob(expanded, recursive=True) if os.path.isfile(p))
     if not paths:
         what = "does not exist" if not glob.has_magic(expanded) else "matches no files"
-        raise DataError(f"data.source: {pattern!r} {what}")
+        raise DataError(f"{setting}: {pattern!r} {what}")
     root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
-    files = [describe_file(p, os.path.relpath(os.path.abspath(p), root)) for p in paths]
+    files = [describe_file(p, os.path.relpath(os.path.abspath(p), root), setting=setting) for p in paths]
     if all(os.path.getsize(f.path) == 0 for f in files):
-        raise DataError(f"data.source: every file matching {pattern!r} is empty ({len(files)} files)")
+        raise DataError(f"{setting}: every file matching {pattern!r} is empty ({len(files)} files)")
     return files
 
 

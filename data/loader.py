@@ -261,7 +261,14 @@ def make_objective(objective: str, cfg: DataConfig, tokenizer: PreTrainedTokeniz
 
 def _specs(cfg: DataConfig, split: str) -> list[tuple[SourceSpec, float]]:
     if split == "validation" and cfg.validation_source is not None:
-        return [(resolve_source(cfg.validation_source, cfg, split, held_out=False), 1.0)]
+        return [
+            (
+                resolve_source(
+                    cfg.validation_source, cfg, split, held_out=False, setting="data.validation_source"
+                ),
+                1.0,
+            )
+        ]
     held_out = cfg.validation_source is None
     return [(resolve_source(c.source, cfg, split, held_out=held_out), c.weight) for c in cfg.components]
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import subprocess
+import sys
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -136,3 +138,25 @@ def test_parquet_without_the_text_column(tmp_path, make_cfg):
 def test_bad_settings_name_the_key(key, value, message):
     with pytest.raises(ValueError, match=message):
         DataConfig(**{key: value})
+
+
+def test_check_sources_is_cheap_and_names_the_setting(tmp_path):
+    """What a run calls before creating anything: no data read, no torch imported."""
+    code = (
+        "import sys, data\n"
+        "from data import DataConfig, DataError, check_sources\n"
+        "check_sources(DataConfig(source='builtin'))\n"
+        f"for kw in (dict(source='{tmp_path}/*.txt'), dict(source=[{{'source': 'builtin'}}, {{'source': '{tmp_path}/x'}}]),"
+        f" dict(validation_source='{tmp_path}/v.jsonl')):\n"
+        "    try:\n        check_sources(DataConfig(**kw))\n    except DataError as e:\n        print(e)\n"
+        "print([m for m in ('torch', 'transformers', 'datasets') if m in sys.modules])\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
+    )
+    assert out.stdout.splitlines() == [
+        f"data.source: '{tmp_path}/*.txt' matches no files",
+        f"data.source[1].source: '{tmp_path}/x' does not exist",
+        f"data.validation_source: '{tmp_path}/v.jsonl' does not exist",
+        "[]",
+    ]
