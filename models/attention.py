@@ -1,15 +1,13 @@
 """Multi-head attention (self, causal self, cross) and the one `attend` call every family goes through.
 
 Backends live in `models/kernels/`: `eager` (reference), `sdpa` (PyTorch's fused kernels) and `chunked`
-(our O(n)-memory kernel, imported on first use). `auto` takes SDPA when its fused kernels apply and the
+(our O(n)-memory kernel, optional at import). `auto` takes SDPA when its fused kernels apply and the
 chunked kernel when a learned bias or a sliding window would force SDPA to materialise L x L tensors.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
-from functools import cache
 
 import torch
 import torch.nn as nn
@@ -22,23 +20,21 @@ from models.kernels.sdpa import sdpa_attention
 BACKENDS = ("auto", "eager", "sdpa", "chunked")
 
 
-@cache
+try:  # the chunked kernel is developed separately; without it "chunked" is a clear error
+    from models.kernels.chunked import chunked_attention
+except ImportError:  # pragma: no cover - only while models/kernels/chunked.py is missing
+    chunked_attention = None
+
+
 def chunked_available() -> bool:
-    """Whether `models.kernels.chunked` can be imported (it is developed separately)."""
-    try:
-        importlib.import_module("models.kernels.chunked")
-    except ImportError:
-        return False
-    return True
+    return chunked_attention is not None
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, **kwargs) -> Tensor:
-    if not chunked_available():
+    if chunked_attention is None:
         raise ValueError("attention backend 'chunked' is not available: models/kernels/chunked.py is missing")
     if dropout_p > 0.0:
         raise ValueError("attention backend 'chunked' has no attention dropout; set attention_dropout=0")
-    from models.kernels.chunked import chunked_attention
-
     # The kernel picks its own accumulation precision (fp32); autocast must not recast its tile matmuls.
     with torch.autocast(q.device.type, enabled=False):
         return chunked_attention(q, k, v, **kwargs)
