@@ -48,7 +48,7 @@ def worker(args: argparse.Namespace) -> dict:
     """Time one preset; returns the row as a dict (printed as one JSON line for the parent)."""
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    overrides = {"max_seq_len": max(args.seq_len, 128)}
+    overrides = {"max_seq_len": args.seq_len}
     if args.vocab:
         overrides["vocab_size"] = args.vocab
     model = build_model(args.worker, dropout=0.0, attention_dropout=0.0, **overrides)
@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--budget-s", type=float, default=420.0, help="skip presets once this is spent")
-    parser.add_argument("--dry-run", action="store_true", help="CPU check: gpt-tiny, seq 128, 1 + 2 steps")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="CPU check: gpt-tiny, vocab 512, seq 64, 1 + 2 steps"
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.engine == "auto":
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(worker(args)), flush=True)
         return
     if args.dry_run:
-        args.presets, args.seq_len, args.warmup, args.steps = "gpt-tiny", 128, 1, 2
+        args.presets, args.seq_len, args.vocab, args.warmup, args.steps = "gpt-tiny", 64, 512, 1, 2
 
     gpu = torch.cuda.is_available()
     peak = matmul_peak(args.precision, repeats=3)
