@@ -15,6 +15,7 @@ TINY = [
     "model.n_heads=2",
     "model.d_ff=128",
     "model.dropout=0.1",
+    "model.attention_dropout=0.1",  # T5 exports one dropout_rate
     "data.seq_len=32",
     "data.vocab_size=512",
     "data.tokenizer_train_chars=100000",
