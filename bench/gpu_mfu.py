@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append([
             preset, str(r["micro_batch"]), f"{r['seconds'] * 1e3:.0f}", f"{tokens:,.0f}",
             f"{achieved / 1e12:.1f}", f"{100 * achieved / sheet:.1f}%" if sheet else "-",
-            f"{100 * achieved / peak:.1f}%", f"{r['mem_gib']:.1f} GiB",
+            f"{100 * achieved / peak:.1f}%", f"{r['mem_gib']:.1f} GiB" if gpu else "-",
         ])  # fmt: skip
         print(" | ".join(rows[-1]), flush=True)
         gc.collect()
