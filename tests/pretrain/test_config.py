@@ -181,6 +181,7 @@ def test_export_and_plot_without_a_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert "metrics.jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_cli_process_exit_code_and_no_traceback() -> None:
     """The real entry point (`python -m pretrain`): exit 2, one line, no traceback; --debug shows one."""
     env = {**os.environ, "WANDB_MODE": "disabled"}
