@@ -58,7 +58,7 @@ class RunLogger:
     def __init__(self, cfg: RunConfig, *, enabled: bool, start_step: int) -> None:
         self.enabled = enabled
         self.cfg = cfg
-        self._console = Console(stderr=True)
+        self._console = Console(stderr=True, soft_wrap=True)  # no hard wraps in SLURM/CI logs
         self._progress: Progress | None = None
         self._wandb: Any = None
         self._file = None

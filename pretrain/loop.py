@@ -104,6 +104,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg, tokenizer)
+    flops_per_token = model.flops_per_token(cfg.data.seq_len)  # before ZeRO-3/FSDP shard the parameters away
     engine = build_engine(cfg.engine_spec(), model, cfg.optimizer_spec(), dist)
     seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
     pipeline = data.build_loader(
@@ -139,7 +140,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         guard=guard,
         preemption=preemption,
         throughput=Throughput(
-            flops_per_token=model.flops_per_token(cfg.data.seq_len),
+            flops_per_token=flops_per_token,
             peak_flops_total=peak * dist.world_size if peak else None,
         ),
         tokenizer=tokenizer,
