@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import glob
 import netrc
 import os
 import typing
@@ -20,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from data import DataError, check_sources
 from data.config import DataConfig
 from pretrain.engines.base import EngineSpec, OptimizerSpec
 
@@ -302,11 +302,14 @@ def check_config(cfg: RunConfig) -> RunConfig:
             f"objective: {objective!r} does not fit model.preset {cfg.model.preset!r} (family {family}); "
             f"accepted: {FAMILY_OBJECTIVE[family]!r} (clm<->gpt, mlm<->bert, span<->t5)"
         )
-    _check_data_sources(cfg.data.source)
     try:
-        cfg.data_config()
+        data_config = cfg.data_config()
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e) if str(e).startswith("data.") else f"data: {e}") from None
+    try:
+        check_sources(data_config)  # globs, empty files, prepared indexes: cheap, reads no data
+    except DataError as e:
+        raise ConfigError(" ".join(str(e).split())) from None
     _check_engine(cfg)
     _check_wandb(cfg.wandb)
     return cfg.model_copy(update={"objective": objective})
@@ -341,20 +344,6 @@ def _check_model(model: ModelSection) -> str:
         return get_config(model.preset, **model.overrides()).family
     except ValueError as e:
         raise ConfigError(f"model: {e}") from None
-
-
-def _check_data_sources(source: Any) -> None:
-    entries = source if isinstance(source, list) else [source]
-    for i, entry in enumerate(entries):
-        key = f"data.source[{i}].source" if isinstance(source, list) else "data.source"
-        value = entry.get("source") if isinstance(entry, dict) else getattr(entry, "source", entry)
-        if not isinstance(value, str) or value == "builtin" or value.startswith("hf:"):
-            continue
-        if not glob.glob(os.path.expanduser(value), recursive=True):
-            raise ConfigError(
-                f"{key}: {value!r} matches no files; accepted: a path or glob of text/jsonl/parquet files, "
-                "'builtin', or 'hf:NAME[:CONFIG]'"
-            )
 
 
 def _check_engine(cfg: RunConfig) -> None:

@@ -22,7 +22,7 @@ import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import LATEST, CheckpointManager, TrainerState
+from pretrain.checkpoint import LATEST, CheckpointManager, TrainerState, verify
 from pretrain.config import RunConfig
 from pretrain.engines import Engine, StepOutput, any_rank, barrier, build_engine, init_distributed, shutdown
 from pretrain.engines.base import DistInfo
@@ -87,13 +87,14 @@ def finished_state(cfg: RunConfig) -> TrainerState | None:
     latest = cfg.run_dir / "checkpoints" / LATEST
     if not latest.is_file():
         return None
+    path = latest.parent / latest.read_text().strip()
     try:
-        state = TrainerState(
-            **json.loads((latest.parent / latest.read_text().strip() / "trainer_state.json").read_text())
-        )
+        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
     except (OSError, ValueError, TypeError):
         return None  # damaged: the full resume path reports it
-    return state if state.step >= cfg.train.max_steps else None
+    if state.step < cfg.train.max_steps or verify(path) is not None:
+        return None  # not done, or a damaged final checkpoint: the full resume path reports it and falls back
+    return state
 
 
 def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:

@@ -229,20 +229,10 @@ def bad_input_results(
     return results
 
 
-# Known gaps in other parts (strict: the marker must go once they are fixed)
-KNOWN_GAPS = {
-    "corpus_without_text": "pretrain/config.py does not call data.check_sources: an empty corpus is found only after "
-    "init_distributed and the run dir are created (pretrain helper)",
-}
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "case",
-    [
-        pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[c])) if c in KNOWN_GAPS else c
-        for c in CASES
-    ],
+    list(CASES),
 )
 def test_bad_input_gets_one_clear_line(case: str, bad_input_results: dict[str, tuple[Path, Result]]) -> None:
     cwd, result = bad_input_results[case]
@@ -376,11 +366,6 @@ def test_no_intact_checkpoint_stops_instead_of_starting_over(trained, tmp_path: 
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="pretrain.loop.finished_state trusts latest's trainer_state.json without verify(): a damaged final "
-    "checkpoint is reported as 'already trained' (pretrain helper)",
-)
 def test_finished_run_with_damaged_final_checkpoint_says_so(trained, tmp_path: Path) -> None:
     # Rerunning a finished run must not vouch for a final checkpoint that no longer verifies.
     run_dir = tmp_path / "run"
