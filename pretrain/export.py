@@ -7,6 +7,7 @@ and FSDP shards are already consolidated) and the run's tokenizer; converts with
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,16 +60,27 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
     model = build_model(cfg, tokenizer, init=False)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=True)
     model.eval()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    to_hf(model).save_pretrained(out_dir, safe_serialization=True)
-    tokenizer.save_pretrained(out_dir)
-
-    family = model_family(cfg)
-    reloaded = getattr(transformers, AUTO_CLASSES[family]).from_pretrained(out_dir).eval()
-    reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(out_dir)
-    diff = logit_difference(model, reloaded, reloaded_tokenizer, family)
-    if not diff <= PARITY_ATOL:
-        raise ValueError(f"export: {out_dir} does not reproduce the checkpoint (max |logit diff| {diff:.3g})")
+    # Written beside OUT_DIR and renamed once it checks out, so a failed export leaves no half-written directory.
+    staging = out_dir.with_name(f".{out_dir.name}.export-tmp")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        to_hf(model).save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        family = model_family(cfg)
+        reloaded = getattr(transformers, AUTO_CLASSES[family]).from_pretrained(staging).eval()
+        reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
+        diff = logit_difference(model, reloaded, reloaded_tokenizer, family)
+        if not diff <= PARITY_ATOL:
+            raise ValueError(
+                f"export: {out_dir} does not reproduce the checkpoint (max |logit diff| {diff:.3g})"
+            )
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    staging.rename(out_dir)
     result = ExportResult(out_dir=out_dir, step=step_of(checkpoint), family=family, max_logit_diff=diff)
     print(
         f"exported {checkpoint} -> {out_dir} ({AUTO_CLASSES[family]} + AutoTokenizer load it; "
@@ -81,6 +93,9 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
 def logit_difference(ours: torch.nn.Module, theirs: torch.nn.Module, tokenizer, family: str) -> float:
     """Max |logit| difference on a sample sentence, tokenised by the exported tokenizer."""
     ids = tokenizer(_SAMPLE, return_tensors="pt")["input_ids"]
+    max_len = getattr(ours.config, "max_seq_len", None)
+    if max_len:  # learned positions: stay inside the table
+        ids = ids[:, :max_len]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     if family == "t5":
         inputs["decoder_input_ids"] = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)

@@ -114,6 +114,7 @@ def test_export_round_trip(family: str, tmp_path_factory: pytest.TempPathFactory
     assert (result.step, result.family) == (2, family)
     assert result.max_logit_diff < 1e-4
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+    assert not list(out.parent.glob(".*export-tmp")), "the staging directory was left behind"
     model_type = json.loads((out / "config.json").read_text())["model_type"]
     assert model_type == {"gpt": "gpt2", "bert": "bert", "t5": "t5"}[family]
 
