@@ -33,18 +33,7 @@ class BERT(LanguageModel):
     def __init__(self, config: BERTConfig) -> None:
         super().__init__()
         self.config = config
-        block = BlockConfig(
-            d_model=config.d_model,
-            n_heads=config.n_heads,
-            head_dim=config.head_dim,
-            d_ff=config.d_ff,
-            activation=config.activation,
-            norm_eps=config.layer_norm_eps,
-            dropout=config.dropout,
-            attention_dropout=config.attention_dropout,
-            attention=config.attention,
-            window=config.attention_window,
-        )
+        block = BlockConfig.from_model(config)
         self.embed = Embeddings(
             config.vocab_size,
             config.d_model,

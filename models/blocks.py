@@ -16,6 +16,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 from models.attention import CrossAttention, SelfAttention
+from models.config import ModelConfig
 from models.kernels.bias import RelativeBias
 
 ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
@@ -42,6 +43,23 @@ class BlockConfig:
     attention_dropout: float = 0.0
     ff_dropout: float = 0.0  # inside the feed-forward, after the activation (T5)
     attention: str = "auto"
+
+    @classmethod
+    def from_model(cls, config: ModelConfig, **overrides: object) -> BlockConfig:
+        """The settings every family takes straight from its model config; the family adds the rest."""
+        shared: dict[str, object] = dict(
+            d_model=config.d_model,
+            n_heads=config.n_heads,
+            head_dim=config.head_dim,
+            d_ff=config.d_ff,
+            activation=config.activation,
+            norm_eps=config.layer_norm_eps,
+            dropout=config.dropout,
+            attention_dropout=config.attention_dropout,
+            attention=config.attention,
+            window=config.attention_window,
+        )
+        return cls(**{**shared, **overrides})
 
 
 def make_norm(cfg: BlockConfig) -> nn.Module:

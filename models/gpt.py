@@ -19,19 +19,7 @@ class GPT(LanguageModel):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        block = BlockConfig(
-            d_model=config.d_model,
-            n_heads=config.n_heads,
-            head_dim=config.head_dim,
-            d_ff=config.d_ff,
-            activation=config.activation,
-            norm_eps=config.layer_norm_eps,
-            causal=True,
-            dropout=config.dropout,
-            attention_dropout=config.attention_dropout,
-            attention=config.attention,
-            window=config.attention_window,
-        )
+        block = BlockConfig.from_model(config, causal=True)
         positions = make_positions(config.positions, config.max_seq_len, config.d_model)
         self.embed = Embeddings(
             config.vocab_size, config.d_model, positions=positions, dropout=config.dropout

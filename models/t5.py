@@ -29,25 +29,10 @@ class T5(LanguageModel):
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.config = config
-        block = dict(
-            d_model=config.d_model,
-            n_heads=config.n_heads,
-            head_dim=config.d_kv,
-            d_ff=config.d_ff,
-            activation=config.activation,
-            gated=config.gated,
-            norm="rms",
-            norm_eps=config.layer_norm_eps,
-            bias=False,
-            scale=1.0,
-            dropout=config.dropout,
-            attention_dropout=config.attention_dropout,
-            ff_dropout=config.dropout,
-            attention=config.attention,
-            window=config.attention_window,
-        )
-        encoder_block = BlockConfig(**block)
-        decoder_block = BlockConfig(**block, causal=True, cross_attention=True)
+        # T5: RMSNorm, no biases, no 1/sqrt(d) scaling, dropout inside the feed-forward too.
+        block = dict(gated=config.gated, norm="rms", bias=False, scale=1.0, ff_dropout=config.dropout)
+        encoder_block = BlockConfig.from_model(config, **block)
+        decoder_block = BlockConfig.from_model(config, **block, causal=True, cross_attention=True)
         bias = dict(num_buckets=config.relative_buckets, max_distance=config.relative_max_distance)
         checkpointing = config.gradient_checkpointing
 
