@@ -29,7 +29,13 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from pretrain.engines.base import DistInfo, Engine, EngineSpec, OptimizerSpec, StepOutput
-from pretrain.engines.common import load_scheduler, save_scheduler, to_device
+from pretrain.engines.common import (
+    agreed_loss,
+    check_micro_batches,
+    load_scheduler,
+    save_scheduler,
+    to_device,
+)
 from pretrain.engines.dist import all_reduce_sum, ensure_process_group
 from pretrain.optim import build_optimizer, build_scheduler
 
@@ -104,10 +110,7 @@ class AccelerateEngine(Engine):
             self._accelerator.backward(loss)
 
     def train_step(self, micro_batches: Sequence[dict[str, Tensor]]) -> StepOutput:
-        if len(micro_batches) != self.spec.grad_accum:
-            raise ValueError(
-                f"train_step got {len(micro_batches)} micro-batches, grad_accum is {self.spec.grad_accum}"
-            )
+        check_micro_batches(micro_batches, self.spec.grad_accum)
         self._wrapped.train()
         lr = self._scheduler.get_last_lr()[0]
         losses = []
@@ -116,18 +119,15 @@ class AccelerateEngine(Engine):
                 loss = self._wrapped(**to_device(batch, self.dist.device)).loss
                 self._backward(loss / len(micro_batches))
             losses.append(loss.detach().float())
-        local = torch.stack(losses).mean().item()
-        loss_sum, bad = all_reduce_sum([local, float(not math.isfinite(local))])
+        mean_loss, bad = agreed_loss(losses, self.dist.world_size)
         norm = torch.nn.utils.clip_grad_norm_(self._model.parameters(), self._clip)
         norm = (norm.full_tensor() if isinstance(norm, DTensor) else norm).item()  # the same on every rank
-        skipped = bad > 0 or not math.isfinite(norm)
+        skipped = bad or not math.isfinite(norm)
         if not skipped:
             self._optimizer.step()
             self._scheduler.step()
         self._optimizer.zero_grad(set_to_none=True)
-        return StepOutput(
-            loss=loss_sum / self.dist.world_size, grad_norm=math.nan if bad else norm, lr=lr, skipped=skipped
-        )
+        return StepOutput(loss=mean_loss, grad_norm=math.nan if bad else norm, lr=lr, skipped=skipped)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, Tensor]) -> float:

@@ -21,7 +21,13 @@ from deepspeed.utils import safe_get_full_fp32_param
 from torch import Tensor, nn
 
 from pretrain.engines.base import DistInfo, Engine, EngineSpec, OptimizerSpec, StepOutput
-from pretrain.engines.common import load_scheduler, save_scheduler, to_device
+from pretrain.engines.common import (
+    agreed_loss,
+    check_micro_batches,
+    load_scheduler,
+    save_scheduler,
+    to_device,
+)
 from pretrain.engines.dist import all_reduce_sum, ensure_process_group
 from pretrain.engines.ds_config import resolve_config
 from pretrain.optim import build_optimizer, build_scheduler
@@ -68,10 +74,7 @@ class DeepSpeedEngine(Engine):
         return self._ds.module
 
     def train_step(self, micro_batches: Sequence[dict[str, Tensor]]) -> StepOutput:
-        if len(micro_batches) != self.spec.grad_accum:
-            raise ValueError(
-                f"train_step got {len(micro_batches)} micro-batches, grad_accum is {self.spec.grad_accum}"
-            )
+        check_micro_batches(micro_batches, self.spec.grad_accum)
         self._ds.train()
         lr = self._scheduler.get_last_lr()[0]
         losses = []
@@ -81,14 +84,13 @@ class DeepSpeedEngine(Engine):
             losses.append(loss.detach().float())
             if i < len(micro_batches) - 1:
                 self._ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
-        local = torch.stack(losses).mean().item()
-        loss_sum, bad = all_reduce_sum([local, float(not math.isfinite(local))])
+        mean_loss, bad = agreed_loss(losses, self.dist.world_size)
         # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
         norm = self._replicated_grad_norm() if self._fp32_step else None
         skipped_before = self._ds.skipped_steps  # DeepSpeed's own skips (fp16 overflow, invalid norm)
-        with _optimizer_step_disabled(self._optimizer, bad > 0):
+        with _optimizer_step_disabled(self._optimizer, bad):
             self._ds.step()
-        skipped = bad > 0 or self._ds.skipped_steps > skipped_before
+        skipped = bad or self._ds.skipped_steps > skipped_before
         if not skipped:
             self._scheduler.step()
         if bad:
@@ -96,7 +98,7 @@ class DeepSpeedEngine(Engine):
         elif norm is None:
             norm = self._ds.get_global_grad_norm()
             norm = math.nan if norm is None else float(norm)
-        return StepOutput(loss=loss_sum / self.dist.world_size, grad_norm=norm, lr=lr, skipped=skipped)
+        return StepOutput(loss=mean_loss, grad_norm=norm, lr=lr, skipped=skipped)
 
     def _replicated_grad_norm(self) -> float:
         grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
