@@ -47,6 +47,23 @@ class TrainerState:
     skips: int = 0
 
 
+def read_trainer_state(path: Path) -> TrainerState:
+    """The loop counters of checkpoint `path` (raises OSError/ValueError/TypeError when unreadable)."""
+    return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+
+
+def _check_world_size(path: Path, state: TrainerState, world_size: int) -> None:
+    """Exact resume needs the world size the checkpoint was written with: each rank saved its own data
+    position and RNG streams, and ZeRO/FSDP shards split the optimizer by rank; none of it can be remapped
+    exactly to another number of processes, so a mismatch is refused rather than resumed approximately."""
+    if state.world_size != world_size:
+        raise CheckpointError(
+            f"{path} was saved by {state.world_size} process(es), this run has {world_size}: exact resume "
+            f"needs the same world size; run it with {state.world_size} process(es) in total "
+            f"(e.g. launch local --nproc {state.world_size}), or set a new run.dir to start over"
+        )
+
+
 def _say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -231,13 +248,20 @@ class CheckpointManager:
             "start over: repair it or move the run directory away to start fresh"
         )
 
+    def check_world_size(self) -> None:
+        """Refuse early, before any model or engine is built, a resume at a world size the newest readable
+        checkpoint was not written with (`_load` checks the checkpoint it actually loads again)."""
+        for path in checkpoint_dirs(self.root) if self.root.is_dir() else []:
+            try:
+                state = read_trainer_state(path)
+            except (OSError, ValueError, TypeError):
+                continue  # damaged: restore reports it and falls back
+            _check_world_size(path, state, self.dist.world_size)
+            return
+
     def _load(self, path: Path, *, engine: Engine, data: Stateful) -> TrainerState:
-        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-        if state.world_size != self.dist.world_size:
-            raise CheckpointError(
-                f"{path} was written by {state.world_size} process(es) but this run has {self.dist.world_size}; "
-                "exact resume needs the same world size"
-            )
+        state = read_trainer_state(path)
+        _check_world_size(path, state, self.dist.world_size)
         rank_dir = path / f"rank_{self.dist.rank}"
         engine.load(path / "engine")
         data.load_state_dict(json.loads((rank_dir / "data_state.json").read_text()))

@@ -9,7 +9,6 @@ ranks agree, and saves before it stops.
 from __future__ import annotations
 
 import itertools
-import json
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -22,7 +21,7 @@ import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import LATEST, CheckpointManager, TrainerState, verify
+from pretrain.checkpoint import LATEST, CheckpointManager, TrainerState, read_trainer_state, verify
 from pretrain.config import RunConfig
 from pretrain.engines import Engine, StepOutput, any_rank, barrier, build_engine, init_distributed, shutdown
 from pretrain.engines.base import DistInfo
@@ -89,7 +88,7 @@ def finished_state(cfg: RunConfig) -> TrainerState | None:
         return None
     path = latest.parent / latest.read_text().strip()
     try:
-        state = TrainerState(**json.loads((path / "trainer_state.json").read_text()))
+        state = read_trainer_state(path)
     except (OSError, ValueError, TypeError):
         return None  # damaged: the full resume path reports it
     if state.step < cfg.train.max_steps or verify(path) is not None:
@@ -101,6 +100,16 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     """Run directory, tokenizer, model, engine, data; then restore the newest intact checkpoint, if any."""
     import data
 
+    say = _say if dist.is_main else _quiet
+    checkpoints = CheckpointManager(
+        cfg.run_dir / "checkpoints",
+        keep=cfg.checkpoint.keep,
+        dist=dist,
+        barrier=barrier,
+        any_rank=any_rank,
+        say=say,
+    )
+    checkpoints.check_world_size()  # before paying for a tokenizer, a model and an engine
     prepare_run_dir(cfg, dist)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
@@ -116,15 +125,6 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         rank=dist.rank,
         world_size=dist.world_size,
         seed=cfg.train.seed,
-    )
-    say = _say if dist.is_main else _quiet
-    checkpoints = CheckpointManager(
-        cfg.run_dir / "checkpoints",
-        keep=cfg.checkpoint.keep,
-        dist=dist,
-        barrier=barrier,
-        any_rank=any_rank,
-        say=say,
     )
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
     guard = DivergenceGuard(cfg.train.max_skips)

@@ -66,16 +66,24 @@ class FakeData:
 
 
 def save_steps(
-    root: Path, steps: Sequence[int], *, keep: int = 10, engine: FakeEngine | None = None
+    root: Path,
+    steps: Sequence[int],
+    *,
+    keep: int = 10,
+    engine: FakeEngine | None = None,
+    world_size: int = 1,
 ) -> FakeEngine:
-    """Train the fake engine and save after each of `steps` (step number = weights offset)."""
+    """Train the fake engine and save after each of `steps` (step number = weights offset), recording
+    `world_size` as the number of processes that wrote them."""
     engine = engine or FakeEngine()
     data = FakeData()
     manager = CheckpointManager(root, keep=keep, dist=DistInfo())
     for step in steps:
         engine.train_step([])
         data.position = step * 10
-        manager.save(engine=engine, state=TrainerState(step=step, tokens=step * 100), data=data)
+        manager.save(
+            engine=engine, state=TrainerState(step=step, tokens=step * 100, world_size=world_size), data=data
+        )
     return engine
 
 

@@ -47,18 +47,22 @@ def train(family: str, run_dir: Path, *extra: str, capsys=None) -> str:
         finally:
             os.chdir(cwd)
         return capsys.readouterr().err
-    launcher = {"WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"WANDB_MODE": "disabled"}
     proc = subprocess.run(
         [sys.executable, "-m", "pretrain", *args],
         cwd=REPO,
-        env=env,
+        env=subprocess_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stderr
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment without a W&B key or a launcher's rank variables, W&B off."""
+    launcher = {"WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    return {k: v for k, v in os.environ.items() if k not in launcher} | {"WANDB_MODE": "disabled"}
 
 
 def straight_run(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
@@ -104,6 +108,30 @@ def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_facto
     again = train(family, resumed, capsys=capsys)  # finished: a re-run stops before building anything
     assert "already trained to step 4" in again
     assert len(read_metrics(resumed)) == STEPS
+
+
+def test_resume_with_another_world_size_is_one_line_before_anything_starts(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    """A run checkpointed by 1 DeepSpeed process, resumed under torchrun with 2: each rank refuses in one line
+    naming both sizes, before a tokenizer, model or engine is built, and the run directory is left as it was."""
+    run_dir = straight_run("gpt", tmp_path_factory).parent / "two-ranks"
+    shutil.copytree(straight_run("gpt", tmp_path_factory), run_dir)
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "pretrain", "train", CONFIGS["gpt"], *TINY, "train.max_steps=6", f"run.dir={run_dir}"]
+    env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    expected = (
+        f"error: {run_dir / 'checkpoints' / f'step_{STEPS}'} was saved by 1 process(es), this run has 2: "
+        "exact resume needs the same world size; run it with 1 process(es) in total (e.g. launch local "
+        "--nproc 1), or set a new run.dir to start over"
+    )
+    assert errors == [expected, expected], proc.stderr[-3000:]
+    assert "DeepSpeed" not in proc.stderr  # refused before the engine (or anything else) was built
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize("family", list(CONFIGS))
