@@ -187,6 +187,27 @@ class RunConfig(Section):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
+    def warnings(self) -> list[str]:
+        """What will not stop training but will stop a later command; `pretrain train` prints these first."""
+        problem = export_problem(self)
+        if problem is None:
+            return []
+        return [f"{problem}, so `pretrain export` will refuse this run; set both to the same value"]
+
+
+def export_problem(cfg: RunConfig) -> str | None:
+    """Why the model cannot be converted to transformers, or None. Export is a separate command, so the
+    config check only warns and `pretrain export` refuses up front, before reading any weights."""
+    from models.config import get_config
+
+    model = get_config(cfg.model.preset, **cfg.model.overrides())
+    if model.family == "t5" and model.dropout != model.attention_dropout:
+        return (
+            f"transformers' T5 has one dropout_rate, but model.dropout={model.dropout} and "
+            f"model.attention_dropout={model.attention_dropout}"
+        )
+    return None
+
 
 # ---------------------------------------------------------------------------------------------- loading
 

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 
 from pretrain.checkpoint import CheckpointError, find_checkpoint, step_of
 from pretrain.components import TOKENIZER_DIR, build_model, model_family
-from pretrain.config import ConfigError, RunConfig
+from pretrain.config import ConfigError, RunConfig, export_problem
 
 AUTO_CLASSES = {"gpt": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}
 PARITY_ATOL = 1e-4
@@ -55,6 +55,12 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cfg = read_run_config(run_dir)
+    problem = export_problem(cfg)
+    if problem is not None:  # dropout only acts in training: the weights are the same for any value
+        raise ConfigError(
+            f"export: {run_dir} cannot be converted to transformers: {problem}; dropout does not change "
+            f"trained weights, so set both to one value in {run_dir / 'config.yaml'} and export again"
+        )
     checkpoint = find_checkpoint(run_dir / "checkpoints", step)
     tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
     model = build_model(cfg, tokenizer, init=False)

@@ -61,6 +61,9 @@ class Run:
 def train(cfg: RunConfig) -> TrainerState:
     """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes."""
     dist = init_distributed(timeout_s=cfg.engine.dist_timeout_s)
+    if dist.is_main:
+        for warning in cfg.warnings():
+            _say(f"warning: {warning}")
     finished = finished_state(cfg)
     if finished is not None:  # nothing to do: do not pay for a tokenizer, a model and an engine
         if dist.is_main:

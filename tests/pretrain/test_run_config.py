@@ -10,9 +10,11 @@ from pathlib import Path
 
 import pytest
 from conftest import REPO, write_yaml
+from pretrain_fakes import save_steps
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, load_config
+from pretrain.loop import train
 
 BASE = """\
 model:
@@ -179,6 +181,49 @@ def test_export_and_plot_without_a_run(tmp_path: Path, capsys: pytest.CaptureFix
     assert "no checkpoint under" in err and err.count("\n") == 1
     assert main(["plot", str(tmp_path)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+T5_TWO_DROPOUTS = ["model.preset=t5-tiny", "model.dropout=0.1", "model.attention_dropout=0.0"]
+T5_EXPORT_PROBLEM = (
+    "transformers' T5 has one dropout_rate, but model.dropout=0.1 and model.attention_dropout=0.0"
+)
+
+
+def test_t5_with_two_dropout_rates_trains_with_a_warning(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    cfg = load_config(config, [*T5_TWO_DROPOUTS, "train.max_steps=2", f"run.dir={run_dir}"])
+    warning = f"{T5_EXPORT_PROBLEM}, so `pretrain export` will refuse this run; set both to the same value"
+    assert cfg.warnings() == [warning]
+    assert load_config(config, ["model.preset=t5-tiny", "model.attention_dropout=0.0"]).warnings() == []
+    assert (
+        load_config(config, ["model.preset=bert-tiny", *T5_TWO_DROPOUTS[1:]]).warnings() == []
+    )  # BERT has both
+    # `pretrain train` says it first; on a finished run, which builds nothing else.
+    save_steps(run_dir / "checkpoints", [2])
+    assert train(cfg).step == 2
+    assert capsys.readouterr().err.splitlines() == [
+        f"warning: {warning}",
+        f"{run_dir}: already trained to step 2 (train.max_steps=2)",
+    ]
+
+
+def test_export_refuses_t5_with_two_dropout_rates_in_one_line(
+    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(
+        load_config(config, [*T5_TWO_DROPOUTS, f"run.dir={run_dir}"]).to_yaml()
+    )
+    save_steps(run_dir / "checkpoints", [2])  # a checkpoint exists: the refusal comes before it is read
+    assert main(["export", str(run_dir), str(tmp_path / "hf")]) == 2
+    assert capsys.readouterr().err == (
+        f"error: export: {run_dir} cannot be converted to transformers: {T5_EXPORT_PROBLEM}; dropout does not "
+        f"change trained weights, so set both to one value in {run_dir / 'config.yaml'} and export again\n"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "run.yaml"]  # no OUT_DIR, no staging
 
 
 @pytest.mark.slow
