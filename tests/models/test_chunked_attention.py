@@ -244,10 +244,10 @@ def test_saved_memory_is_linear_in_length(with_t5):
 def test_window_visits_only_tiles_near_the_diagonal():
     """Out-of-window tiles are skipped, so the work is O(n * w), not O(n^2)."""
     tiling = _Tiling(q_len=4096, k_len=4096, q_block=128, k_block=128, causal=False, window=64)
-    visited = sum(ke - ks for qs, qe in tiling.query_blocks() for ks, ke in tiling.key_blocks(qs, qe))
+    visited = sum(ke - ks for qs, qe in tiling.query_blocks() for _, ks, ke in tiling.key_blocks(qs, qe))
     assert visited == 32 * (128 + 2 * 63) - 2 * 63  # each block sees its rows +- (w - 1), clipped at the ends
     causal = _Tiling(q_len=4096, k_len=4096, q_block=128, k_block=128, causal=True, window=None)
-    visited = sum(ke - ks for qs, qe in causal.query_blocks() for ks, ke in causal.key_blocks(qs, qe))
+    visited = sum(ke - ks for qs, qe in causal.query_blocks() for _, ks, ke in causal.key_blocks(qs, qe))
     assert visited == sum(128 * (i + 1) for i in range(32))
 
 
