@@ -179,30 +179,13 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def step_flops(model: nn.Module, batch: dict[str, Tensor]) -> float:
-    """Training FLOPs of one step on `batch`, PaLM appendix B (6 N per token + 12 L H Q T attention).
-
-    `model.flops_per_token(seq_len)` is exact for GPT. Two families need the batch's own shapes:
-    BERT computes its MLM head (transform + vocabulary projection) only at the masked positions, so
-    the head is counted there only (the other positions' logits are not part of the model's function);
-    T5 runs its encoder over the inputs and its decoder (self + cross attention) over the shorter
-    targets, so each stack is counted over its own tokens.
-    """
-    cfg = model.config
+    """Training FLOPs of one step on `batch`: the model's own count (PaLM appendix B: 6 N per token +
+    12 L H Q T attention), told what this batch makes it run: BERT's MLM head only at the masked
+    positions, T5's decoder and head over the (shorter) targets."""
     b, n = batch["input_ids"].shape
-    if cfg.family == "gpt":
-        return model.flops_per_token(n) * b * n
-    if cfg.family == "bert":
-        head = cfg.vocab_size * cfg.d_model + cfg.d_model * cfg.d_model
-        masked = int((batch["labels"] != -100).sum())
-        return model.flops_per_token(n) * b * n - 6.0 * head * (b * n - masked)
-    hq = cfg.n_heads * cfg.d_kv
-    t = batch["labels"].shape[1]
-    params = {id(p): p.numel() for p in model.parameters()}  # tied weights once
-    enc = sum(params.pop(id(p), 0) for p in model.encoder.parameters())
-    enc += sum(params.pop(id(p), 0) for p in model.encoder_norm.parameters())
-    for lookup in (model.embed.tokens, model.encoder_bias.table, model.decoder_bias.table):
-        params.pop(id(lookup.weight))  # lookups are not matmuls...
-    dec = sum(params.values()) + model._tied_head_params()  # ...but a tied head is
-    enc_flops = (6.0 * enc + 12.0 * cfg.n_layers * hq * n) * b * n
-    dec_flops = (6.0 * dec + 12.0 * cfg.n_decoder_layers * hq * (t + n)) * b * t
-    return enc_flops + dec_flops
+    shape: dict[str, float] = {}
+    if model.config.family == "bert":
+        shape["masked_fraction"] = int((batch["labels"] != -100).sum()) / (b * n)
+    elif model.config.family == "t5":
+        shape["target_len"] = batch["labels"].shape[1]
+    return model.flops_per_token(n, **shape) * b * n

@@ -59,20 +59,16 @@ class LanguageModel(nn.Module):
                 params.pop(id(p), None)
         return sum(p.numel() for p in params.values())
 
-    def _attention_layers(self) -> int:
-        """Attention operations per token position (T5's decoder counts self and cross)."""
-        return self.config.n_layers
-
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token, PaLM appendix B: 6 N + 12 L H Q T.
 
         N counts the non-embedding parameters plus the vocabulary projection (a tied head is still a
-        matmul); L counts attention operations (T5: encoder self, decoder self and cross attention,
-        taking the target as long as the input). H Q = heads x head width; T = seq_len.
+        matmul); L = layers, H Q = heads x head width, T = seq_len. BERT and T5 take what their objective
+        makes them run (the masked share, the target length), so MFU counts only work that is done.
         """
         cfg = self.config
         n = self.num_parameters(exclude_embeddings=True) + self._tied_head_params()
-        return 6.0 * n + 12.0 * self._attention_layers() * cfg.n_heads * cfg.head_dim * seq_len
+        return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
 
     def _tied_head_params(self) -> int:
         return 0

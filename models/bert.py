@@ -76,6 +76,14 @@ class BERT(LanguageModel):
     def _tied_head_params(self) -> int:
         return self.embed.tokens.weight.numel()
 
+    def flops_per_token(self, seq_len: int, *, masked_fraction: float = 1.0) -> float:
+        """As the base count, but the MLM head (transform, norm, vocabulary projection) runs only at the
+        masked positions when labels are given: `masked_fraction` of them (1.0: every position, no labels)."""
+        if not 0.0 <= masked_fraction <= 1.0:
+            raise ValueError(f"masked_fraction must be in [0, 1], got {masked_fraction}")
+        head = sum(p.numel() for p in self.head.parameters()) + self._tied_head_params()
+        return super().flops_per_token(seq_len) - 6.0 * head * (1.0 - masked_fraction)
+
     def init_weights(self) -> None:
         """BERT's scheme: N(0, init_std) for weights, zero biases (and padding row), unit LayerNorms."""
         for module in self.modules():

@@ -98,8 +98,22 @@ class T5(LanguageModel):
     def _tied_head_params(self) -> int:
         return self.embed.tokens.weight.numel() if self.lm_head is None else 0
 
-    def _attention_layers(self) -> int:
-        return self.config.n_layers + 2 * self.config.n_decoder_layers
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        """The shared token embedding and both relative-position tables: lookups, not matmuls."""
+        return [self.embed.tokens.weight, self.encoder_bias.table.weight, self.decoder_bias.table.weight]
+
+    def flops_per_token(self, seq_len: int, *, target_len: int | None = None) -> float:
+        """Training FLOPs per input token (PaLM appendix B per stack): the encoder runs over `seq_len` inputs,
+        the decoder (self attention over the targets, cross attention over the inputs) and the head over
+        `target_len` targets (None: as long as the inputs; span corruption makes them much shorter)."""
+        cfg = self.config
+        t = seq_len if target_len is None else target_len
+        hq = cfg.n_heads * cfg.d_kv
+        encoder = sum(p.numel() for m in (self.encoder, self.encoder_norm) for p in m.parameters())
+        decoder = self.num_parameters(exclude_embeddings=True) - encoder + self._tied_head_params()
+        per_input = 6.0 * encoder + 12.0 * cfg.n_layers * hq * seq_len
+        per_target = 6.0 * decoder + 12.0 * cfg.n_decoder_layers * hq * (t + seq_len)
+        return per_input + per_target * t / seq_len
 
     def init_weights(self) -> None:
         """Mesh TensorFlow's scheme (as in transformers): each matrix N(0, 1/sqrt(fan-in)), q also / sqrt(d_kv)."""

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
     from data import DataPipeline
+    from models.base import LanguageModel
 
 Batch = dict[str, Tensor]
 
@@ -117,7 +118,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg, tokenizer)
-    flops_per_token = model.flops_per_token(cfg.data.seq_len)  # before ZeRO-3/FSDP shard the parameters away
+    flops_per_token = objective_flops_per_token(model, cfg)  # before ZeRO-3/FSDP shard the parameters away
     engine = build_engine(cfg.engine_spec(), model, cfg.optimizer_spec(), dist)
     seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
     pipeline = data.build_loader(
@@ -151,6 +152,21 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         state=state,
         last_saved=state.step,
     )
+
+
+def objective_flops_per_token(model: LanguageModel, cfg: RunConfig) -> float:
+    """Training FLOPs per input token as the objective runs the model (for MFU): BERT's head only at the
+    masked share of positions (data.mlm_probability; a hair high, as special tokens are never masked),
+    T5's decoder and head over the span targets, whose length the data config fixes."""
+    from data.objectives import compute_input_and_target_lengths
+
+    d = cfg.data
+    if cfg.objective == "mlm":
+        return model.flops_per_token(d.seq_len, masked_fraction=d.mlm_probability)
+    if cfg.objective == "span":
+        _, targets = compute_input_and_target_lengths(d.seq_len, d.noise_density, d.mean_noise_span_length)
+        return model.flops_per_token(d.seq_len, target_len=targets)
+    return model.flops_per_token(d.seq_len)
 
 
 def _start(pipeline: Iterable[Batch]) -> Iterator[Batch]:
