@@ -11,9 +11,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
-from launch.job import Endpoint, LaunchError, TrainJob
+from launch.job import Endpoint, LaunchError, TrainJob, read_yaml
 
 _HOSTFILE_LINE = re.compile(r"^(?P<host>\S+)\s+slots=(?P<slots>[1-9][0-9]*)$")
 
@@ -67,12 +65,7 @@ class AccelerateLaunch:
     def command(self, job: TrainJob) -> list[str]:
         if not self.config_file.is_file():
             raise LaunchError(f"accelerate config not found: {self.config_file}")
-        try:
-            raw = yaml.safe_load(self.config_file.read_text())
-        except yaml.YAMLError as e:
-            raise LaunchError(
-                f"accelerate config {self.config_file} is not valid YAML: {str(e).splitlines()[0]}"
-            ) from None
+        raw = read_yaml(self.config_file, what="accelerate config")
         if not isinstance(raw, dict) or "distributed_type" not in raw:
             raise LaunchError(
                 f"accelerate config {self.config_file} has no distributed_type (see launch/accelerate/)"

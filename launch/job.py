@@ -19,6 +19,16 @@ class LaunchError(ValueError):
     """Bad launcher input; the CLI prints it as one line and exits with 2."""
 
 
+def read_yaml(path: Path, *, what: str) -> object:
+    """The YAML file `path` parsed; a one-line LaunchError naming `what` and the file if it does not parse."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise LaunchError(f"{what} {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise LaunchError(f"{what} {path} is not a text (YAML) file") from None
+
+
 @dataclass(frozen=True, kw_only=True)
 class TrainJob:
     """The training command the launchers start on every worker."""
@@ -46,12 +56,7 @@ class TrainJob:
             if key.strip() == "run.dir":
                 value = yaml.safe_load(text)
         if value is None:
-            try:
-                raw = yaml.safe_load(self.config.read_text())
-            except yaml.YAMLError as e:
-                raise LaunchError(
-                    f"config file {self.config} is not valid YAML: {str(e).splitlines()[0]}"
-                ) from None
+            raw = read_yaml(self.config, what="config file")
             run = raw.get("run") if isinstance(raw, dict) else None
             value = run.get("dir") if isinstance(run, dict) else None
         return Path(value or Path("runs") / self.config.stem).resolve()

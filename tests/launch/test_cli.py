@@ -267,6 +267,29 @@ def test_bad_arguments_are_one_line_exit_2(capsys, config, argv, message):
     assert err.count("\n") == 1 and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"run: [unclosed\n", "is not valid YAML: while parsing a flow"),
+        (b"\xff\xfe\x00", "is not a text (YAML) file"),
+    ],
+)
+@pytest.mark.parametrize(
+    ("argv", "what"),
+    [
+        (["slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "BAD"], "launch slurm: config file"),
+        (["accelerate", "--config", "BAD", "CFG"], "launch accelerate: accelerate config"),
+    ],
+)
+def test_unreadable_yaml_is_one_line(tmp_path, config, capsys, content, problem, argv, what):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(content)
+    argv = [str(bad) if a == "BAD" else str(config) if a == "CFG" else a for a in argv]
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert err.startswith(f"error: {what} {bad} {problem}") and err.count("\n") == 1, err
+
+
 def test_bad_hostfile_names_the_line(tmp_path, config, capsys):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# ok\nnode1 slots=8\nnode2 8\n")
