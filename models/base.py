@@ -47,6 +47,18 @@ class LanguageModel(nn.Module):
     def init_weights(self) -> None:
         raise NotImplementedError
 
+    def compile_blocks(self) -> None:
+        """`torch.compile` each transformer block in place (regional compilation).
+
+        The blocks share their code, so one compiled graph serves every layer: compile time is that of
+        one block, not of the model. Inside a block the compiler fuses the elementwise work around the
+        matmuls (bias + activation, residual + norm); measured on 2 CPU cores: -13% step time for GPT and
+        BERT, none for T5, whose chunked attention kernel stays eager (a graph break per block).
+        Checkpointing still wraps each (compiled) block.
+        """
+        for block in self.transformer_blocks():
+            block.compile()
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         """Input embeddings (tokens, positions, token types): lookups, not matmuls."""
         return self.embed.lookup_parameters()

@@ -93,6 +93,9 @@ class TrainSection(Section):
     clip_grad: float | None = Field(1.0, gt=0)
     seed: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    compile: bool = Field(
+        False, description="torch.compile each transformer block (pays on long runs; the first step compiles)"
+    )
     eval_every: int = Field(0, ge=0, description="validation loss every N steps; 0 = never")
     eval_batches: int = Field(4, gt=0)
     max_skips: int = Field(10, ge=0, description="non-finite steps tolerated before the run stops")
@@ -369,6 +372,13 @@ def _check_model(model: ModelSection) -> str:
 
 def _check_engine(cfg: RunConfig) -> None:
     """The DeepSpeed JSON must parse and agree with the run config (the engine fills its "auto" fields)."""
+    shards_params = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
+    shards_params |= cfg.engine.backend == "accelerate" and cfg.engine.accelerate.strategy == "fsdp"
+    if cfg.train.compile and shards_params:
+        raise ConfigError(
+            "train.compile: not supported (not tested) with sharded parameters (engine.zero_stage=3 or "
+            "engine.accelerate.strategy=fsdp); accepted with: engine.zero_stage 0-2, engine.accelerate.strategy=ddp"
+        )
     if cfg.engine.backend != "deepspeed":
         return
     from pretrain.engines.base import DistInfo

@@ -119,6 +119,8 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg, tokenizer)
     flops_per_token = objective_flops_per_token(model, cfg)  # before ZeRO-3/FSDP shard the parameters away
+    if cfg.train.compile:
+        model.compile_blocks()  # compiles lazily, at the first step
     engine = build_engine(cfg.engine_spec(), model, cfg.optimizer_spec(), dist)
     seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
     pipeline = data.build_loader(

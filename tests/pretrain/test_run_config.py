@@ -134,6 +134,16 @@ BAD = {
         ["zero_optimization.stage", "engine.zero_stage"],
     ),
     "offload needs stage": (None, ["engine.offload=params"], ["engine.offload", "zero_stage=3"]),
+    "compile with zero-3": (
+        None,
+        ["train.compile=true", "engine.zero_stage=3"],
+        ["train.compile", "zero_stage"],
+    ),
+    "compile with fsdp": (
+        None,
+        ["train.compile=true", "engine.backend=accelerate", "engine.accelerate.strategy=fsdp"],
+        ["train.compile", "fsdp"],
+    ),
 }
 
 

@@ -78,17 +78,17 @@ def by_step(run_dir: Path) -> dict[int, dict]:
     return {r["step"]: r for r in read_metrics(run_dir)}
 
 
-@pytest.mark.parametrize("family", list(CONFIGS))
-def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_factory, capsys) -> None:
-    straight = straight_run(family, tmp_path_factory)
-    # The interrupted run: the same directory as it was when the job died right after the step-2 checkpoint.
-    resumed = straight.parent / "resumed"
-    shutil.copytree(straight, resumed)
+def interrupted_copy(run_dir: Path) -> Path:
+    """A copy of a finished run as it was when the job died right after the step-2 checkpoint."""
+    resumed = run_dir.parent / "resumed"
+    shutil.copytree(run_dir, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
     (resumed / "checkpoints" / "latest").write_text("step_2")
-    notes = train(family, resumed)
-    assert "resuming at step 2" in notes
+    return resumed
 
+
+def assert_identical_runs(family: str, straight: Path, resumed: Path) -> None:
+    """Every logged number and the final weights are equal, bit for bit."""
     a, b = by_step(straight), by_step(resumed)
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
@@ -104,6 +104,15 @@ def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_facto
     wa = load_file(str(straight / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
     wb = load_file(str(resumed / "checkpoints" / f"step_{STEPS}" / "model.safetensors"))
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.parametrize("family", list(CONFIGS))
+def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_factory, capsys) -> None:
+    straight = straight_run(family, tmp_path_factory)
+    resumed = interrupted_copy(straight)
+    notes = train(family, resumed)
+    assert "resuming at step 2" in notes
+    assert_identical_runs(family, straight, resumed)
 
     again = train(family, resumed, capsys=capsys)  # finished: a re-run stops before building anything
     assert "already trained to step 4" in again
@@ -172,3 +181,20 @@ def test_metrics_contract_wandb_and_plot(tmp_path_factory: pytest.TempPathFactor
     assert (run_dir / "config.yaml").is_file() and (run_dir / "tokenizer" / "tokenizer.json").is_file()
     assert main(["plot", str(run_dir)]) == 0
     assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compiled_blocks_train_like_eager_and_resume_exactly(tmp_path_factory) -> None:
+    """train.compile=true: the numbers of eager up to fp32 rounding (without dropout, whose compiled random
+    stream differs), and an exact resume of its own (with dropout, so its random state is restored too)."""
+    root = tmp_path_factory.mktemp("compiled")
+    one_step = ("train.max_steps=1", "model.dropout=0.0", "model.attention_dropout=0.0")
+    train("gpt", root / "eager", *one_step)
+    train("gpt", root / "compiled-1", *one_step, "train.compile=true")
+    (a,), (c,) = read_metrics(root / "eager"), read_metrics(root / "compiled-1")
+    assert c["loss"] == pytest.approx(a["loss"], rel=1e-5)
+    assert c["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
+    compiled = root / "straight"
+    train("gpt", compiled, "train.compile=true")
+    resumed = interrupted_copy(compiled)
+    assert "resuming at step 2" in train("gpt", resumed, "train.compile=true")
+    assert_identical_runs("gpt", compiled, resumed)
