@@ -8,7 +8,7 @@ shows median seconds per step and transformers' time / ours (> 1 = ours faster).
     .venv/bin/python bench/train_step.py                  # fp32 + bf16 autocast, 3 warmup + 10 timed
     .venv/bin/python bench/train_step.py --quick          # smaller models, fewer steps
     .venv/bin/python bench/train_step.py --compile        # adds torch.compile rows (slow to start)
-    .venv/bin/python bench/train_step.py --profile gpt    # top ops of one step of each model
+    .venv/bin/python bench/train_step.py --profile gpt    # top ops of each model, and the matmul floor
 """
 
 from __future__ import annotations
@@ -76,20 +76,54 @@ def _time_row(family, shape, precision, *, compiled, warmup, steps, label) -> li
     ]
 
 
+# The kernels both models run with the same FLOPs: matmuls and the attention kernels (SDPA's fused ones,
+# our chunked kernel's tile products, transformers' eager attention's bmm).
+FLOOR_OPS = frozenset(
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::baddbmm_",
+        "aten::_scaled_dot_product_flash_attention_for_cpu",
+        "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    }
+)
+
+
 def profile(family: str, shape, precision: str, rows: int) -> None:
-    """torch.profiler's top ops (by self CPU time) for one step of ours and of transformers'."""
+    """torch.profiler's top ops (by self CPU time) for one step of ours and of transformers', then the
+    floor: the time ours spends in matmul and attention kernels, which no rewrite of the rest can remove.
+
+    The profiler slows op-heavy steps down, so the floor is the profiled share of matmul + attention
+    time applied to an unprofiled step's median time.
+    """
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     ours, theirs, _ = model_pair(family, shape)
     batch = make_batch(family, shape)
+    step_ms, floor_ms = {}, {}
     for name, model in (("ours", ours), ("transformers", theirs)):
         step = train_step_fn(model, batch, precision, adamw(model))
-        step(), step()
+        step_ms[name] = 1e3 * median(interleaved({name: step}, warmup=2, steps=3)[name])
         with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
+        events = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in events)
+        floor = sum(e.self_cpu_time_total for e in events if e.key in FLOOR_OPS)
+        floor_ms[name] = step_ms[name] * floor / total
         print(f"\n=== {family} {precision} {name} ===")
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+        print(events.table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(f"\n{family} {precision}, median of 3 unprofiled steps:")
+    for name in step_ms:
+        print(
+            f"  {name}: {step_ms[name]:.0f} ms per step, {floor_ms[name]:.0f} ms of it matmul + attention kernels"
+        )
+    print(
+        f"  speed-up now {step_ms['transformers'] / step_ms['ours']:.2f}x; if everything but ours' matmul + "
+        f"attention kernels were free: {step_ms['transformers'] / floor_ms['ours']:.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
