@@ -7,7 +7,7 @@ shows median seconds per step and transformers' time / ours (> 1 = ours faster).
 
     .venv/bin/python bench/train_step.py                  # fp32 + bf16 autocast, 3 warmup + 10 timed
     .venv/bin/python bench/train_step.py --quick          # smaller models, fewer steps
-    .venv/bin/python bench/train_step.py --compile        # adds torch.compile rows (slow to start)
+    .venv/bin/python bench/train_step.py --compile        # adds compiled rows (regional; whole models)
     .venv/bin/python bench/train_step.py --profile gpt    # top ops of each model, and the matmul floor
 """
 
@@ -47,8 +47,17 @@ def model_pair(family: str, shape) -> tuple[torch.nn.Module, torch.nn.Module, fl
     return ours, theirs, diff
 
 
-def run_row(family: str, shape, precision: str, *, compiled: bool, warmup: int, steps: int) -> list[str]:
-    label = precision + (" +compile" if compiled else "")
+COMPILE_LABELS = {
+    None: "",
+    "blocks": " ours train.compile",  # ours as `pretrain train train.compile=true` runs it, theirs eager
+    "both": " both torch.compile",  # each whole model compiled
+}
+
+
+def run_row(
+    family: str, shape, precision: str, *, compiled: str | None, warmup: int, steps: int
+) -> list[str]:
+    label = precision + COMPILE_LABELS[compiled]
     try:
         return _time_row(family, shape, precision, compiled=compiled, warmup=warmup, steps=steps, label=label)
     except Exception as exc:  # one broken row should not hide the others
@@ -57,7 +66,9 @@ def run_row(family: str, shape, precision: str, *, compiled: bool, warmup: int, 
 
 def _time_row(family, shape, precision, *, compiled, warmup, steps, label) -> list[str]:
     ours, theirs, diff = model_pair(family, shape)
-    if compiled:
+    if compiled == "blocks":
+        ours.compile_blocks()
+    elif compiled == "both":
         ours, theirs = torch.compile(ours), torch.compile(theirs)
     batch = make_batch(family, shape)
     fns = {
@@ -137,7 +148,10 @@ def main(argv: list[str] | None = None) -> None:
         "--bf16-shape", choices=("quick", "small"), default="quick",
         help="shape of the bf16 rows (default quick: on a CPU without bf16 matrix units they are slow)",
     )  # fmt: skip
-    parser.add_argument("--compile", action="store_true", help="add torch.compile rows (fp32)")
+    parser.add_argument(
+        "--compile", action="store_true",
+        help="add fp32 rows: ours with train.compile (regional) vs theirs eager, and both models torch.compile'd",
+    )  # fmt: skip
     parser.add_argument("--warmup", type=int)
     parser.add_argument("--steps", type=int)
     parser.add_argument("--profile", metavar="FAMILY", help="print profiler tables instead of timing")
@@ -161,13 +175,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for family in families:
         for precision in precisions:
-            row = run_row(family, shapes[precision], precision, compiled=False, warmup=warmup, steps=steps)
+            row = run_row(family, shapes[precision], precision, compiled=None, warmup=warmup, steps=steps)
             rows.append(row + ["quick" if shapes[precision] is QUICK else "small"])
             print(" | ".join(rows[-1]), flush=True)
         if args.compile:
-            row = run_row(family, shapes["fp32"], "fp32", compiled=True, warmup=warmup, steps=steps)
-            rows.append(row + ["quick" if shapes["fp32"] is QUICK else "small"])
-            print(" | ".join(rows[-1]), flush=True)
+            for mode in ("blocks", "both"):
+                row = run_row(family, shapes["fp32"], "fp32", compiled=mode, warmup=warmup, steps=steps)
+                rows.append(row + ["quick" if shapes["fp32"] is QUICK else "small"])
+                print(" | ".join(rows[-1]), flush=True)
     print()
     print_table(HEADERS, rows)
 

@@ -94,7 +94,7 @@ class TrainSection(Section):
     seed: int = Field(0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     compile: bool = Field(
-        False, description="torch.compile each transformer block (pays on long runs; the first step compiles)"
+        False, description="torch.compile each transformer block (for GPU runs; the first step compiles)"
     )
     eval_every: int = Field(0, ge=0, description="validation loss every N steps; 0 = never")
     eval_batches: int = Field(4, gt=0)
