@@ -73,6 +73,7 @@ def attend(
     scale: float | None = None,
     dropout_p: float = 0.0,
     backend: str = "auto",
+    block_size: int | None = None,
 ) -> Tensor:
     """Scaled dot-product attention, q: (B, H, Lq, D), k/v: (B, H, Lk, D) -> (B, H, Lq, D).
 
@@ -80,9 +81,11 @@ def attend(
     causal: key j is visible to query i iff j <= i (top-left aligned). window: also |i - j| < window.
     bias: additive, a dense tensor broadcastable to (B, H, Lq, Lk) or a `RelativeBias` (T5).
     scale: None -> 1/sqrt(D). `auto` without an eligible fused kernel uses `chunked`, or `sdpa` when
-    dropout is on or the chunked kernel is missing.
+    dropout is on or the chunked kernel is missing. block_size: the chunked kernel's query and key tile
+    (None: its default); the other backends have no tiles.
     """
     name = resolve_backend(backend, bias=bias, window=window, dropout_p=dropout_p)
+    tiles = {"q_block": block_size, "k_block": block_size} if name == "chunked" else {}
     return _KERNELS[name](
         q,
         k,
@@ -93,6 +96,7 @@ def attend(
         window=window,
         scale=scale,
         dropout_p=dropout_p,
+        **tiles,
     )
 
 
@@ -109,10 +113,11 @@ class MultiHeadAttention(nn.Module):
         scale: float | None = None,
         dropout: float = 0.0,
         backend: str = "auto",
+        block_size: int | None = None,
     ) -> None:
         super().__init__()
         self.n_heads, self.head_dim = n_heads, head_dim
-        self.scale, self.dropout, self.backend = scale, dropout, backend
+        self.scale, self.dropout, self.backend, self.block_size = scale, dropout, backend, block_size
         self.out = nn.Linear(n_heads * head_dim, d_model, bias=bias)
 
     def _split(self, x: Tensor, parts: int) -> tuple[Tensor, ...]:
@@ -128,6 +133,7 @@ class MultiHeadAttention(nn.Module):
             scale=self.scale,
             dropout_p=self.dropout if self.training else 0.0,
             backend=self.backend,
+            block_size=self.block_size,
             **kwargs,
         )  # (B, H, Lq, D)
         b, _, length, _ = y.shape

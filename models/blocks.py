@@ -43,6 +43,7 @@ class BlockConfig:
     attention_dropout: float = 0.0
     ff_dropout: float = 0.0  # inside the feed-forward, after the activation (T5)
     attention: str = "auto"
+    attention_block: int | None = None  # the chunked kernel's tile size
 
     @classmethod
     def from_model(cls, config: ModelConfig, **overrides: object) -> BlockConfig:
@@ -58,6 +59,7 @@ class BlockConfig:
             attention_dropout=config.attention_dropout,
             attention=config.attention,
             window=config.attention_window,
+            attention_block=config.attention_block,
         )
         return cls(**{**shared, **overrides})
 
@@ -90,7 +92,13 @@ class FeedForward(nn.Module):
 
 
 def _attention_kwargs(cfg: BlockConfig) -> dict:
-    return dict(bias=cfg.bias, scale=cfg.scale, dropout=cfg.attention_dropout, backend=cfg.attention)
+    return dict(
+        bias=cfg.bias,
+        scale=cfg.scale,
+        dropout=cfg.attention_dropout,
+        backend=cfg.attention,
+        block_size=cfg.attention_block,
+    )
 
 
 def _self_attention(cfg: BlockConfig) -> SelfAttention:

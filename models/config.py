@@ -31,6 +31,7 @@ class ModelConfig:
     layer_norm_eps: float
     attention: AttentionBackend = "auto"
     attention_window: int | None = None  # sliding-window (local) self attention; None = global
+    attention_block: int | None = None  # chunked kernel's query/key tile; None = its default (256)
     gradient_checkpointing: bool = False
     dropout: float = 0.0
     attention_dropout: float = 0.0
@@ -49,10 +50,9 @@ class ModelConfig:
             raise ValueError(
                 f"model config: activation={self.activation!r}; accepted: {', '.join(ACTIVATIONS)}"
             )
-        if self.attention_window is not None and self.attention_window < 1:
-            raise ValueError(
-                f"model config: attention_window must be >= 1 or None, got {self.attention_window}"
-            )
+        for name in ("attention_window", "attention_block"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be >= 1 or None, got {getattr(self, name)}")
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")

@@ -130,3 +130,30 @@ def test_unknown_backend_is_a_clear_error() -> None:
     q, k, v = qkv()
     with pytest.raises(ValueError, match="unknown attention backend 'flash'"):
         attend(q, k, v, backend="flash")
+
+
+def test_attention_block_reaches_the_chunked_kernel_and_keeps_the_output(monkeypatch) -> None:
+    """`attention_block` in a model config sets the chunked kernel's tiles; the numbers do not change."""
+    import models
+    import models.attention as attention_module
+
+    seen: list[tuple] = []
+    kernel = attention_module.chunked_attention
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs.get("q_block"), kwargs.get("k_block")))
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "chunked_attention", spy)
+    ids = torch.randint(4, 100, (2, 40))
+    labels = torch.randint(4, 100, (2, 9))
+    outputs = {}
+    for block in (None, 16):
+        torch.manual_seed(0)
+        model = models.build_model("t5-tiny", vocab_size=100, n_layers=1, attention_block=block).double()
+        seen.clear()
+        outputs[block] = model(input_ids=ids, labels=labels).logits
+        assert seen and set(seen) == {(block, block)}  # encoder, decoder self attention: chunked (T5 bias)
+    assert torch.allclose(outputs[None], outputs[16], rtol=0, atol=1e-12)
+    with pytest.raises(ValueError, match="attention_block must be >= 1"):
+        models.build_model("t5-tiny", attention_block=0)
