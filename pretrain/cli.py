@@ -1,12 +1,14 @@
 """`pretrain` command line: train / export / data prepare / plot.
 
 Bad input of any kind ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows the traceback.
+Under a launcher every rank meets the same bad input: only rank 0 prints the line, every rank exits with the code.
 Heavy imports happen inside the commands so that `pretrain --help` and config errors answer at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +17,27 @@ from typing import NoReturn
 EXIT_USAGE = 2
 
 
+def _is_rank_zero() -> bool:
+    """False only when a launcher gave this process another rank (torchrun's RANK, else srun's SLURM_PROCID);
+    a value that is not a number is shown rather than hidden."""
+    for name in ("RANK", "SLURM_PROCID"):
+        value = os.environ.get(name, "").strip()
+        if value:
+            return not value.isdigit() or int(value) == 0
+    return True
+
+
+def _error(message: str) -> None:
+    """The one `error: ...` line, said once per job rather than once per rank."""
+    if _is_rank_zero():
+        print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse, but usage errors are one line like every other error."""
 
     def error(self, message: str) -> NoReturn:
-        print(f"error: {self.prog}: {message}", file=sys.stderr)
+        _error(f"{self.prog}: {message}")
         raise SystemExit(EXIT_USAGE)
 
 
@@ -114,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _run(args)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        _error("interrupted")
         return 130
     except Exception as e:
         if getattr(args, "debug", False) or not isinstance(e, _user_errors()):
@@ -122,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pretrain.safety import redact, secret_values
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
-        print(f"error: {message}", file=sys.stderr)
+        _error(message)
         return EXIT_USAGE
     return 0
 

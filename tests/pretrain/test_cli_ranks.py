@@ -1,0 +1,61 @@
+"""Under a launcher every rank meets the same bad input: the user reads its one `error:` line once, from rank 0,
+and every rank still exits with the error's code."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from pretrain.cli import EXIT_USAGE, main
+
+BAD_CONFIG = ["train", "configs/gpt-tiny.yaml", "train.max_steps=-1"]
+EXPECTED = "error: train.max_steps: Input should be greater than 0 (got -1)"
+
+
+@pytest.mark.parametrize(
+    ("env", "printed"),
+    [
+        ({}, True),
+        ({"RANK": "0"}, True),
+        ({"RANK": "1"}, False),
+        ({"SLURM_PROCID": "3"}, False),
+        ({"RANK": "0", "SLURM_PROCID": "1"}, True),  # torchrun under srun: torchrun's rank wins
+    ],
+)
+def test_only_rank_zero_prints_a_user_error(
+    env: dict[str, str], printed: bool, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.chdir(REPO)
+    assert main(BAD_CONFIG) == EXIT_USAGE
+    assert capsys.readouterr().err.splitlines() == ([EXPECTED] if printed else [])
+
+
+def test_only_rank_zero_prints_a_usage_error(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_a_config_error_under_torchrun_is_said_once(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "pretrain", *BAD_CONFIG, f"run.dir={tmp_path / 'run'}"]
+    launcher = {"WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [EXPECTED], proc.stderr
+    # torchrun's summary: both workers failed, each with the CLI's exit code
+    assert proc.stderr.count(f"exitcode  : {EXIT_USAGE} ") == 2, proc.stderr
+    assert not (tmp_path / "run").exists()
