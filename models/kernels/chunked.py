@@ -153,7 +153,8 @@ class _TileBuffer:
     """One reusable (N, bq, bk) buffer per pass, viewed at each tile's shape: no multi-MB malloc per tile."""
 
     def __init__(self, rows: int, tiling: _Tiling, like: Tensor) -> None:
-        self._flat = like.new_empty(rows * tiling.q_block * tiling.k_block)
+        tile = min(tiling.q_block, tiling.q_len) * min(tiling.k_block, tiling.k_len)
+        self._flat = like.new_empty(rows * tile)
         self._rows = rows
 
     def __call__(self, bq: int, bk: int) -> Tensor:
