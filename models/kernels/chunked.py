@@ -161,6 +161,14 @@ class _TileBuffer:
         return self._flat[: self._rows * bq * bk].view(self._rows, bq, bk)
 
 
+def _operands(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype):
+    """q * scale * log2(e), k and v as (B * H, L, D) in the compute dtype, cut into contiguous blocks."""
+    B, H, Lq, _ = q.shape
+    q2 = _blocks((q.to(dtype) * (spec.scale * LOG2E)).reshape(B * H, Lq, -1), spec.tiling.q_block)
+    kb, vb = (_blocks(t.to(dtype).reshape(B * H, t.shape[2], -1), spec.tiling.k_block) for t in (k, v))
+    return q2, kb, vb
+
+
 class _ChunkedAttention(torch.autograd.Function):
     """Tensors are handled as (B * H, L, D) so every tile product is one bmm / baddbmm over all heads."""
 
@@ -170,8 +178,7 @@ class _ChunkedAttention(torch.autograd.Function):
         Dv = v.shape[-1]
         dtype = _compute_dtype(q.dtype)
         tiling = spec.tiling
-        q2 = _blocks((q.to(dtype) * (spec.scale * LOG2E)).reshape(B * H, Lq, -1), tiling.q_block)
-        kb, vb = (_blocks(t.to(dtype).reshape(B * H, t.shape[2], t.shape[3]), tiling.k_block) for t in (k, v))
+        q2, kb, vb = _operands(spec, q, k, v, dtype)
         bias = _block_bias(spec, dense, table, dtype, need_grad=False)
         scores = _TileBuffer(B * H, tiling, q2[0])
         out = q.new_empty(B * H, Lq, Dv)
@@ -208,8 +215,7 @@ class _ChunkedAttention(torch.autograd.Function):
         tiling = spec.tiling
         B, H, Lq, _ = q.shape
         dtype = lse.dtype
-        q2 = _blocks((q.to(dtype) * (spec.scale * LOG2E)).reshape(B * H, Lq, -1), tiling.q_block)
-        kb, vb = (_blocks(t.to(dtype).reshape(B * H, t.shape[2], t.shape[3]), tiling.k_block) for t in (k, v))
+        q2, kb, vb = _operands(spec, q, k, v, dtype)
         do, o = (t.to(dtype).reshape(B * H, Lq, -1) for t in (grad_out, out))
         neg_delta = _blocks(-(do * o).sum(-1, keepdim=True), tiling.q_block)  # -rowsum(dO * O)
         do, neg_lse = _blocks(do, tiling.q_block), _blocks(-lse, tiling.q_block)
