@@ -5,7 +5,8 @@ Layout (INTERFACES.md): `checkpoints/step_N/` holds `engine/` (Engine.save), `mo
 A save goes to `.tmp-step_N`, is renamed to `step_N`, and only then is `latest` replaced, so a job killed at any
 moment leaves `latest` on a complete checkpoint. On resume the manifest and every pickle are checked before the
 engine reads a byte; a damaged checkpoint is reported and the previous one used, and if none is intact the run
-stops rather than silently starting over.
+stops rather than silently starting over. In a job of N ranks rank 0 alone hashes and scans the (shared) files and
+tells the others which checkpoint to load, rather than N ranks reading every byte N times.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from pretrain.rng import rng_state, set_rng_state
 
 LATEST = "latest"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
+_NONE = -1  # rank 0's verdict when no checkpoint qualifies
 
 
 class CheckpointError(RuntimeError):
@@ -116,14 +118,26 @@ def find_checkpoint(root: Path, step: int | None = None, *, say: Callable[[str],
             have = ", ".join(str(step_of(p)) for p in sorted(candidates, key=step_of))
             raise CheckpointError(f"no checkpoint for step {step} under {root}; available steps: {have}")
         candidates = [wanted]
+    path = _first_intact(candidates, say)
+    if path is None:
+        raise CheckpointError(
+            f"no intact checkpoint under {root} (tried {', '.join(p.name for p in candidates)})"
+        )
+    return path
+
+
+def _first_intact(candidates: list[Path], say: Callable[[str], None]) -> Path | None:
+    """The first candidate that verifies, saying what is wrong with each damaged one before it."""
     for path in candidates:
         problem = verify(path)
         if problem is None:
             return path
         say(f"warning: checkpoint {path} is damaged ({problem}); trying the previous one")
-    raise CheckpointError(
-        f"no intact checkpoint under {root} (tried {', '.join(p.name for p in candidates)})"
-    )
+    return None
+
+
+def _step_or_none(path: Path | None) -> int:
+    return _NONE if path is None else step_of(path)
 
 
 def _unshared(weights: dict[str, Any]) -> dict[str, Any]:
@@ -137,8 +151,8 @@ def _unshared(weights: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _local(flag: bool) -> bool:
-    return flag
+def _alone(value: int) -> int:
+    return value
 
 
 def _noop() -> None:
@@ -146,7 +160,10 @@ def _noop() -> None:
 
 
 class CheckpointManager:
-    """Saves and restores the whole training state under `root` (collective on every rank)."""
+    """Saves and restores the whole training state under `root` (collective on every rank).
+
+    `barrier` and `broadcast` (rank 0's int on every rank) are the job's collectives; the defaults serve one
+    process."""
 
     def __init__(
         self,
@@ -155,14 +172,14 @@ class CheckpointManager:
         keep: int,
         dist: DistInfo,
         barrier: Callable[[], None] = _noop,
-        any_rank: Callable[[bool], bool] = _local,
+        broadcast: Callable[[int], int] = _alone,
         say: Callable[[str], None] = _say,
     ) -> None:
         self.root = root
         self.keep = keep
         self.dist = dist
         self._barrier = barrier
-        self._any_rank = any_rank
+        self._broadcast = broadcast
         self._say = say
 
     # ------------------------------------------------------------------------------------------- save
@@ -232,21 +249,38 @@ class CheckpointManager:
         candidates = checkpoint_dirs(self.root) if self.root.is_dir() else []
         if not candidates:
             return None
-        for path in candidates:
-            problem = verify(path)
-            if self._any_rank(problem is not None):
-                self._say(
-                    f"warning: checkpoint {path} is damaged ({problem or 'on another rank'}); trying the previous one"
-                )
-                continue
-            state = self._load(path, engine=engine, data=data)
-            if path != candidates[0]:
-                self._say(f"resumed from {path.name}, the newest intact checkpoint")
-            return state
-        raise CheckpointError(
-            f"no intact checkpoint under {self.root} (tried {', '.join(p.name for p in candidates)}); refusing to "
-            "start over: repair it or move the run directory away to start fresh"
-        )
+        step = self._from_main(lambda: _step_or_none(_first_intact(candidates, self._say)))
+        if step == _NONE:
+            raise CheckpointError(
+                f"no intact checkpoint under {self.root} (tried {', '.join(p.name for p in candidates)}); "
+                "refusing to start over: repair it or move the run directory away to start fresh"
+            )
+        path = self.root / f"step_{step}"
+        state = self._load(path, engine=engine, data=data)
+        if path != candidates[0]:
+            self._say(f"resumed from {path.name}, the newest intact checkpoint")
+        return state
+
+    def finished(self, max_steps: int) -> TrainerState | None:
+        """The state `latest` points at, if it reached `max_steps` and is intact; else None (the full resume
+        path then reports a damaged one and falls back)."""
+        step = self._from_main(lambda: self._finished_step(max_steps))
+        return None if step == _NONE else read_trainer_state(self.root / f"step_{step}")
+
+    def _finished_step(self, max_steps: int) -> int:
+        latest = self.root / LATEST
+        if not latest.is_file():
+            return _NONE
+        path = self.root / latest.read_text().strip()
+        try:
+            step, state = step_of(path), read_trainer_state(path)
+        except (OSError, ValueError, TypeError):
+            return _NONE  # damaged: the full resume path reports it
+        return step if state.step >= max_steps and verify(path) is None else _NONE
+
+    def _from_main(self, decide: Callable[[], int]) -> int:
+        """Rank 0 runs `decide` (which reads and hashes the files) and every rank gets its answer."""
+        return self._broadcast(decide() if self.dist.is_main else _NONE)
 
     def check_world_size(self) -> None:
         """Refuse early, before any model or engine is built, a resume at a world size the newest readable

@@ -21,10 +21,11 @@ import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import LATEST, CheckpointManager, TrainerState, read_trainer_state, verify
+from pretrain.checkpoint import CheckpointManager, TrainerState
 from pretrain.config import RunConfig
 from pretrain.engines import Engine, StepOutput, any_rank, barrier, build_engine, init_distributed, shutdown
 from pretrain.engines.base import DistInfo
+from pretrain.engines.dist import broadcast_int
 from pretrain.faults import DivergenceGuard, PreemptionHandler
 from pretrain.logging import RunLogger
 from pretrain.metrics import Throughput, memory_gib, peak_flops
@@ -65,7 +66,7 @@ def train(cfg: RunConfig) -> TrainerState:
     if dist.is_main:
         for warning in cfg.warnings():
             _say(f"warning: {warning}")
-    finished = finished_state(cfg)
+    finished = finished_state(cfg, dist)
     if finished is not None:  # nothing to do: do not pay for a tokenizer, a model and an engine
         if dist.is_main:
             _say(
@@ -85,34 +86,28 @@ def train(cfg: RunConfig) -> TrainerState:
         shutdown()
 
 
-def finished_state(cfg: RunConfig) -> TrainerState | None:
-    """The state `latest` points at, if it already reached train.max_steps (a resume verifies it fully)."""
-    latest = cfg.run_dir / "checkpoints" / LATEST
-    if not latest.is_file():
-        return None
-    path = latest.parent / latest.read_text().strip()
-    try:
-        state = read_trainer_state(path)
-    except (OSError, ValueError, TypeError):
-        return None  # damaged: the full resume path reports it
-    if state.step < cfg.train.max_steps or verify(path) is not None:
-        return None  # not done, or a damaged final checkpoint: the full resume path reports it and falls back
-    return state
+def finished_state(cfg: RunConfig, dist: DistInfo | None = None) -> TrainerState | None:
+    """The state `latest` points at, if it already reached train.max_steps and is intact (collective)."""
+    return checkpoint_manager(cfg, dist or DistInfo()).finished(cfg.train.max_steps)
+
+
+def checkpoint_manager(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
+    """The run's checkpoints, with the job's collectives (rank 0 alone verifies, the others follow)."""
+    return CheckpointManager(
+        cfg.run_dir / "checkpoints",
+        keep=cfg.checkpoint.keep,
+        dist=dist,
+        barrier=barrier,
+        broadcast=broadcast_int,
+        say=_say if dist.is_main else _quiet,
+    )
 
 
 def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     """Run directory, tokenizer, model, engine, data; then restore the newest intact checkpoint, if any."""
     import data
 
-    say = _say if dist.is_main else _quiet
-    checkpoints = CheckpointManager(
-        cfg.run_dir / "checkpoints",
-        keep=cfg.checkpoint.keep,
-        dist=dist,
-        barrier=barrier,
-        any_rank=any_rank,
-        say=say,
-    )
+    checkpoints = checkpoint_manager(cfg, dist)
     checkpoints.check_world_size()  # before paying for a tokenizer, a model and an engine
     prepare_run_dir(cfg, dist)
     tokenizer = _tokenizer(cfg, dist)

@@ -152,6 +152,16 @@ def any_rank(flag: bool) -> bool:
     return all_reduce_sum([float(flag)])[0] > 0
 
 
+def broadcast_int(value: int, *, src: int = 0) -> int:
+    """Rank `src`'s `value` on every rank (`value` itself in a single process): one rank decides, e.g. after
+    reading shared files once for the whole job, and the others follow its answer."""
+    if not _active():
+        return value
+    tensor = torch.tensor([value], dtype=torch.int64, device=_collective_device())
+    dist.broadcast(tensor, src=src)
+    return int(tensor.item())
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -1,10 +1,12 @@
-"""Checkpoint manager: atomic saves, keep-N, damaged/tampered checkpoints, RNG and data state restored."""
+"""Checkpoint manager: atomic saves, keep-N, damaged/tampered checkpoints, RNG and data state restored, and in a
+multi-rank job only rank 0 reading the files to verify them."""
 
 from __future__ import annotations
 
 import json
 import pickle
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,7 @@ import pytest
 import torch
 from pretrain_fakes import FakeData, FakeEngine, save_steps
 
+from pretrain import safety
 from pretrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_dirs, find_checkpoint
 from pretrain.engines.base import DistInfo
 from pretrain.safety import write_manifest
@@ -153,3 +156,72 @@ def test_resume_at_another_world_size_is_refused_before_anything_loads(
     assert str(late.value) == expected
     assert torch.equal(engine.model.weight, untouched) and data.position == 0
     CheckpointManager(tmp_path, keep=3, dist=DistInfo(world_size=saved)).check_world_size()  # same size: fine
+
+
+class TwoRanks:
+    """Two ranks of one job, played one after the other in this process (rank 0 first): `broadcast` hands
+    rank 1 what rank 0 sent, and `reads` counts, per rank, the files hashed and the directories scanned for
+    pickles, i.e. every read of a checkpoint's contents that verification makes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rank = 0
+        self.sent: list[int] = []
+        self.reads = {0: [0, 0], 1: [0, 0]}
+        sha256, scan = safety._sha256, safety.check_pickles_under
+        monkeypatch.setattr(safety, "_sha256", lambda path: self._count(0) or sha256(path))
+        monkeypatch.setattr(safety, "check_pickles_under", lambda path: self._count(1) or scan(path))
+
+    def _count(self, kind: int) -> None:
+        self.reads[self.rank][kind] += 1
+
+    def broadcast(self, value: int) -> int:
+        if self.rank == 0:
+            self.sent.append(value)
+            return value
+        return self.sent.pop(0)
+
+    def manager(self, root: Path, rank: int, messages: list[str]) -> CheckpointManager:
+        self.rank = rank
+        dist = DistInfo(rank=rank, world_size=2)
+        return CheckpointManager(root, keep=3, dist=dist, broadcast=self.broadcast, say=messages.append)
+
+
+def save_two_rank_steps(root: Path, steps: list[int]) -> None:
+    """Checkpoints as a 2-rank job writes them (rank_1's data/RNG state beside rank_0's)."""
+    save_steps(root, steps, world_size=2)
+    for step in steps:
+        shutil.copytree(root / f"step_{step}" / "rank_0", root / f"step_{step}" / "rank_1")
+        write_manifest(root / f"step_{step}")
+
+
+def test_two_ranks_only_rank_zero_verifies_and_both_fall_back_alike(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    save_two_rank_steps(tmp_path, [1, 2])
+    weights = tmp_path / "step_2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-7])
+    job = TwoRanks(monkeypatch)
+    restored = {}
+    for rank in (0, 1):
+        messages: list[str] = []
+        engine, data = FakeEngine(), FakeData()
+        state = job.manager(tmp_path, rank, messages).restore(engine=engine, data=data)
+        restored[rank] = (state.step, data.position, engine.model.weight, messages)
+    assert restored[0][:2] == restored[1][:2] == (1, 10)
+    assert torch.equal(restored[0][2], restored[1][2])
+    assert any("step_2" in m and "damaged" in m for m in restored[0][3]), restored[0][3]
+    files_step_1 = len(json.loads((tmp_path / "step_1" / "manifest.json").read_text())["files"])
+    # rank 0: step_2's first file (the next is cut short, refused on its size), then all of step_1, one scan
+    assert job.reads == {0: [1 + files_step_1, 1], 1: [0, 0]}
+
+
+@pytest.mark.parametrize(("max_steps", "finished"), [(2, True), (3, False)])
+def test_two_ranks_only_rank_zero_verifies_a_finished_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, max_steps: int, finished: bool
+) -> None:
+    save_two_rank_steps(tmp_path, [1, 2])
+    job = TwoRanks(monkeypatch)
+    states = [job.manager(tmp_path, rank, []).finished(max_steps) for rank in (0, 1)]
+    assert [s.step if s else None for s in states] == ([2, 2] if finished else [None, None])
+    files_step_2 = len(json.loads((tmp_path / "step_2" / "manifest.json").read_text())["files"])
+    assert job.reads == {0: [files_step_2, 1] if finished else [0, 0], 1: [0, 0]}
