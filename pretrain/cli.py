@@ -81,24 +81,22 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Error types that mean bad input or a bad file, not a bug in this program, by the module defining them.
+_USER_ERRORS = {
+    "pretrain.config": ("ConfigError",),
+    "pretrain.checkpoint": ("CheckpointError",),
+    "pretrain.safety": ("UnsafeCheckpointError", "CorruptCheckpointError"),
+    "pretrain.faults": ("DivergenceError",),
+}
+
+
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Error types that mean bad input or a bad file, not a bug in this program."""
-    from pretrain.checkpoint import CheckpointError
-    from pretrain.config import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, CheckpointError, ValueError, FileNotFoundError]
-    try:
-        from pretrain import safety
-
-        errors += [safety.UnsafeCheckpointError, safety.CorruptCheckpointError]
-    except (ImportError, AttributeError):
-        pass
-    try:
-        from pretrain.faults import DivergenceError
-
-        errors.append(DivergenceError)
-    except ImportError:
-        pass
+    """The user-error types, looked up only in modules already loaded: a type never imported cannot have been
+    raised, and importing its module here would make a config error wait for torch."""
+    errors: list[type[BaseException]] = [ValueError, FileNotFoundError]
+    for module, names in _USER_ERRORS.items():
+        if module in sys.modules:
+            errors += [getattr(sys.modules[module], name) for name in names]
     return tuple(errors)
 
 
@@ -137,7 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as e:
         if getattr(args, "debug", False) or not isinstance(e, _user_errors()):
             raise
-        from pretrain.safety import redact, secret_values
+        from pretrain.redaction import redact, secret_values
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
         _error(message)

@@ -14,14 +14,16 @@ import netrc
 import os
 import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
 from data import DataError, check_sources
 from data.config import DataConfig
-from pretrain.engines.base import EngineSpec, OptimizerSpec
+
+if TYPE_CHECKING:  # pretrain.engines imports torch (~1.5 s): a config error must not wait for it
+    from pretrain.engines.base import EngineSpec, OptimizerSpec
 
 FAMILY_OBJECTIVE = {"gpt": "clm", "bert": "mlm", "t5": "span"}
 
@@ -160,6 +162,8 @@ class RunConfig(Section):
         return DataConfig(**{name: getattr(self.data, name) for name in type(self.data).model_fields})
 
     def engine_spec(self) -> EngineSpec:
+        from pretrain.engines.base import EngineSpec
+
         e, t = self.engine, self.train
         return EngineSpec(
             backend=e.backend,
@@ -174,6 +178,8 @@ class RunConfig(Section):
         )
 
     def optimizer_spec(self) -> OptimizerSpec:
+        from pretrain.engines.base import OptimizerSpec
+
         t = self.train
         return OptimizerSpec(
             lr=t.lr,

@@ -1,4 +1,4 @@
-"""Checkpoint safety: refuse code-running pickles, detect damaged checkpoints, keep secrets out of logs.
+"""Checkpoint safety: refuse code-running pickles, detect damaged checkpoints (secret redaction: redaction.py).
 
 Pickle is a program, not a data format: `torch.load(weights_only=False)` (which DeepSpeed and DCP use for some
 of their files) will import and call whatever a file names. Checkpoints travel between people and clusters,
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import logging
 import mmap
 import os
 import pickle
@@ -24,7 +23,7 @@ import pickletools
 import re
 import tarfile
 import zipfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -35,14 +34,10 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "MANIFEST_NAME",
-    "SecretFilter",
     "UnsafeCheckpointError",
     "check_pickle_file",
     "check_pickles_under",
-    "install_secret_filter",
-    "redact",
     "safe_torch_load",
-    "secret_values",
     "verify_manifest",
     "write_manifest",
 ]
@@ -472,53 +467,3 @@ def verify_manifest(directory: str | os.PathLike[str]) -> None:
         raise CorruptCheckpointError(
             directory / extra[0], "not listed in the manifest (added after the save)"
         )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Secret redaction
-
-_SECRET_ENV = re.compile(r"(WANDB_API_KEY|.*_API_KEY|.*_TOKEN|.*_SECRET|.*_PASSWORD)")
-_MIN_SECRET_LEN = 4  # masking "1" or "no" everywhere would garble logs and protect nothing
-MASK = "***"
-
-
-def secret_values(environ: Mapping[str, str] | None = None) -> list[str]:
-    """Values of credential-like environment variables (WANDB_API_KEY, *_TOKEN, *_SECRET, *_PASSWORD, *_API_KEY)."""
-    environ = os.environ if environ is None else environ
-    return [v for k, v in environ.items() if _SECRET_ENV.fullmatch(k.upper()) and len(v) >= _MIN_SECRET_LEN]
-
-
-def redact(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every occurrence of each secret replaced by ***."""
-    for secret in sorted({s for s in secrets if len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True):
-        text = text.replace(secret, MASK)
-    return text
-
-
-class SecretFilter(logging.Filter):
-    """Masks secrets in log records (message, arguments and traceback text) before any handler writes them."""
-
-    def __init__(self, secrets: Iterable[str] | None = None) -> None:
-        super().__init__()
-        self.secrets = list(secret_values() if secrets is None else secrets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage(), self.secrets)
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secrets)
-        return True
-
-
-def install_secret_filter(
-    logger: logging.Logger | None = None, secrets: Iterable[str] | None = None
-) -> SecretFilter:
-    """Attach one SecretFilter to every handler of `logger` (root by default); handler filters also see
-    records propagated from child loggers, which logger filters do not."""
-    logger = logger or logging.getLogger()
-    secret_filter = SecretFilter(secrets)
-    for handler in logger.handlers:
-        handler.addFilter(secret_filter)
-    return secret_filter

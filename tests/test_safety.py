@@ -19,15 +19,14 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pretrain import safety
+from pretrain import redaction, safety
+from pretrain.redaction import redact, secret_values
 from pretrain.safety import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     check_pickle_file,
     check_pickles_under,
-    redact,
     safe_torch_load,
-    secret_values,
     verify_manifest,
     write_manifest,
 )
@@ -306,7 +305,7 @@ def test_log_filter_masks_messages_args_and_tracebacks(monkeypatch: pytest.Monke
     handler = logging.StreamHandler(stream)
     logger.addHandler(handler)
     try:
-        safety.install_secret_filter(logger)
+        redaction.install_secret_filter(logger)
         logger.warning("login with %s", key)
         logger.warning(f"raw {key}")
         try:

@@ -1,5 +1,6 @@
-"""Under a launcher every rank meets the same bad input: the user reads its one `error:` line once, from rank 0,
-and every rank still exits with the error's code."""
+"""A user error is one `error:` line, said at once and once per job: a config error answers before torch is
+imported, and under a launcher (where every rank meets the same bad input) rank 0 alone says it while every rank
+still exits with the error's code."""
 
 from __future__ import annotations
 
@@ -59,3 +60,21 @@ def test_a_config_error_under_torchrun_is_said_once(tmp_path: Path) -> None:
     # torchrun's summary: both workers failed, each with the CLI's exit code
     assert proc.stderr.count(f"exitcode  : {EXIT_USAGE} ") == 2, proc.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_a_config_error_answers_before_torch_is_imported() -> None:
+    """Importing torch costs seconds; validating the config needs none of it."""
+    code = (
+        "import sys; from pretrain.cli import main; code = main(sys.argv[1:]); "
+        "print(code, sorted(m for m in ('torch', 'deepspeed', 'transformers') if m in sys.modules))"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_API_KEY"} | {"WANDB_MODE": "disabled"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *BAD_CONFIG],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (proc.stdout.strip(), proc.stderr.strip()) == (f"{EXIT_USAGE} []", EXPECTED)
