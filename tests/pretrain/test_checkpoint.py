@@ -4,6 +4,7 @@ multi-rank job only rank 0 reading the files to verify them."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import random
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import checkpoint_worker
 import numpy as np
 import pytest
 import torch
@@ -27,6 +29,15 @@ def restore(root: Path, messages: list[str] | None = None) -> tuple[int | None, 
     say = messages.append if messages is not None else print
     state = CheckpointManager(root, keep=3, dist=DistInfo(), say=say).restore(engine=engine, data=data)
     return (state.step if state else None), engine, data
+
+
+def cut_short(path: Path) -> None:
+    """Truncate `path`, as a full disk does."""
+    path.write_bytes(path.read_bytes()[:-7])
+
+
+def manifest_size(checkpoint: Path) -> int:
+    return len(json.loads((checkpoint / "manifest.json").read_text())["files"])
 
 
 def weight_offset(engine: FakeEngine, reference: FakeEngine) -> float:
@@ -79,8 +90,7 @@ def test_save_killed_midway_leaves_latest_on_previous(tmp_path: Path) -> None:
 
 def test_damaged_newest_falls_back_with_message(tmp_path: Path) -> None:
     save_steps(tmp_path, [1, 2])
-    weights = tmp_path / "step_2" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-7])  # truncated, e.g. a full disk
+    cut_short(tmp_path / "step_2" / "model.safetensors")
     messages: list[str] = []
     step, _, data = restore(tmp_path, messages)
     assert (step, data.position) == (1, 10)
@@ -198,8 +208,7 @@ def test_two_ranks_only_rank_zero_verifies_and_both_fall_back_alike(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     save_two_rank_steps(tmp_path, [1, 2])
-    weights = tmp_path / "step_2" / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:-7])
+    cut_short(tmp_path / "step_2" / "model.safetensors")
     job = TwoRanks(monkeypatch)
     restored = {}
     for rank in (0, 1):
@@ -210,9 +219,27 @@ def test_two_ranks_only_rank_zero_verifies_and_both_fall_back_alike(
     assert restored[0][:2] == restored[1][:2] == (1, 10)
     assert torch.equal(restored[0][2], restored[1][2])
     assert any("step_2" in m and "damaged" in m for m in restored[0][3]), restored[0][3]
-    files_step_1 = len(json.loads((tmp_path / "step_1" / "manifest.json").read_text())["files"])
     # rank 0: step_2's first file (the next is cut short, refused on its size), then all of step_1, one scan
-    assert job.reads == {0: [1 + files_step_1, 1], 1: [0, 0]}
+    assert job.reads == {0: [1 + manifest_size(tmp_path / "step_1"), 1], 1: [0, 0]}
+
+
+@pytest.mark.slow
+def test_two_processes_only_rank_zero_reads_the_files(tmp_path: Path) -> None:
+    """The same through torchrun and gloo: rank 1 loads the fallback rank 0 chose, having read none of the files."""
+    root, out = tmp_path / "checkpoints", tmp_path / "out"
+    out.mkdir()
+    save_two_rank_steps(root, [1, 2])
+    cut_short(root / "step_2" / "model.safetensors")
+    launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [checkpoint_worker.__file__, str(root), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads((out / f"rank_{rank}.json").read_text()) for rank in (0, 1)] == [
+        {"step": 1, "position": 10, "hashed": 1 + manifest_size(root / "step_1"), "scanned": 1},
+        {"step": 1, "position": 10, "hashed": 0, "scanned": 0},
+    ]
 
 
 @pytest.mark.parametrize(("max_steps", "finished"), [(2, True), (3, False)])
@@ -223,5 +250,4 @@ def test_two_ranks_only_rank_zero_verifies_a_finished_run(
     job = TwoRanks(monkeypatch)
     states = [job.manager(tmp_path, rank, []).finished(max_steps) for rank in (0, 1)]
     assert [s.step if s else None for s in states] == ([2, 2] if finished else [None, None])
-    files_step_2 = len(json.loads((tmp_path / "step_2" / "manifest.json").read_text())["files"])
-    assert job.reads == {0: [files_step_2, 1] if finished else [0, 0], 1: [0, 0]}
+    assert job.reads == {0: [manifest_size(tmp_path / "step_2"), 1] if finished else [0, 0], 1: [0, 0]}
