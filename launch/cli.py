@@ -181,6 +181,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.dry_run:
             print(slurm.render(job, launch_command=launch_command), end="")
             return 0
+        job.check(world_size=slurm.nodes * slurm.procs_per_node)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
@@ -190,6 +191,10 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
+    if args.command in ("local", "torchrun"):
+        job.check(
+            world_size=args.nproc * int(args.nnodes.split(":")[-1] if args.command == "torchrun" else 1)
+        )
     sys.stdout.flush()
     os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
 

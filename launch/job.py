@@ -2,13 +2,18 @@
 
 Launchers validate their own arguments and find the run directory here with plain YAML, so a typo fails in a
 second on the login node, and `launch` never imports the training stack (it must start on machines and in
-shells where CUDA or DeepSpeed would be slow or absent).
+shells where CUDA or DeepSpeed would be slow or absent). The run config itself is checked by `pretrain check`
+in a subprocess before torchrun or sbatch start: otherwise its one-line error would reach the user from every
+worker, under torchrun's traceback, or only once the job left the queue.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,9 +49,22 @@ class TrainJob:
             if not sep or not key.strip():
                 raise LaunchError(f"override {item!r} is not key.path=value (e.g. train.max_steps=100)")
 
-    def module_args(self) -> list[str]:
+    def module_args(self, command: str = "train") -> list[str]:
         """Arguments after the interpreter: `-m pretrain train CONFIG overrides...` (config made absolute)."""
-        return ["-m", "pretrain", "train", str(self.config.resolve()), *self.overrides]
+        return ["-m", "pretrain", command, str(self.config.resolve()), *self.overrides]
+
+    def check(self, *, world_size: int) -> None:
+        """`pretrain check` for `world_size` processes; its one-line error as a LaunchError."""
+        proc = subprocess.run(
+            [sys.executable, *self.module_args("check")],
+            env={**os.environ, "WORLD_SIZE": str(world_size)},
+            capture_output=True,
+            text=True,
+        )
+        if proc.returncode != 0:
+            said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+            problem = said[-1].removeprefix("error: ") if said else proc.stderr.strip()[-500:]
+            raise LaunchError(f"run config {self.config}: {problem}")
 
     def run_dir(self) -> Path:
         """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""

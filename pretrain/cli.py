@@ -1,7 +1,9 @@
 """`pretrain` command line: train / export / data prepare / plot.
 
 Bad input of any kind ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows the traceback.
-Under a launcher every rank meets the same bad input: only rank 0 prints the line, every rank exits with the code.
+Under a launcher every rank meets the same bad config, usage or checkpoint verdict (agreed across ranks): only
+rank 0 prints those; any other error may be one rank's own (its data shard, its files), so every rank that meets
+it prints it, prefixed with its rank. Every rank exits with the code.
 Heavy imports happen inside the commands so that `pretrain --help` and config errors answer at once.
 """
 
@@ -17,20 +19,24 @@ from typing import NoReturn
 EXIT_USAGE = 2
 
 
-def _is_rank_zero() -> bool:
-    """False only when a launcher gave this process another rank (torchrun's RANK, else srun's SLURM_PROCID);
-    a value that is not a number is shown rather than hidden."""
+def _rank() -> int:
+    """The rank a launcher gave this process (torchrun's RANK, else srun's SLURM_PROCID), 0 without one;
+    a value that is not a number counts as 0, so its error is shown rather than hidden."""
     for name in ("RANK", "SLURM_PROCID"):
         value = os.environ.get(name, "").strip()
         if value:
-            return not value.isdigit() or int(value) == 0
-    return True
+            return int(value) if value.isdigit() else 0
+    return 0
 
 
-def _error(message: str) -> None:
-    """The one `error: ...` line, said once per job rather than once per rank."""
-    if _is_rank_zero():
+def _error(message: str, *, agreed: bool = True) -> None:
+    """The one `error: ...` line: said by rank 0 alone when every rank met the same problem (`agreed`),
+    else by whichever rank met it."""
+    rank = _rank()
+    if rank == 0:
         print(f"error: {message}", file=sys.stderr, flush=True)
+    elif not agreed:
+        print(f"error: rank {rank}: {message}", file=sys.stderr, flush=True)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -58,6 +64,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("config", type=Path)
     train.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    check = commands.add_parser(
+        "check", parents=[common], help="validate a run config (what `launch` does before starting workers)"
+    )
+    check.add_argument("config", type=Path)
+    check.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     export = commands.add_parser(
         "export", parents=[common], help="write a transformers directory from a checkpoint"
@@ -88,16 +100,25 @@ _USER_ERRORS = {
     "pretrain.safety": ("UnsafeCheckpointError", "CorruptCheckpointError"),
     "pretrain.faults": ("DivergenceError",),
 }
+# Raised identically on every rank: the config is the same everywhere, and checkpoint and divergence verdicts
+# are agreed across ranks before anyone raises.
+_AGREED_ERRORS = {
+    "pretrain.config": ("ConfigError",),
+    "pretrain.checkpoint": ("CheckpointError",),
+    "pretrain.faults": ("DivergenceError",),
+}
+
+
+def _loaded(types: dict[str, tuple[str, ...]]) -> tuple[type[BaseException], ...]:
+    """Error types looked up only in modules already loaded: a type never imported cannot have been raised,
+    and importing its module here would make a config error wait for torch."""
+    return tuple(
+        getattr(sys.modules[m], name) for m, names in types.items() if m in sys.modules for name in names
+    )
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The user-error types, looked up only in modules already loaded: a type never imported cannot have been
-    raised, and importing its module here would make a config error wait for torch."""
-    errors: list[type[BaseException]] = [ValueError, FileNotFoundError]
-    for module, names in _USER_ERRORS.items():
-        if module in sys.modules:
-            errors += [getattr(sys.modules[module], name) for name in names]
-    return tuple(errors)
+    return (ValueError, FileNotFoundError, *_loaded(_USER_ERRORS))
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -108,6 +129,11 @@ def _run(args: argparse.Namespace) -> None:
         from pretrain.loop import train
 
         train(cfg)
+    elif args.command == "check":
+        from pretrain.config import load_config
+
+        cfg = load_config(args.config, args.overrides)
+        print(f"ok: {args.config} (run dir {cfg.run_dir})")
     elif args.command == "export":
         from pretrain.export import export
 
@@ -138,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from pretrain.redaction import redact, secret_values
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
-        _error(message)
+        _error(message, agreed=isinstance(e, _loaded(_AGREED_ERRORS)))
         return EXIT_USAGE
     return 0
 

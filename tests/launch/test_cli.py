@@ -310,3 +310,41 @@ def test_console_script_exits_2_without_traceback(tmp_path):
     )
     assert done.returncode == 2
     assert done.stderr == "error: launch slurm: argument --nodes: must be >= 1, got 0\n"
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["local", "--nproc", "2"],
+        ["torchrun", "--nnodes", "2", "--node-rank", "0", "--master", "127.0.0.1:29400", "--nproc", "2"],
+        ["slurm", "--nodes", "2", "--gpus-per-node", "0"],
+    ],
+    ids=["local", "torchrun", "slurm"],
+)
+def test_a_bad_run_config_is_one_line_before_any_worker_or_job(capsys, config, argv, tmp_path, monkeypatch):
+    """`pretrain check` runs first: no torchrun (whose traceback would bury the line), no queued sbatch job."""
+    started: list[str] = []
+    monkeypatch.setattr(os, "execvpe", lambda file, *_: started.append(file))
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\ntouch {tmp_path}/submitted\necho 1\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = run_cli(capsys, *argv, str(config), "train.max_steps=-1")
+    problem = "train.max_steps: Input should be greater than 0 (got -1)"
+    assert (code, out, err) == (2, "", f"error: launch {argv[0]}: run config {config}: {problem}\n")
+    assert started == [] and not (tmp_path / "submitted").exists()
+
+
+def test_a_good_run_config_passes_the_check_and_starts_torchrun(capsys, config, monkeypatch):
+    started: list[list[str]] = []
+
+    def execvpe(file: str, args: list[str], env: dict) -> None:
+        started.append(args)
+        raise SystemExit(0)  # the real one never returns
+
+    monkeypatch.setattr(os, "execvpe", execvpe)
+    with pytest.raises(SystemExit):
+        main(["local", "--nproc", "2", str(config)])
+    assert capsys.readouterr() == ("", "")
+    assert started and started[0][:3] == TORCHRUN

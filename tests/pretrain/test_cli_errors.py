@@ -48,6 +48,18 @@ def test_only_rank_zero_prints_a_usage_error(
     assert capsys.readouterr().err == ""
 
 
+def test_a_rank_s_own_error_is_said_by_that_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An error not agreed across ranks (here: this rank's files) must not be hidden on rank != 0."""
+    monkeypatch.setenv("RANK", "1")
+    assert main(["plot", str(tmp_path)]) == EXIT_USAGE
+    assert (
+        capsys.readouterr().err
+        == f"error: rank 1: no training records in {tmp_path}/metrics.jsonl; train first\n"
+    )
+
+
 @pytest.mark.slow
 def test_a_config_error_under_torchrun_is_said_once(tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
@@ -57,8 +69,9 @@ def test_a_config_error_under_torchrun_is_said_once(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert [line for line in proc.stderr.splitlines() if line.startswith("error:")] == [EXPECTED], proc.stderr
-    # torchrun's summary: both workers failed, each with the CLI's exit code
-    assert proc.stderr.count(f"exitcode  : {EXIT_USAGE} ") == 2, proc.stderr
+    # torchrun's summary: the first worker to fail exited with the CLI's code (torchrun then SIGTERMs any worker
+    # still running, so on a busy machine the other may show -15 instead of 2)
+    assert proc.stderr.count(f"exitcode  : {EXIT_USAGE} ") >= 1, proc.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -140,8 +140,8 @@ def test_resume_with_another_world_size_is_one_line_before_anything_starts(
         "--nproc 1), or set a new run.dir to start over"
     )
     assert errors == [expected], proc.stderr[-3000:]
-    # torchrun's summary: both ranks exited with the CLI's code
-    assert proc.stderr.count("exitcode  : 2 ") == 2, proc.stderr[-3000:]
+    # torchrun's summary: the first rank to fail exited with the CLI's code (a slower one may be SIGTERMed)
+    assert proc.stderr.count("exitcode  : 2 ") >= 1, proc.stderr[-3000:]
     assert "DeepSpeed" not in proc.stderr  # refused before the engine (or anything else) was built
     assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
 
