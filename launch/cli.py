@@ -62,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
 
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) and exit")
+    job.add_argument(
+        "--no-check", action="store_true",
+        help="skip `pretrain check` of the run config here (e.g. data only visible on the compute nodes)",
+    )  # fmt: skip
     job.add_argument("config", type=Path, help="run config YAML")
     job.add_argument("overrides", nargs="*", metavar="key.path=value")
 
@@ -181,7 +185,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.dry_run:
             print(slurm.render(job, launch_command=launch_command), end="")
             return 0
-        job.check(world_size=slurm.nodes * slurm.procs_per_node)
+        if not args.no_check:
+            job.check(world_size=slurm.nodes * slurm.procs_per_node)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
@@ -191,7 +196,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
-    if args.command in ("local", "torchrun"):
+    if args.command in ("local", "torchrun") and not args.no_check:
         job.check(
             world_size=args.nproc * int(args.nnodes.split(":")[-1] if args.command == "torchrun" else 1)
         )

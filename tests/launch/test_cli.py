@@ -336,6 +336,17 @@ def test_a_bad_run_config_is_one_line_before_any_worker_or_job(capsys, config, a
     assert started == [] and not (tmp_path / "submitted").exists()
 
 
+def test_no_check_submits_without_checking_the_run_config(capsys, config, tmp_path, monkeypatch):
+    """For clusters whose data is visible on the compute nodes only: the job itself still checks it."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text("#!/bin/sh\necho 7\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    argv = ["slurm", "--nodes", "1", "--gpus-per-node", "0", "--no-check", str(config), "train.max_steps=-1"]
+    assert run_cli(capsys, *argv)[:2] == (0, "7\n")
+
+
 def test_a_good_run_config_passes_the_check_and_starts_torchrun(capsys, config, monkeypatch):
     started: list[list[str]] = []
 
