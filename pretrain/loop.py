@@ -23,9 +23,17 @@ from torch import Tensor
 from pretrain import components
 from pretrain.checkpoint import CheckpointManager, TrainerState
 from pretrain.config import RunConfig
-from pretrain.engines import Engine, StepOutput, any_rank, barrier, build_engine, init_distributed, shutdown
+from pretrain.engines import (
+    Engine,
+    StepOutput,
+    any_rank,
+    barrier,
+    broadcast_int,
+    build_engine,
+    init_distributed,
+    shutdown,
+)
 from pretrain.engines.base import DistInfo
-from pretrain.engines.dist import broadcast_int
 from pretrain.faults import DivergenceGuard, PreemptionHandler
 from pretrain.logging import RunLogger
 from pretrain.metrics import Throughput, memory_gib, peak_flops

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torch import nn
 
 from pretrain.engines.base import DistInfo, Engine, EngineSpec, OptimizerSpec, StepOutput
-from pretrain.engines.dist import any_rank, barrier, init_distributed, shutdown
+from pretrain.engines.dist import any_rank, barrier, broadcast_int, init_distributed, shutdown
 
 __all__ = [
     "DistInfo",
@@ -18,6 +18,7 @@ __all__ = [
     "StepOutput",
     "any_rank",
     "barrier",
+    "broadcast_int",
     "build_engine",
     "init_distributed",
     "shutdown",
