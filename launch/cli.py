@@ -197,9 +197,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(shlex.join(command))
         return 0
     if args.command in ("local", "torchrun") and not args.no_check:
-        job.check(
-            world_size=args.nproc * int(args.nnodes.split(":")[-1] if args.command == "torchrun" else 1)
-        )
+        nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
+        job.check(world_size=args.nproc * nodes)
     sys.stdout.flush()
     os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
 
