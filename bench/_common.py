@@ -12,9 +12,12 @@ import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+ROOT = Path(__file__).resolve().parents[1]  # the working directory of the scripts' worker processes
 
 FAMILIES = ("gpt", "bert", "t5")
 
@@ -116,10 +119,10 @@ def autocast(precision: str) -> contextlib.AbstractContextManager:
 
 def adamw(model: nn.Module) -> torch.optim.Optimizer:
     """The optimizer `pretrain train` builds (decay groups, fused AdamW where available)."""
-    from pretrain.engines.base import OptimizerSpec
-    from pretrain.optim import build_optimizer
+    from pretrain.config import TrainConfig
+    from pretrain.engines.optim import build_optimizer
 
-    return build_optimizer(model, OptimizerSpec(lr=1e-4, max_steps=1000))
+    return build_optimizer(model, TrainConfig(lr=1e-4).optimizer)
 
 
 def train_step_fn(

@@ -24,9 +24,9 @@ thread at load 16); `--passive` sets OMP_WAIT_POLICY=PASSIVE for every backend a
 runs comparable but penalises many-region kernels on a quiet machine (each region pays a wake-up). The
 tables print the load average and the policy; the verdict uses wall time, CPU seconds are shown next to it.
 
-    .venv/bin/python bench/attention.py            # model goals at 8192 / 4096, then L up to 16k (long)
-    .venv/bin/python bench/attention.py --quick    # model rows at 2048 / 1024, L = 1k, 2k (minutes)
-    .venv/bin/python bench/attention.py --ratio-only --passive   # just the time goal, on a busy machine
+    .venv/bin/python -m bench.attention            # model goals at 8192 / 4096, then L up to 16k (long)
+    .venv/bin/python -m bench.attention --quick    # model rows at 2048 / 1024, L = 1k, 2k (minutes)
+    .venv/bin/python -m bench.attention --ratio-only --passive   # just the time goal, on a busy machine
 """
 
 from __future__ import annotations
@@ -41,17 +41,15 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 if "--passive" in sys.argv:  # before torch starts OpenMP (workers inherit it); see the docstring
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
 
-import torch  # noqa: E402
+import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from models.attention import attend  # noqa: E402
-from models.kernels.bias import RelativeBias  # noqa: E402
+from bench._common import ROOT
+from models.attention import attend
+from models.kernels.bias import RelativeBias
 
 BACKENDS = ("eager", "sdpa", "chunked")
 HEADS, HEAD_DIM = 8, 64
@@ -175,8 +173,8 @@ def measure(job: Job) -> dict | str:
     need = quadratic_bytes(job)
     if need > min(MEMORY_CAP_BYTES, 0.8 * mem_available()):
         return f"skipped (~{need / 1e9:.0f} GB)"
-    cmd = [sys.executable, __file__, "--worker", json.dumps(asdict(job))]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "bench.attention", "--worker", json.dumps(asdict(job))]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         return f"failed: {tail[:60]}"

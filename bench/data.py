@@ -5,8 +5,8 @@ The data path must never be the bottleneck, and resuming must not replay: resume
 with the position. Shapes are those of configs/gpt-tiny.yaml (builtin corpus, vocab 4096, seq_len 128,
 micro-batch 16) unless changed.
 
-    .venv/bin/python bench/data.py                 # ~2-3 minutes on 2 cores
-    .venv/bin/python bench/data.py --quick         # shorter measurements, earlier "late" position
+    .venv/bin/python -m bench.data                 # ~2-3 minutes on 2 cores
+    .venv/bin/python -m bench.data --quick         # shorter measurements, earlier "late" position
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import gc
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from itertools import islice
@@ -24,11 +23,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import print_table  # noqa: E402
-from data import DataConfig, build_loader, build_tokenizer  # noqa: E402
-from data.prepare import prepare_shards  # noqa: E402
+from bench._common import print_table
+from data import DataConfig, build_loader, build_tokenizer
+from data.prepare import prepare_shards
 
 FAMILY = {"clm": "gpt", "mlm": "bert", "span": "t5"}
 

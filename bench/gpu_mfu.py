@@ -5,9 +5,9 @@ table); the parent prints the table. Without DeepSpeed on the machine it falls b
 (bf16 autocast, fused AdamW) and says so in the table. Run it with bench/gpu_mfu.sh, which picks the
 Python and keeps the whole call under its time budget (default 420 s).
 
-    python bench/gpu_mfu.py                          # gpt2-small, gpt2-medium, gpt2-large
-    python bench/gpu_mfu.py --dry-run                # CPU, gpt-tiny: checks the logic end to end
-    python bench/gpu_mfu.py --engine plain --presets gpt2-large --micro-batch 16
+    python -m bench.gpu_mfu                          # gpt2-small, gpt2-medium, gpt2-large
+    python -m bench.gpu_mfu --dry-run                # CPU, gpt-tiny: checks the logic end to end
+    python -m bench.gpu_mfu --engine plain --presets gpt2-large --micro-batch 16
 """
 
 from __future__ import annotations
@@ -20,28 +20,24 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench._common import adamw, median, print_table, step_flops, sync, train_step_fn  # noqa: E402
-from bench.mfu import datasheet_peak, matmul_peak  # noqa: E402
-from models import build_model  # noqa: E402
+from bench._common import ROOT, adamw, median, print_table, step_flops, sync, train_step_fn
+from bench.mfu import datasheet_peak, matmul_peak
+from models import build_model
 
 # Micro-batches (sequences of 1024) that fit an 80 GB H100 without checkpointing, with headroom.
 MICRO_BATCH = {"gpt2-small": 16, "gpt2-medium": 16, "gpt2-large": 8, "gpt-tiny": 2}
 
 
 def _engine(model: torch.nn.Module, micro_batch: int, precision: str):
-    from pretrain.engines import EngineSpec, OptimizerSpec, build_engine, init_distributed
+    from pretrain.config import DeepSpeedConfig, EngineConfig, TrainConfig, engine_spec
+    from pretrain.engines import build_engine, init_distributed
 
-    spec = EngineSpec(
-        backend="deepspeed", zero_stage=1, precision=precision, micro_batch_size=micro_batch, grad_accum=1
-    )
-    return build_engine(spec, model, OptimizerSpec(lr=1e-4, max_steps=1000), init_distributed())
+    engine = EngineConfig(backend="deepspeed", deepspeed=DeepSpeedConfig(zero_stage=1))
+    train = TrainConfig(precision=precision, micro_batch_size=micro_batch, grad_accum=1, lr=1e-4)
+    return build_engine(engine_spec(engine, train), model, init_distributed())
 
 
 def worker(args: argparse.Namespace) -> dict:
@@ -115,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         if left < 30:
             rows.append([preset, "-", "-", "-", "-", "-", "-", "skipped: time budget spent"])
             continue
-        cmd = [sys.executable, str(Path(__file__)), "--worker", preset, *_forward(args)]
+        cmd = [sys.executable, "-m", "bench.gpu_mfu", "--worker", preset, *_forward(args)]
         try:
             proc = subprocess.run(cmd, capture_output=True, text=True, timeout=left, cwd=ROOT, env=os.environ)
         except subprocess.TimeoutExpired:

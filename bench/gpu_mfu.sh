@@ -5,7 +5,7 @@
 # loop, labelled in the output). Nothing is installed: the machine may have no network.
 #   bash bench/gpu_mfu.sh                 # the table
 #   bash bench/gpu_mfu.sh --dry-run       # the same logic on CPU with gpt-tiny
-#   bash bench/gpu_mfu.sh --vocab 50304   # extra options go to bench/gpu_mfu.py
+#   bash bench/gpu_mfu.sh --vocab 50304   # extra options go to bench.gpu_mfu
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ -z "${PY:-}" ]; then
@@ -15,4 +15,4 @@ nvidia-smi --query-gpu=name,memory.total,clocks.max.sm --format=csv,noheader 2>/
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'available', torch.cuda.is_available())"
 if "$PY" -c "import deepspeed" >/dev/null 2>&1; then echo "deepspeed: importable"; else echo "deepspeed: missing -> plain bf16 loop"; fi
 export WANDB_MODE=disabled PYTHONUNBUFFERED=1
-exec timeout 470 "$PY" bench/gpu_mfu.py --budget-s 420 "$@"
+exec timeout 470 "$PY" -m bench.gpu_mfu --budget-s 420 "$@"

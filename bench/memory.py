@@ -16,9 +16,9 @@ the model was built (also counts gloo and allocator overheads); next to them the
 fp32 AdamW (params 4, grads 4, two moments 8 bytes per parameter, divided by the world size as the stage
 says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers).
 
-    .venv/bin/python bench/memory.py                 # both tables
-    .venv/bin/python bench/memory.py --part checkpointing --quick
-    .venv/bin/python bench/memory.py --part zero
+    .venv/bin/python -m bench.memory                 # both tables
+    .venv/bin/python -m bench.memory --part checkpointing --quick
+    .venv/bin/python -m bench.memory --part zero
 """
 
 from __future__ import annotations
@@ -36,10 +36,7 @@ from pathlib import Path
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from bench._common import FAMILIES, QUICK, SMALL, Shape, adamw, make_batch, print_table, train_step_fn  # noqa: E402
+from bench._common import FAMILIES, QUICK, ROOT, SMALL, Shape, adamw, make_batch, print_table, train_step_fn
 
 MIB = 2**20
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -86,7 +83,8 @@ def run_checkpointing(shape: Shape, families: list[str]) -> None:
         for ckpt in (False, True):
             cmd = [
                 sys.executable,
-                __file__,
+                "-m",
+                "bench.memory",
                 "--step-worker",
                 family,
                 "--shape-json",
@@ -148,15 +146,19 @@ def model_state_bytes(
 def zero_worker(stage: int, shape: Shape, out: Path) -> None:
     """One rank under torchrun: build the engine at `stage`, run two steps, and at the moment the second
     AdamW update starts (gradients, parameters and both moments all exist then) record what it holds."""
-    from pretrain.engines import EngineSpec, OptimizerSpec, build_engine, init_distributed, shutdown
+    from pretrain.config import DeepSpeedConfig, EngineConfig, TrainConfig, engine_spec
+    from pretrain.engines import build_engine, init_distributed, shutdown
 
     dist = init_distributed(timeout_s=300)
     gc.collect()
     before_rss = _status_kib("VmRSS") * 1024
     model = _model("gpt", shape)
     n_params = sum(p.numel() for p in model.parameters())
-    spec = EngineSpec(backend="deepspeed", zero_stage=stage, micro_batch_size=shape.batch_size)
-    engine = build_engine(spec, model, OptimizerSpec(lr=1e-4, max_steps=10), dist)
+    spec = engine_spec(
+        EngineConfig(backend="deepspeed", deepspeed=DeepSpeedConfig(zero_stage=stage)),
+        TrainConfig(micro_batch_size=shape.batch_size, lr=1e-4, max_steps=10),
+    )
+    engine = build_engine(spec, model, dist)
     held: dict[str, int] = {}
     seen: set[int] = set()
 
@@ -193,7 +195,7 @@ def run_zero(shape: Shape, world: int = 2) -> None:
             for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
                 env.pop(name, None)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
-                   __file__, "--zero-worker", str(stage), "--out", tmp, "--shape-json", json.dumps(shape.__dict__)]  # fmt: skip
+                   "-m", "bench.memory", "--zero-worker", str(stage), "--out", tmp, "--shape-json", json.dumps(shape.__dict__)]  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
             results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
             if proc.returncode != 0 or len(results) != world:

@@ -7,23 +7,19 @@ on a GPU the datasheet peak is shown too, since that is what published MFU numbe
 The step is the one `pretrain train` runs (forward, backward, clipping, fused AdamW), plain PyTorch in
 one process; bench/gpu_mfu.py measures through the DeepSpeed engine.
 
-    .venv/bin/python bench/mfu.py                 # tiny + small presets, fp32 and bf16 (CPU)
-    .venv/bin/python bench/mfu.py --quick         # tiny presets only, fewer steps
-    .venv/bin/python bench/mfu.py --presets gpt2-small --precisions bf16 --seq-len 1024   # GPU
+    .venv/bin/python -m bench.mfu                 # tiny + small presets, fp32 and bf16 (CPU)
+    .venv/bin/python -m bench.mfu --quick         # tiny presets only, fewer steps
+    .venv/bin/python -m bench.mfu --presets gpt2-small --precisions bf16 --seq-len 1024   # GPU
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     adamw,
     interleaved,
     median,
@@ -33,7 +29,7 @@ from bench._common import (  # noqa: E402
     t5_target_len,
     train_step_fn,
 )
-from models import build_model  # noqa: E402
+from models import build_model
 
 TINY = ("gpt-tiny", "bert-tiny", "t5-tiny")
 SMALL = ("gpt2-small", "bert-base", "t5-small")

@@ -5,23 +5,19 @@ For each family a randomly initialised transformers model (dropout 0) is convert
 and full steps (forward, backward, AdamW update) alternate in one process on the same batch. The table
 shows median seconds per step and transformers' time / ours (> 1 = ours faster).
 
-    .venv/bin/python bench/train_step.py                  # fp32 + bf16 autocast, 3 warmup + 10 timed
-    .venv/bin/python bench/train_step.py --quick          # smaller models, fewer steps
-    .venv/bin/python bench/train_step.py --compile        # adds compiled rows (regional; whole models)
-    .venv/bin/python bench/train_step.py --profile gpt    # top ops of each model, and the matmul floor
+    .venv/bin/python -m bench.train_step                  # fp32 + bf16 autocast, 3 warmup + 10 timed
+    .venv/bin/python -m bench.train_step --quick          # smaller models, fewer steps
+    .venv/bin/python -m bench.train_step --compile        # adds compiled rows (regional; whole models)
+    .venv/bin/python -m bench.train_step --profile gpt    # top ops of each model, and the matmul floor
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench._common import (  # noqa: E402
+from bench._common import (
     FAMILIES,
     QUICK,
     SMALL,
@@ -33,7 +29,7 @@ from bench._common import (  # noqa: E402
     print_table,
     train_step_fn,
 )
-from models import from_hf  # noqa: E402
+from models import from_hf
 
 
 def model_pair(family: str, shape) -> tuple[torch.nn.Module, torch.nn.Module, float]:

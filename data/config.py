@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 TextUnit = Literal["file", "paragraph", "line"]
 TEXT_UNITS = ("file", "paragraph", "line")
+
+
+def _doc(text: str, default: Any) -> Any:
+    """A field documented where it is declared (`pretrain config` prints the text)."""
+    return field(default=default, metadata={"doc": text})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -19,31 +24,34 @@ class MixtureComponent:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where text comes from and how it becomes batches.
+    """Where text comes from and how it becomes batches ("builtin": the Python standard library's sources)."""
 
-    source: "builtin" (the Python standard library's sources), a path glob of .txt/.jsonl/.json/.parquet
-    files (optionally .gz/.zst), a directory written by `pretrain data prepare`, "hf:NAME[:CONFIG]",
-    or a list of {source, weight} for a weighted mixture.
-    """
+    __pydantic_config__ = {"extra": "forbid"}  # validated by pydantic from a run config: no unknown keys
 
-    source: str | list[MixtureComponent] = "builtin"
-    seq_len: int = 128
-    tokenizer: str | None = None  # None: train a byte-level BPE on the source; else a path or hub name
-    vocab_size: int = 8192
-    tokenizer_train_chars: int = 2_000_000  # bounded sample so training takes seconds
-    text_field: str = "text"  # JSON key / parquet column / HF column holding the text
-    text_unit: TextUnit = "paragraph"  # what one document is in a .txt file
-    max_record_bytes: int = 8 << 20  # longer records (lines, paragraphs, files) are skipped and counted
-    num_workers: int = 1
-    prefetch_factor: int = 4
-    shuffle: bool = True
-    shuffle_buffer: int = 1024  # documents per shuffle block (also bounds the re-read on resume)
-    validation_source: str | None = None  # None: split validation_fraction of the source off
-    validation_fraction: float = 0.05
-    hf_split: str = "train"
-    mlm_probability: float = 0.15
-    noise_density: float = 0.15
-    mean_noise_span_length: float = 3.0
+    source: str | list[MixtureComponent] = _doc(
+        "builtin, a path glob of .txt/.jsonl/.json/.parquet (optionally .gz/.zst), a prepared-shards "
+        "directory, hf:NAME[:CONFIG], or a list of {source, weight}",
+        "builtin",
+    )
+    seq_len: int = _doc("tokens per training sequence", 128)
+    tokenizer: str | None = _doc("null: train a byte-level BPE on the source; else a path or hub name", None)
+    vocab_size: int = _doc("size of the tokenizer trained when data.tokenizer is null", 8192)
+    tokenizer_train_chars: int = _doc(
+        "characters the tokenizer trains on (a bounded sample: seconds)", 2_000_000
+    )
+    text_field: str = _doc("JSON key / parquet column / HF column holding the text", "text")
+    text_unit: TextUnit = _doc(f"what one document is in a .txt file: {', '.join(TEXT_UNITS)}", "paragraph")
+    max_record_bytes: int = _doc("longer records (lines, paragraphs, files) are skipped and counted", 8 << 20)
+    num_workers: int = _doc("loader worker processes per rank", 1)
+    prefetch_factor: int = _doc("batches each worker prepares ahead", 4)
+    shuffle: bool = _doc("shuffle documents within blocks of shuffle_buffer", True)
+    shuffle_buffer: int = _doc("documents per shuffle block (also bounds the re-read on resume)", 1024)
+    validation_source: str | None = _doc("null: split validation_fraction of the source off", None)
+    validation_fraction: float = _doc("share of documents held out for validation", 0.05)
+    hf_split: str = _doc("split of an hf: source", "train")
+    mlm_probability: float = _doc("MLM (BERT): share of tokens masked", 0.15)
+    noise_density: float = _doc("span corruption (T5): share of tokens corrupted", 0.15)
+    mean_noise_span_length: float = _doc("span corruption (T5): mean corrupted span length", 3.0)
 
     def __post_init__(self) -> None:
         if isinstance(self.source, list):

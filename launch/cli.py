@@ -11,12 +11,13 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from launch.external import AccelerateLaunch, DeepSpeedLaunch
 from launch.job import LaunchError, TrainJob, parse_endpoint
 from launch.slurm import SlurmJob, submit
 from launch.torchrun import SIGNAL_ENV, Torchrun, check_nnodes
+from pretrain.bundled import package_version
 
 EXIT_USAGE = 2
 
@@ -56,20 +57,44 @@ def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
 positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
+def _command(commands: Any, name: str, job: argparse.ArgumentParser, help: str, example: str) -> Any:
+    return commands.add_parser(
+        name,
+        parents=[job],
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launch", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     job = argparse.ArgumentParser(add_help=False)
+    job.add_argument("--debug", action="store_true", help="show tracebacks, also for errors in the input")
     job.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) and exit")
     job.add_argument(
         "--no-check", action="store_true",
         help="skip `pretrain check` of the run config here (e.g. data only visible on the compute nodes)",
     )  # fmt: skip
-    job.add_argument("config", type=Path, help="run config YAML")
-    job.add_argument("overrides", nargs="*", metavar="key.path=value")
+    job.add_argument(
+        "config", type=Path, help="run config YAML (or the name of a bundled one, e.g. gpt-tiny.yaml)"
+    )
+    job.add_argument(
+        "overrides", nargs="*", metavar="key.path=value",
+        help="overrides of the run config (dotted keys, YAML values), e.g. train.max_steps=100",
+    )  # fmt: skip
 
-    local = commands.add_parser("local", parents=[job], help="torchrun --standalone on this machine")
+    local = _command(
+        commands,
+        "local",
+        job,
+        "torchrun --standalone on this machine",
+        "launch local --nproc 2 gpt-tiny.yaml engine.deepspeed.zero_stage=2",
+    )
     local.add_argument(
         "--nproc", type=positive, required=True, help="processes (one per GPU, or CPU workers)"
     )
@@ -77,7 +102,13 @@ def _parser() -> argparse.ArgumentParser:
         "--max-restarts", type=non_negative, default=0, help="restart the group after a failure"
     )
 
-    multi = commands.add_parser("torchrun", parents=[job], help="one node of a multi-node torchrun (c10d)")
+    multi = _command(
+        commands,
+        "torchrun",
+        job,
+        "one node of a multi-node torchrun (c10d)",
+        "launch torchrun --nnodes 2 --node-rank 0 --master node1:29500 --nproc 8 configs/gpt2-small.yaml",
+    )
     multi.add_argument("--nnodes", type=_checked(check_nnodes), required=True, help="N, or MIN:MAX (elastic)")
     multi.add_argument("--node-rank", type=non_negative, required=True, help="0 on the node at --master")
     multi.add_argument("--master", type=_checked(parse_endpoint), required=True, help="HOST:PORT of node 0")
@@ -85,9 +116,10 @@ def _parser() -> argparse.ArgumentParser:
     multi.add_argument("--rdzv-id", default="pretrain", help="job id shared by all nodes (default: pretrain)")
     multi.add_argument("--max-restarts", type=non_negative, default=0)
 
-    slurm = commands.add_parser(
-        "slurm", parents=[job], help="write an sbatch script into the run dir and submit it"
-    )
+    slurm = _command(
+        commands, "slurm", job, "write an sbatch script into the run dir and submit it",
+        "launch slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 configs/gpt2-small.yaml",
+    )  # fmt: skip
     slurm.add_argument("--nodes", type=positive, required=True)
     slurm.add_argument("--gpus-per-node", type=non_negative, required=True, help="0: a CPU job (gloo)")
     slurm.add_argument("--nproc-per-node", type=positive, default=None, help="default: GPUs per node, or 1")
@@ -113,7 +145,13 @@ def _parser() -> argparse.ArgumentParser:
         help="extra #SBATCH line (repeatable)",
     )
 
-    ds = commands.add_parser("deepspeed", parents=[job], help="the DeepSpeed launcher (over a hostfile)")
+    ds = _command(
+        commands,
+        "deepspeed",
+        job,
+        "the DeepSpeed launcher (over a hostfile)",
+        "launch deepspeed --hostfile launch/examples/hostfile configs/gpt2-small.yaml",
+    )
     ds.add_argument(
         "--hostfile",
         type=Path,
@@ -130,7 +168,13 @@ def _parser() -> argparse.ArgumentParser:
         "--launcher", default="pdsh", choices=["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"]
     )
 
-    acc = commands.add_parser("accelerate", parents=[job], help="accelerate launch with a config YAML")
+    acc = _command(
+        commands,
+        "accelerate",
+        job,
+        "accelerate launch with a config YAML",
+        "launch accelerate --config launch/accelerate/single-node.yaml configs/gpt2-small.yaml engine.backend=ddp",
+    )
     acc.add_argument(
         "--config", dest="accelerate_config", type=Path, required=True, help="see launch/accelerate/"
     )
@@ -209,5 +253,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return run(args, argv)
     except LaunchError as e:
+        if args.debug:
+            raise
         print(f"error: launch {args.command}: {e}", file=sys.stderr)
         return EXIT_USAGE

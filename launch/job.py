@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.bundled import find_config
+
 
 class LaunchError(ValueError):
     """Bad launcher input; the CLI prints it as one line and exits with 2."""
@@ -42,8 +44,10 @@ class TrainJob:
     overrides: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if not self.config.is_file():
+        found = find_config(self.config)  # a path, or the name of a config bundled with the package
+        if found is None:
             raise LaunchError(f"config file not found: {self.config}")
+        object.__setattr__(self, "config", found)
         for item in self.overrides:
             key, sep, _ = item.partition("=")
             if not sep or not key.strip():

@@ -8,35 +8,49 @@ impossible shape fails at start-up with a one-line message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 AttentionBackend = Literal["auto", "eager", "sdpa", "chunked"]
-ATTENTION_BACKENDS = ("auto", "eager", "sdpa", "chunked")
+ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+
+
+def _doc(text: str, default: Any = dataclasses.MISSING) -> Any:
+    """A field documented where it is declared (`pretrain config` prints the text)."""
+    return field(default=default, metadata={"doc": text})
 
 
 @dataclass(kw_only=True)
 class ModelConfig:
     """Fields every family shares. `family` is fixed by the subclass."""
 
+    __pydantic_config__ = {"extra": "forbid"}  # validated by pydantic from a run config: no unknown fields
+
     family: str = field(default="", init=False)
-    vocab_size: int
-    d_model: int
-    n_layers: int
-    n_heads: int
-    d_ff: int
-    max_seq_len: int | None
-    activation: str
-    layer_norm_eps: float
-    attention: AttentionBackend = "auto"
-    attention_window: int | None = None  # sliding-window (local) self attention; None = global
-    attention_block: int | None = None  # chunked kernel's query/key tile; None = its default (256)
-    gradient_checkpointing: bool = False
-    dropout: float = 0.0
-    attention_dropout: float = 0.0
-    pad_token_id: int = 0
-    init_std: float = 0.02
+    vocab_size: int = _doc("embedding rows (a run fills it from its tokenizer unless set)")
+    d_model: int = _doc("hidden width")
+    n_layers: int = _doc("transformer blocks (T5: encoder blocks)")
+    n_heads: int = _doc("attention heads")
+    d_ff: int = _doc("feed-forward inner width")
+    max_seq_len: int | None = _doc("positions the model can take (learned/sinusoidal tables)")
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}")
+    layer_norm_eps: float = _doc("epsilon of the layer (or RMS) norms")
+    attention: AttentionBackend = _doc(
+        "attention backend: eager (reference), sdpa (PyTorch), chunked (ours, O(n) memory), auto (the fastest "
+        "exact one for each call)",
+        "auto",
+    )
+    attention_window: int | None = _doc("sliding-window (local) self attention width; null = global", None)
+    attention_block: int | None = _doc("chunked kernel's query/key tile; null = its default (256)", None)
+    gradient_checkpointing: bool = _doc(
+        "recompute each block in backward instead of storing activations", False
+    )
+    dropout: float = _doc("dropout on embeddings and residual branches", 0.0)
+    attention_dropout: float = _doc("dropout on attention probabilities (not with the chunked kernel)", 0.0)
+    pad_token_id: int = _doc("padding token (a run fills it from its tokenizer)", 0)
+    init_std: float = _doc("standard deviation of the normal weight initialisation", 0.02)
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
@@ -69,8 +83,10 @@ class ModelConfig:
 class _AbsolutePositionConfig(ModelConfig):
     """GPT-2 and BERT: absolute positions (learned, as published, or sinusoidal); d_model = heads x width."""
 
-    max_seq_len: int
-    positions: Literal["learned", "sinusoidal"] = "learned"
+    max_seq_len: int = _doc("positions the model can take (size of the position table)")
+    positions: Literal["learned", "sinusoidal"] = _doc(
+        "absolute positions: learned (as published) or sinusoidal", "learned"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -89,11 +105,11 @@ class GPTConfig(_AbsolutePositionConfig):
     """GPT-2 layout: pre-norm, learned positions, tanh-GELU, LM head tied to the token embedding."""
 
     family: str = field(default="gpt", init=False)
-    max_seq_len: int = 1024
-    activation: str = "gelu_tanh"
-    layer_norm_eps: float = 1e-5
-    bos_token_id: int = 0
-    eos_token_id: int = 0
+    max_seq_len: int = _doc("positions the model can take (size of the position table)", 1024)
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "gelu_tanh")
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-5)
+    bos_token_id: int = _doc("beginning-of-sequence token (a run fills it from its tokenizer)", 0)
+    eos_token_id: int = _doc("end-of-sequence token (a run fills it from its tokenizer)", 0)
 
 
 @dataclass(kw_only=True)
@@ -101,10 +117,10 @@ class BERTConfig(_AbsolutePositionConfig):
     """BERT layout: post-norm, token types, exact GELU, MLM head tied to the word embedding."""
 
     family: str = field(default="bert", init=False)
-    max_seq_len: int = 512
-    activation: str = "gelu"
-    layer_norm_eps: float = 1e-12
-    type_vocab_size: int = 2
+    max_seq_len: int = _doc("positions the model can take (size of the position table)", 512)
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "gelu")
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-12)
+    type_vocab_size: int = _doc("token types (segments A/B)", 2)
 
 
 @dataclass(kw_only=True)
@@ -115,19 +131,21 @@ class T5Config(ModelConfig):
     """
 
     family: str = field(default="t5", init=False)
-    max_seq_len: int | None = None
-    activation: str = "relu"
-    gated: bool = False
-    tie_embeddings: bool = True
-    layer_norm_eps: float = 1e-6
-    d_kv: int = 64
-    n_decoder_layers: int | None = None
-    relative_buckets: int = 32
-    relative_max_distance: int = 128
-    init_std: float = 1.0
-    pad_token_id: int = 0
-    eos_token_id: int = 1
-    decoder_start_token_id: int = 0
+    max_seq_len: int | None = _doc(
+        "T5 has relative positions: no limit (null), or a cap the data must respect", None
+    )
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "relu")
+    gated: bool = _doc("gated feed-forward (v1.1: gated-GELU)", False)
+    tie_embeddings: bool = _doc("LM head shares the token embedding (v1.0), scaled by d_model**-0.5", True)
+    layer_norm_eps: float = _doc("epsilon of the RMS norms", 1e-6)
+    d_kv: int = _doc("width of each attention head (d_kv x n_heads may differ from d_model)", 64)
+    n_decoder_layers: int | None = _doc("decoder blocks; null = n_layers", None)
+    relative_buckets: int = _doc("relative-position buckets of the attention bias", 32)
+    relative_max_distance: int = _doc("distance beyond which relative positions share the last bucket", 128)
+    init_std: float = _doc("initialisation scale (T5's factor; 1.0 as published)", 1.0)
+    pad_token_id: int = _doc("padding token (a run fills it from its tokenizer)", 0)
+    eos_token_id: int = _doc("end-of-sequence token (a run fills it from its tokenizer)", 1)
+    decoder_start_token_id: int = _doc("first decoder input (a run uses its tokenizer's pad token)", 0)
 
     def __post_init__(self) -> None:
         super().__post_init__()

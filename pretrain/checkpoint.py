@@ -1,6 +1,6 @@
 """Checkpoints that are whole or absent, verified before use, pruned to the last `keep`.
 
-Layout (INTERFACES.md): `checkpoints/step_N/` holds `engine/` (Engine.save), `model.safetensors` (our names),
+Layout: `checkpoints/step_N/` holds `engine/` (Engine.save), `model.safetensors` (our names),
 `trainer_state.json`, `rank_{r}/data_state.json` + `rank_{r}/rng.json`, and `manifest.json` (written last).
 A save goes to `.tmp-step_N`, is renamed to `step_N`, and only then is `latest` replaced, so a job killed at any
 moment leaves `latest` on a complete checkpoint. On resume the manifest and every pickle are checked before the
@@ -16,13 +16,14 @@ import json
 import os
 import re
 import shutil
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from pretrain.engines.base import DistInfo, Engine
+from pretrain.console import say as _say
+from pretrain.engines.dist import DistInfo
+from pretrain.errors import CheckpointError
 from pretrain.rng import rng_state, set_rng_state
 
 LATEST = "latest"
@@ -30,8 +31,12 @@ _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NONE = -1  # rank 0's verdict when no checkpoint qualifies
 
 
-class CheckpointError(RuntimeError):
-    """No usable checkpoint where one is required; the message says where and what to do."""
+class EngineState(Protocol):
+    """What a checkpoint needs of an engine (every `pretrain.engines.Engine` has it)."""
+
+    def save(self, path: Path) -> None: ...
+    def load(self, path: Path) -> None: ...
+    def full_state_dict(self) -> dict[str, Any] | None: ...
 
 
 class Stateful(Protocol):
@@ -64,10 +69,6 @@ def _check_world_size(path: Path, state: TrainerState, world_size: int) -> None:
             f"needs the same world size; run it with {state.world_size} process(es) in total "
             f"(e.g. launch local --nproc {state.world_size}), or set a new run.dir to start over"
         )
-
-
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -184,7 +185,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------------------------------- save
 
-    def save(self, *, engine: Engine, state: TrainerState, data: Stateful) -> Path:
+    def save(self, *, engine: EngineState, state: TrainerState, data: Stateful) -> Path:
         """Write step `state.step`; `latest` points at it only once every file and the manifest are on disk."""
         from safetensors.torch import save_file
 
@@ -244,7 +245,7 @@ class CheckpointManager:
 
     # ---------------------------------------------------------------------------------------- restore
 
-    def restore(self, *, engine: Engine, data: Stateful) -> TrainerState | None:
+    def restore(self, *, engine: EngineState, data: Stateful) -> TrainerState | None:
         """Load the newest intact checkpoint into `engine`, `data` and the RNGs; None when there is none yet."""
         candidates = checkpoint_dirs(self.root) if self.root.is_dir() else []
         if not candidates:
@@ -293,7 +294,7 @@ class CheckpointManager:
             _check_world_size(path, state, self.dist.world_size)
             return
 
-    def _load(self, path: Path, *, engine: Engine, data: Stateful) -> TrainerState:
+    def _load(self, path: Path, *, engine: EngineState, data: Stateful) -> TrainerState:
         state = read_trainer_state(path)
         _check_world_size(path, state, self.dist.world_size)
         rank_dir = path / f"rank_{self.dist.rank}"

@@ -1,6 +1,7 @@
-"""`pretrain` command line: train / export / data prepare / plot.
+"""`pretrain` command line: train / check / config / export / data prepare / plot.
 
-Bad input of any kind ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows the traceback.
+Bad input of any kind (a `UserError`) ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows
+the traceback. Any other exception is a bug and keeps its traceback.
 Under a launcher every rank meets the same bad config, usage or checkpoint verdict (agreed across ranks): only
 rank 0 prints those; any other error may be one rank's own (its data shard, its files), so every rank that meets
 it prints it, prefixed with its rank. Every rank exits with the code.
@@ -14,7 +15,10 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
+
+from pretrain.bundled import package_version
+from pretrain.errors import UserError
 
 EXIT_USAGE = 2
 
@@ -47,6 +51,30 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(EXIT_USAGE)
 
 
+_OVERRIDES_HELP = (
+    "key.path=value overrides (dotted keys, YAML values) win over the file, e.g. train.max_steps=100 "
+    "engine.deepspeed.zero_stage=2 data.source='corpus/*.jsonl'"
+)
+
+
+def _command(commands: Any, name: str, common: argparse.ArgumentParser, help: str, example: str) -> Any:
+    return commands.add_parser(
+        name,
+        parents=[common],
+        help=help,
+        description=help,
+        epilog=f"example:\n  {example}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+
+
+def _with_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "config", type=Path, help="run config YAML (or the name of a bundled one, e.g. gpt-tiny.yaml)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key.path=value", help=_OVERRIDES_HELP)
+
+
 def _parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     # SUPPRESS: a subcommand's default must not overwrite `pretrain --debug train ...`
@@ -54,94 +82,75 @@ def _parser() -> argparse.ArgumentParser:
         "--debug",
         action="store_true",
         default=argparse.SUPPRESS,
-        help="show tracebacks instead of one-line errors",
+        help="show tracebacks, also for errors in the input",
     )
     parser = _Parser(prog="pretrain", description=__doc__.splitlines()[0], parents=[common])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = commands.add_parser(
-        "train", parents=[common], help="train (or resume) the run a config describes"
-    )
-    train.add_argument("config", type=Path)
-    train.add_argument("overrides", nargs="*", metavar="key.path=value")
-
-    check = commands.add_parser(
-        "check", parents=[common], help="validate a run config (what `launch` does before starting workers)"
-    )
-    check.add_argument("config", type=Path)
-    check.add_argument("overrides", nargs="*", metavar="key.path=value")
-
-    export = commands.add_parser(
-        "export", parents=[common], help="write a transformers directory from a checkpoint"
-    )
-    export.add_argument("run_dir", type=Path)
-    export.add_argument("out_dir", type=Path)
+    train = _command(
+        commands, "train", common, "train (or resume) the run a config describes",
+        "pretrain train gpt-tiny.yaml train.max_steps=200 run.dir=runs/first",
+    )  # fmt: skip
+    _with_config(train)
+    check = _command(
+        commands, "check", common, "validate a run config (what `launch` does before starting workers)",
+        "pretrain check configs/gpt2-small.yaml engine.backend=fsdp",
+    )  # fmt: skip
+    _with_config(check)
+    config = _command(
+        commands, "config", common, "print the resolved config: every key with its value, doc and default",
+        "pretrain config gpt-tiny.yaml train.lr=1e-3",
+    )  # fmt: skip
+    _with_config(config)
+    export = _command(
+        commands, "export", common, "write a transformers directory from a checkpoint",
+        "pretrain export runs/gpt-tiny out/gpt-tiny-hf --step 200",
+    )  # fmt: skip
+    export.add_argument("run_dir", type=Path, help="the run.dir of a training run")
+    export.add_argument("out_dir", type=Path, help="the transformers directory to write")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
-    data = commands.add_parser("data", parents=[common], help="data tools")
-    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    prepare = data_commands.add_parser(
-        "prepare", parents=[common], help="pre-tokenise the corpus into shards"
+    data = _command(
+        commands, "data", common, "data tools", "pretrain data prepare gpt-tiny.yaml prepared/gpt-tiny"
     )
-    prepare.add_argument("config", type=Path)
-    prepare.add_argument("out_dir", type=Path)
-    prepare.add_argument("overrides", nargs="*", metavar="key.path=value")
+    data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    prepare = _command(
+        data_commands, "prepare", common, "pre-tokenise the corpus into shards",
+        "pretrain data prepare gpt-tiny.yaml prepared/gpt-tiny data.source='corpus/*.jsonl'",
+    )  # fmt: skip
+    prepare.add_argument("config", type=Path, help="run config YAML (or a bundled one's name)")
+    prepare.add_argument("out_dir", type=Path, help="where the shards go (then: data.source=OUT_DIR)")
+    prepare.add_argument("overrides", nargs="*", metavar="key.path=value", help=_OVERRIDES_HELP)
 
-    plot = commands.add_parser("plot", parents=[common], help="draw loss / lr / throughput curves to a PNG")
-    plot.add_argument("run_dir", type=Path)
+    plot = _command(
+        commands, "plot", common, "draw loss / lr / throughput curves to a PNG", "pretrain plot runs/gpt-tiny"
+    )
+    plot.add_argument("run_dir", type=Path, help="the run.dir of a training run")
     plot.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/metrics.png)")
     return parser
 
 
-# Error types that mean bad input or a bad file, not a bug in this program, by the module defining them.
-_USER_ERRORS = {
-    "pretrain.config": ("ConfigError",),
-    "pretrain.checkpoint": ("CheckpointError",),
-    "pretrain.safety": ("UnsafeCheckpointError", "CorruptCheckpointError"),
-    "pretrain.faults": ("DivergenceError",),
-}
-# Raised identically on every rank: the config is the same everywhere, and checkpoint and divergence verdicts
-# are agreed across ranks before anyone raises.
-_AGREED_ERRORS = {
-    "pretrain.config": ("ConfigError",),
-    "pretrain.checkpoint": ("CheckpointError",),
-    "pretrain.faults": ("DivergenceError",),
-}
-
-
-def _loaded(types: dict[str, tuple[str, ...]]) -> tuple[type[BaseException], ...]:
-    """Error types looked up only in modules already loaded: a type never imported cannot have been raised,
-    and importing its module here would make a config error wait for torch."""
-    return tuple(
-        getattr(sys.modules[m], name) for m, names in types.items() if m in sys.modules for name in names
-    )
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    return (ValueError, FileNotFoundError, *_loaded(_USER_ERRORS))
-
-
 def _run(args: argparse.Namespace) -> None:
-    if args.command == "train":
+    if args.command in ("train", "check", "config", "data"):
         from pretrain.config import load_config
 
         cfg = load_config(args.config, args.overrides)  # before anything expensive is imported or started
+    if args.command == "train":
         from pretrain.loop import train
 
         train(cfg)
     elif args.command == "check":
-        from pretrain.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
         print(f"ok: {args.config} (run dir {cfg.run_dir})")
+    elif args.command == "config":
+        from pretrain.describe import describe
+
+        print(describe(cfg))
     elif args.command == "export":
         from pretrain.export import export
 
         export(args.run_dir, args.out_dir, step=args.step)
     elif args.command == "data":
-        from pretrain.config import load_config
-
-        cfg = load_config(args.config, args.overrides)
         from pretrain.prepare import prepare
 
         prepare(cfg, args.out_dir)
@@ -149,6 +158,14 @@ def _run(args: argparse.Namespace) -> None:
         from pretrain.plot import plot_run
 
         print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def _user_error(error: BaseException) -> bool:
+    """Bad input rather than a bug: our UserError family, or the data pipeline's DataError (data/ cannot
+    import pretrain/, so its one error type is recognised here; it is looked up only once `data` is loaded,
+    since a config error must not wait for torch)."""
+    data = sys.modules.get("data.errors")
+    return isinstance(error, UserError) or (data is not None and isinstance(error, data.DataError))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -159,12 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         _error("interrupted")
         return 130
     except Exception as e:
-        if getattr(args, "debug", False) or not isinstance(e, _user_errors()):
+        if getattr(args, "debug", False) or not _user_error(e):
             raise
         from pretrain.redaction import redact, secret_values
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
-        _error(message, agreed=isinstance(e, _loaded(_AGREED_ERRORS)))
+        _error(message, agreed=getattr(e, "agreed", False))
         return EXIT_USAGE
     return 0
 

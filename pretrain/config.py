@@ -1,215 +1,352 @@
-"""The run configuration: one typed tree, validated in full before anything expensive starts.
+"""The run configuration: one typed tree, resolved once and passed down.
 
-Precedence is defaults < YAML file < `key.path=value` overrides. Every problem becomes one `ConfigError` whose
-message names the dotted key and what is accepted, so a typo fails in a second instead of after the queue wait.
-The `model` and `data` sections mirror the component dataclasses (`models.config`, `data.config.DataConfig`)
-instead of repeating their fields here, so the two can never drift apart.
+Every section is a frozen dataclass whose fields carry their documentation (`metadata["doc"]`), validated by
+pydantic against the dataclass itself: the `model` section by the model family's own config class
+(`models.config`), `data` by `data.config.DataConfig`, the rest by the sections below. Precedence is defaults
+< YAML file < `key.path=value` overrides. Every problem becomes one `ConfigError` naming the dotted key and what
+is accepted, so a typo fails in a second instead of after the queue wait.
+
+`load_config` returns a `RunConfig` whose parts are what later stages take: `cfg.model.config` (the model's own
+config; `cfg.model.for_tokenizer(tok)` fills the tokenizer's ids), `cfg.data`, `cfg.engine_spec` (the engine
+with the DeepSpeed JSON already resolved) and `cfg.optimizer`. Nothing re-reads presets or derives the family
+again. This module imports no torch: a config error answers at once.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import netrc
 import os
 import typing
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import Field, TypeAdapter, ValidationError
 
-from data import DataError, check_sources
 from data.config import DataConfig
+from models.config import PRESETS, ModelConfig
+from pretrain.bundled import bundled_config_names, find_config
+from pretrain.errors import ConfigError
 
-if TYPE_CHECKING:  # pretrain.engines imports torch (~1.5 s): a config error must not wait for it
-    from pretrain.engines.base import EngineSpec, OptimizerSpec
+__all__ = [
+    "FAMILY_OBJECTIVE",
+    "CheckpointConfig",
+    "ConfigError",
+    "DeepSpeedConfig",
+    "EngineConfig",
+    "EngineSpec",
+    "FSDPConfig",
+    "LogConfig",
+    "ModelSection",
+    "OptimizerConfig",
+    "RunConfig",
+    "RunDirConfig",
+    "TrainConfig",
+    "WandbConfig",
+    "bundled_config",
+    "engine_spec",
+    "load_config",
+    "parse_overrides",
+]
 
-FAMILY_OBJECTIVE = {"gpt": "clm", "bert": "mlm", "t5": "span"}
+Objective = Literal["clm", "mlm", "span"]
+FAMILY_OBJECTIVE: dict[str, Objective] = {"gpt": "clm", "bert": "mlm", "t5": "span"}
+Precision = Literal["fp32", "bf16", "fp16"]
+Schedule = Literal["cosine", "linear", "constant"]
+EngineBackend = Literal["deepspeed", "ddp", "fsdp"]
+Offload = Literal["none", "optimizer", "params"]
+WandbMode = Literal["online", "offline", "disabled"]
 
-
-class ConfigError(ValueError):
-    """Bad user input (config file, override, value); the CLI prints it as one line."""
-
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-def _mirror(
-    cls: type, *, name: str, constraints: dict[str, dict[str, Any]], all_optional: bool = False
-) -> type[BaseModel]:
-    """A pydantic model with the fields, types and defaults of the dataclass `cls` (extra keys forbidden)."""
-    hints = typing.get_type_hints(cls)
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(cls):
-        if not f.init:
-            continue
-        if all_optional:
-            default: Any = None
-        elif f.default is not dataclasses.MISSING:
-            default = f.default
-        elif f.default_factory is not dataclasses.MISSING:
-            default = f.default_factory()
-        else:
-            default = ...
-        fields[f.name] = (hints[f.name], Field(default, **constraints.get(f.name, {})))
-    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
-
-
-DataSection = _mirror(
-    DataConfig,
-    name="DataSection",
-    constraints={name: {"gt": 0} for name in ("seq_len", "vocab_size", "shuffle_buffer")}
-    | {"num_workers": {"ge": 0}},
-)
+_STRICT = {"extra": "forbid"}  # pydantic: an unknown key is an error, never silently dropped
+PositiveInt = Annotated[int, Field(gt=0)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 
 
-class ModelSection(BaseModel):
-    """`preset` plus any field of that preset's config class (checked against it in `_check_model`)."""
+def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field documented where it is declared (`pretrain config` prints the text)."""
+    if factory is not dataclasses.MISSING:
+        return field(default_factory=factory, metadata={"doc": text})
+    return field(default=default, metadata={"doc": text})
 
-    model_config = ConfigDict(extra="allow")
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimizerConfig:
+    """AdamW + warmup/decay schedule + clipping: the train fields the engines' optimizer reads."""
+
+    lr: float
+    weight_decay: float
+    betas: tuple[float, float]
+    eps: float
+    schedule: Schedule
+    warmup_steps: int
+    max_steps: int
+    min_lr_ratio: float
+    clip_grad: float | None
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    __pydantic_config__ = _STRICT
+
+    max_steps: PositiveInt = doc("optimizer steps to train for (a resumed run continues up to it)", 1000)
+    micro_batch_size: PositiveInt = doc("sequences per rank per forward/backward", 8)
+    grad_accum: PositiveInt = doc("micro-batches per optimizer step on each rank", 1)
+    lr: Annotated[float, Field(gt=0)] = doc("peak learning rate (AdamW)", 3e-4)
+    min_lr_ratio: Annotated[float, Field(ge=0, le=1)] = doc("final LR as a share of train.lr", 0.1)
+    warmup_steps: NonNegativeInt = doc("linear warmup steps before the decay", 0)
+    schedule: Schedule = doc("LR decay after warmup", "cosine")
+    weight_decay: Annotated[float, Field(ge=0)] = doc(
+        "AdamW decay of weight matrices (norms, biases and embedding tables are exempt)", 0.01
+    )
+    betas: tuple[float, float] = doc("AdamW betas", (0.9, 0.95))
+    eps: Annotated[float, Field(gt=0)] = doc("AdamW epsilon", 1e-8)
+    clip_grad: Annotated[float, Field(gt=0)] | None = doc("global gradient-norm clip; null = none", 1.0)
+    seed: NonNegativeInt = doc("seeds weights, data order, masking and dropout", 0)
+    precision: Precision = doc("fp32, or bf16/fp16 mixed precision (fp16: DeepSpeed on a GPU)", "fp32")
+    compile: bool = doc("torch.compile each transformer block (for GPU runs; the first step compiles)", False)
+    eval_every: NonNegativeInt = doc("validation loss every N steps; 0 = never", 0)
+    eval_batches: PositiveInt = doc("validation micro-batches per evaluation (the same ones each time)", 4)
+    max_skips: NonNegativeInt = doc("non-finite steps tolerated before the run stops", 10)
+
+    @functools.cached_property
+    def optimizer(self) -> OptimizerConfig:
+        names = [f.name for f in dataclasses.fields(OptimizerConfig)]
+        return OptimizerConfig(**{name: getattr(self, name) for name in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeepSpeedConfig:
+    __pydantic_config__ = _STRICT
+
+    zero_stage: Annotated[int, Field(ge=0, le=3)] = doc(
+        "ZeRO stage: 0 = DDP-like, 1 shards optimizer states, 2 also gradients, 3 also parameters", 0
+    )
+    offload: Offload = doc("to CPU memory: the optimizer (stage 2-3), or also parameters (stage 3)", "none")
+    config: Path | None = doc(
+        "a DeepSpeed JSON whose 'auto' fields the run config fills; null = the bundled one for the stage",
+        None,
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class FSDPConfig:
+    __pydantic_config__ = _STRICT
+
+    reshard_after_forward: bool = doc(
+        "free each block's gathered parameters after its forward (less memory, one more all-gather)", True
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineConfig:
+    __pydantic_config__ = _STRICT
+
+    backend: EngineBackend = doc(
+        "deepspeed (ZeRO 0-3, offload), ddp (PyTorch DDP through Accelerate) or fsdp (PyTorch FSDP2)",
+        "deepspeed",
+    )
+    deepspeed: DeepSpeedConfig | None = doc("DeepSpeed's settings (engine.backend=deepspeed only)", None)
+    fsdp: FSDPConfig | None = doc("FSDP2's settings (engine.backend=fsdp only)", None)
+    dist_timeout_s: Annotated[float, Field(gt=0)] = doc("timeout of every collective, seconds", 600.0)
+
+    def __post_init__(self) -> None:
+        # The backend's own settings section always exists (defaults), the others never do.
+        if self.backend == "deepspeed" and self.deepspeed is None:
+            object.__setattr__(self, "deepspeed", DeepSpeedConfig())
+        if self.backend == "fsdp" and self.fsdp is None:
+            object.__setattr__(self, "fsdp", FSDPConfig())
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    __pydantic_config__ = _STRICT
+
+    every: PositiveInt = doc("save every N steps (and at the end, and on a preemption signal)", 100)
+    keep: Annotated[int, Field(ge=1)] = doc("newest checkpoints kept on disk", 3)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LogConfig:
+    __pydantic_config__ = _STRICT
+
+    every: PositiveInt = doc("a metrics.jsonl record (and W&B point) every N steps", 10)
+    progress: bool = doc("a progress bar on a terminal, a line per record otherwise", True)
+    peak_flops: Annotated[float, Field(gt=0)] | None = doc(
+        "per-device peak FLOP/s for MFU; null = looked up from the device", None
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class WandbConfig:
+    __pydantic_config__ = _STRICT
+
+    mode: WandbMode = doc("online needs an API key; offline writes under the run directory", "offline")
+    project: str = doc("W&B project", "pretrain")
+    entity: str | None = doc("W&B team or user; null = the key's default", None)
+    name: str | None = doc("run name; null = the run directory's name", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunDirConfig:
+    __pydantic_config__ = _STRICT
+
+    dir: Path | None = doc("the run directory; null = runs/<config file name>", None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSection:
+    """The `model:` section resolved: the preset, the fields the run config set, and the model's own config."""
 
     preset: str
-    attention: Literal["auto", "eager", "sdpa", "chunked"] = "auto"
-    gradient_checkpointing: bool = False
+    given: Mapping[str, Any]  # fields set in the run config (the tokenizer fills the ids it owns otherwise)
+    config: ModelConfig  # the preset with `given` applied, validated by the family's config class
 
-    def overrides(self) -> dict[str, Any]:
-        """Keyword overrides for `models.get_config` / `models.build_model`."""
-        return {"attention": self.attention, "gradient_checkpointing": self.gradient_checkpointing} | dict(
-            self.model_extra or {}
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    def for_tokenizer(self, tokenizer: Any) -> ModelConfig:
+        """The model config with the tokenizer's vocabulary size and special-token ids filled in."""
+        vocab_size = self.given.get("vocab_size", len(tokenizer))
+        if vocab_size < len(tokenizer):
+            raise ConfigError(
+                f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+            )
+        ids = {
+            "vocab_size": vocab_size,
+            "pad_token_id": tokenizer.pad_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+        }
+        names = {f.name for f in dataclasses.fields(self.config) if f.init}
+        return dataclasses.replace(
+            self.config, **{k: v for k, v in ids.items() if k in names and v is not None}
         )
 
-
-class TrainSection(Section):
-    max_steps: int = Field(1000, gt=0)
-    micro_batch_size: int = Field(8, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    lr: float = Field(3e-4, gt=0)
-    min_lr_ratio: float = Field(0.1, ge=0, le=1)
-    warmup_steps: int = Field(0, ge=0)
-    schedule: Literal["cosine", "linear", "constant"] = "cosine"
-    weight_decay: float = Field(0.01, ge=0)
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = Field(1e-8, gt=0)
-    clip_grad: float | None = Field(1.0, gt=0)
-    seed: int = Field(0, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = Field(
-        False, description="torch.compile each transformer block (for GPU runs; the first step compiles)"
-    )
-    eval_every: int = Field(0, ge=0, description="validation loss every N steps; 0 = never")
-    eval_batches: int = Field(4, gt=0)
-    max_skips: int = Field(10, ge=0, description="non-finite steps tolerated before the run stops")
+    def to_dict(self) -> dict[str, Any]:
+        return {"preset": self.preset, **self.given}
 
 
-class AccelerateSection(Section):
-    strategy: Literal["ddp", "fsdp"] = "ddp"
+@dataclass(frozen=True, kw_only=True)
+class EngineSpec:
+    """What an engine needs, resolved once from the run config (the DeepSpeed JSON included)."""
+
+    backend: EngineBackend
+    deepspeed: DeepSpeedConfig | None
+    fsdp: FSDPConfig | None
+    deepspeed_json: dict[str, Any] | None  # resolved; device-dependent fields (pin_memory) left "auto"
+    precision: Precision
+    micro_batch_size: int
+    grad_accum: int
+    seed: int
+    optimizer: OptimizerConfig
 
 
-class EngineSection(Section):
-    backend: Literal["deepspeed", "accelerate"] = "deepspeed"
-    zero_stage: int = Field(0, ge=0, le=3)
-    offload: Literal["none", "optimizer", "params"] = "none"
-    deepspeed_config: Path | None = None
-    accelerate: AccelerateSection = AccelerateSection()
-    dist_timeout_s: float = Field(600.0, gt=0)
-
-
-class CheckpointSection(Section):
-    every: int = Field(100, gt=0)
-    keep: int = Field(3, ge=1)
-
-
-class LogSection(Section):
-    every: int = Field(10, gt=0)
-    progress: bool = True
-    peak_flops: float | None = Field(
-        None, gt=0, description="per-device peak FLOP/s for MFU; None: look it up"
-    )
-
-
-class WandbSection(Section):
-    mode: Literal["online", "offline", "disabled"] = "offline"
-    project: str = "pretrain"
-    entity: str | None = None
-    name: str | None = None
-
-
-class RunSection(Section):
-    dir: Path | None = Field(None, description="None: runs/<config file name>")
-
-
-class RunConfig(Section):
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
     """The whole run, as `pretrain train` sees it."""
 
-    model: ModelSection
-    data: DataSection = DataSection()  # type: ignore[valid-type]
-    objective: Literal["clm", "mlm", "span"] | None = Field(None, description="None: the model family's")
-    train: TrainSection = TrainSection()
-    engine: EngineSection = EngineSection()
-    checkpoint: CheckpointSection = CheckpointSection()
-    log: LogSection = LogSection()
-    wandb: WandbSection = WandbSection()
-    run: RunSection = RunSection()
+    __pydantic_config__ = _STRICT
+
+    model: ModelSection = doc("`preset` (a name from models/config.py) plus any field of its config class")
+    data: DataConfig = doc("where text comes from and how it becomes batches", factory=DataConfig)
+    objective: Objective | None = doc(
+        "clm (gpt), mlm (bert) or span (t5): the model family's, so it may be left out", None
+    )
+    train: TrainConfig = doc("steps, batch, optimizer, precision", factory=TrainConfig)
+    engine: EngineConfig = doc("how the model is distributed", factory=EngineConfig)
+    checkpoint: CheckpointConfig = doc("how often, how many", factory=CheckpointConfig)
+    log: LogConfig = doc("metrics.jsonl, console, MFU", factory=LogConfig)
+    wandb: WandbConfig = doc("Weights & Biases", factory=WandbConfig)
+    run: RunDirConfig = doc("where the run lives", factory=RunDirConfig)
+
+    def __post_init__(self) -> None:
+        objective = FAMILY_OBJECTIVE[self.model.family]
+        if self.objective not in (None, objective):
+            raise ConfigError(
+                f"objective: {self.objective!r} does not fit model.preset {self.model.preset!r} "
+                f"(family {self.model.family}); accepted: {objective!r} (clm<->gpt, mlm<->bert, span<->t5)"
+            )
+        object.__setattr__(self, "objective", objective)
+        ds = self.engine.deepspeed
+        if self.train.compile and (self.engine.backend == "fsdp" or (ds is not None and ds.zero_stage == 3)):
+            raise ConfigError(
+                "train.compile: not supported (not tested) with sharded parameters (engine.backend=fsdp or "
+                "engine.deepspeed.zero_stage=3); accepted with: engine.deepspeed.zero_stage 0-2, engine.backend=ddp"
+            )
 
     @property
     def run_dir(self) -> Path:
         assert self.run.dir is not None, "load_config fills run.dir"
         return self.run.dir
 
-    def data_config(self) -> DataConfig:
-        return DataConfig(**{name: getattr(self.data, name) for name in type(self.data).model_fields})
+    @property
+    def optimizer(self) -> OptimizerConfig:
+        return self.train.optimizer
 
+    @functools.cached_property
     def engine_spec(self) -> EngineSpec:
-        from pretrain.engines.base import EngineSpec
+        """The engine's inputs; resolving the DeepSpeed JSON here means once per run (the check does it)."""
+        return engine_spec(self.engine, self.train)
 
-        e, t = self.engine, self.train
-        return EngineSpec(
-            backend=e.backend,
-            zero_stage=e.zero_stage,
-            offload=e.offload,
-            deepspeed_config=e.deepspeed_config,
-            strategy=e.accelerate.strategy,
-            precision=t.precision,
-            micro_batch_size=t.micro_batch_size,
-            grad_accum=t.grad_accum,
-            seed=t.seed,
-        )
-
-    def optimizer_spec(self) -> OptimizerSpec:
-        from pretrain.engines.base import OptimizerSpec
-
-        t = self.train
-        return OptimizerSpec(
-            lr=t.lr,
-            weight_decay=t.weight_decay,
-            betas=t.betas,
-            eps=t.eps,
-            schedule=t.schedule,
-            warmup_steps=t.warmup_steps,
-            max_steps=t.max_steps,
-            min_lr_ratio=t.min_lr_ratio,
-            clip_grad=t.clip_grad,
-        )
+    def to_dict(self) -> dict[str, Any]:
+        """The config as plain YAML-able data, in the form `load_config` reads back."""
+        out: dict[str, Any] = {"model": self.model.to_dict()}
+        for f in dataclasses.fields(self):
+            if f.name != "model":
+                out[f.name] = _plain(getattr(self, f.name))
+        return out
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
     def warnings(self) -> list[str]:
         """What will not stop training but will stop a later command; `pretrain train` prints these first."""
-        problem = export_problem(self)
+        problem = export_problem(self.model.config)
         if problem is None:
             return []
         return [f"{problem}, so `pretrain export` will refuse this run; set both to the same value"]
 
 
-def export_problem(cfg: RunConfig) -> str | None:
+def engine_spec(engine: EngineConfig, train: TrainConfig) -> EngineSpec:
+    """What an engine takes, from the engine and train sections (the DeepSpeed JSON resolved here)."""
+    from pretrain.engines.ds_config import resolve_config
+
+    return EngineSpec(
+        backend=engine.backend,
+        deepspeed=engine.deepspeed,
+        fsdp=engine.fsdp,
+        deepspeed_json=None if engine.deepspeed is None else resolve_config(engine.deepspeed, train),
+        precision=train.precision,
+        micro_batch_size=train.micro_batch_size,
+        grad_accum=train.grad_accum,
+        seed=train.seed,
+        optimizer=train.optimizer,
+    )
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def export_problem(model: ModelConfig) -> str | None:
     """Why the model cannot be converted to transformers, or None. Export is a separate command, so the
     config check only warns and `pretrain export` refuses up front, before reading any weights."""
-    from models.config import get_config
-
-    model = get_config(cfg.model.preset, **cfg.model.overrides())
     if model.family == "t5" and model.dropout != model.attention_dropout:
         return (
             f"transformers' T5 has one dropout_rate, but model.dropout={model.dropout} and "
@@ -221,22 +358,55 @@ def export_problem(cfg: RunConfig) -> str | None:
 # ---------------------------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: typing.Sequence[str] = ()) -> RunConfig:
-    """Read, merge and validate; raises ConfigError naming the first problem."""
-    raw = {k: v for k, v in _read_yaml(Path(path)).items() if v is not None}  # `train:` left empty = defaults
+def bundled_config(name: str) -> Path:
+    """A run config shipped with the package (`gpt-tiny` or `gpt-tiny.yaml`)."""
+    path = find_config(name)
+    if path is None:
+        raise ConfigError(
+            f"config file not found: {name} (bundled configs: {', '.join(bundled_config_names())})"
+        )
+    return path
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_files: bool = True) -> RunConfig:
+    """Read, merge, validate and resolve; raises ConfigError naming the first problem.
+
+    `check_files=False` skips what lies outside the config (data sources, the DeepSpeed JSON, a W&B login):
+    export reads a saved config whose data may be gone and needs none of them.
+    """
+    path = bundled_config(str(path))
+    raw = {k: v for k, v in read_yaml(path).items() if v is not None}  # `train:` left empty = defaults
     for key, value in parse_overrides(overrides).items():
         _set_dotted(raw, key, value)
     run = raw.setdefault("run", {})
     if isinstance(run, dict) and run.get("dir") is None:
-        run["dir"] = str(Path("runs") / Path(path).stem)
+        run["dir"] = str(Path("runs") / path.stem)
+    cfg = config_from_dict(raw)
+    if check_files:
+        _check_sources(cfg.data)
+        _ = cfg.engine_spec  # resolve the DeepSpeed JSON now: its errors are config errors
+        _check_wandb(cfg.wandb)
+    return cfg
+
+
+def config_from_dict(raw: dict[str, Any]) -> RunConfig:
+    """Validate a raw config tree (as read from YAML) into a RunConfig."""
+    raw = dict(raw)
+    _refuse_renamed_keys(raw)
+    if "model" not in raw:
+        raise ConfigError("model: required section is missing (model.preset names a preset)")
+    raw["model"] = resolve_model(raw["model"])
+    _refuse_unused_engine_settings(raw.get("engine"))
     try:
-        cfg = RunConfig.model_validate(raw)
+        return _RUN_ADAPTER.validate_python(raw)
     except ValidationError as e:
         raise ConfigError(_describe(e)) from None
-    return check_config(cfg)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+_RUN_ADAPTER = TypeAdapter(RunConfig)
+
+
+def read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
@@ -256,7 +426,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     return raw
 
 
-def parse_overrides(items: typing.Sequence[str]) -> dict[str, Any]:
+def parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     """`a.b=value` strings -> {dotted key: value parsed as a YAML scalar}."""
     out: dict[str, Any] = {}
     for item in items:
@@ -285,6 +455,88 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
     node[parts[-1]] = value
 
 
+# ------------------------------------------------------------------------------------------------- model
+
+
+def resolve_model(section: Any) -> ModelSection:
+    """`model:` -> the preset's config class built with the given fields (validated by that class)."""
+    if not isinstance(section, dict):
+        raise ConfigError(f"model: expected a section (model.preset, model.<field>), got {section!r}")
+    given = dict(section)
+    preset = given.pop("preset", None)
+    if preset is None:
+        raise ConfigError("model.preset: required key is missing")
+    if preset not in PRESETS:
+        close = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise ConfigError(f"model.preset: unknown preset {preset!r}; {hint}accepted: {', '.join(PRESETS)}")
+    cls, values = PRESETS[preset]
+    accepted = [f.name for f in dataclasses.fields(cls) if f.init]
+    for name in given:
+        if name not in accepted:
+            close = difflib.get_close_matches(name, accepted, n=1)
+            hint = f"did you mean model.{close[0]}? " if close else ""
+            raise ConfigError(
+                f"unknown config key model.{name}; {hint}accepted here: {', '.join(['preset', *accepted])}"
+            )
+    try:
+        config = _model_adapter(cls).validate_python({**values, **given})
+    except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == "value_error":  # the class's own check: its message names the field
+            message = str(first["ctx"]["error"]).removeprefix("model config: ")
+            raise ConfigError(f"model: {message}") from None
+        name = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"model.{name}: {first['msg']} (got {first.get('input')!r})") from None
+    return ModelSection(preset=preset, given=given, config=config)
+
+
+@functools.cache
+def _model_adapter(cls: type[ModelConfig]) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+# ---------------------------------------------------------------------------------------- renamed keys
+
+_RENAMED = {
+    "engine.zero_stage": "engine.deepspeed.zero_stage",
+    "engine.offload": "engine.deepspeed.offload",
+    "engine.deepspeed_config": "engine.deepspeed.config",
+}
+
+
+def _refuse_renamed_keys(raw: dict[str, Any]) -> None:
+    """Keys of earlier releases answer with the key that replaced them."""
+    engine = raw.get("engine")
+    if not isinstance(engine, dict):
+        return
+    for old, new in _RENAMED.items():
+        if old.split(".", 1)[1] in engine:
+            raise ConfigError(f"{old} was renamed: use {new}")
+    if "accelerate" in engine or engine.get("backend") == "accelerate":
+        raise ConfigError(
+            "engine.backend=accelerate / engine.accelerate.strategy were replaced by what runs: "
+            "use engine.backend=ddp (PyTorch DDP through Accelerate) or engine.backend=fsdp (PyTorch FSDP2)"
+        )
+
+
+def _refuse_unused_engine_settings(engine: Any) -> None:
+    """A setting for an engine the run does not use is an error naming the key, never silently ignored."""
+    if not isinstance(engine, dict):
+        return
+    backend = engine.get("backend", "deepspeed")
+    for section in ("deepspeed", "fsdp"):
+        settings = engine.get(section)
+        if settings is None or section == backend:
+            continue
+        keys = sorted(settings) if isinstance(settings, dict) and settings else [""]
+        key = ".".join(filter(None, ["engine", section, keys[0]]))
+        raise ConfigError(
+            f"{key}: set, but engine.backend={backend} does not use it "
+            f"(engine.{section}.* applies to engine.backend={section}; remove it, or override engine.{section}=null)"
+        )
+
+
 # ------------------------------------------------------------------------------------------ error text
 
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple"}
@@ -293,114 +545,65 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "tuple"}
 def _describe(error: ValidationError) -> str:
     """First pydantic error as one line: `dotted.key: what is wrong (got X)`, with a suggestion for typos."""
     first = error.errors()[0]
-    loc = [p for p in first["loc"] if isinstance(p, int) or not (p in _TYPE_TAGS or "[" in p or "-" in p)]
+    loc = [p for p in first["loc"] if isinstance(p, int) or not _is_tag(p)]
     key = ".".join(f"[{p}]" if isinstance(p, int) else p for p in loc).replace(".[", "[")
     more = f" (and {error.error_count() - 1} more problem(s))" if error.error_count() > 1 else ""
-    if first["type"] == "extra_forbidden":
+    if first["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
         accepted = _fields_at(loc[:-1])
         close = difflib.get_close_matches(str(loc[-1]), accepted, n=1)
         hint = f"did you mean {'.'.join([*map(str, loc[:-1]), close[0]])}? " if close else ""
         return f"unknown config key {key}; {hint}accepted here: {', '.join(accepted)}{more}"
-    if first["type"] == "missing":
+    if first["type"] in ("missing", "missing_keyword_argument"):
         return f"{key}: required key is missing{more}"
+    if first["type"] == "value_error":  # a section's own check: its message names the key
+        message = str(first["ctx"]["error"])
+        return message if not key or message.startswith(f"{key}") else f"{key}: {message}"
     got = first.get("input")
     shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
     return f"{key}: {first['msg']}{shown}{more}"
 
 
-def _fields_at(loc: typing.Sequence[Any]) -> list[str]:
+def _is_tag(part: str) -> bool:
+    """pydantic's union/type tags inside an error location (not config keys)."""
+    return part in _TYPE_TAGS or "[" in part or "-" in part or part.endswith("Config")
+
+
+def _fields_at(loc: Sequence[Any]) -> list[str]:
     cls: Any = RunConfig
     for part in loc:
-        field = cls.model_fields.get(part) if isinstance(part, str) else None
-        if field is None or not (
-            isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
-        ):
+        hints = typing.get_type_hints(cls) if dataclasses.is_dataclass(cls) else {}
+        sub = _dataclass_in(hints.get(part)) if isinstance(part, str) else None
+        if sub is None:
             return []
-        cls = field.annotation
-    return list(cls.model_fields)
+        cls = sub
+    return [f.name for f in dataclasses.fields(cls) if f.init]
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass an annotation holds (`X`, `X | None`, `Annotated[X, ...]`), or None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 # -------------------------------------------------------------------------------- cross-component checks
 
 
-def check_config(cfg: RunConfig) -> RunConfig:
-    """Checks that need the component libraries or the file system; fills the derived defaults."""
-    family = _check_model(cfg.model)
-    objective = cfg.objective or FAMILY_OBJECTIVE[family]
-    if objective != FAMILY_OBJECTIVE[family]:
-        raise ConfigError(
-            f"objective: {objective!r} does not fit model.preset {cfg.model.preset!r} (family {family}); "
-            f"accepted: {FAMILY_OBJECTIVE[family]!r} (clm<->gpt, mlm<->bert, span<->t5)"
-        )
+def _check_sources(data: DataConfig) -> None:
+    """Globs, empty files, prepared indexes: cheap, reads no data."""
+    from data import DataError, check_sources
+
     try:
-        data_config = cfg.data_config()
-    except (ValueError, TypeError) as e:
-        raise ConfigError(str(e) if str(e).startswith("data.") else f"data: {e}") from None
-    try:
-        check_sources(data_config)  # globs, empty files, prepared indexes: cheap, reads no data
+        check_sources(data)
     except DataError as e:
         raise ConfigError(" ".join(str(e).split())) from None
-    _check_engine(cfg)
-    _check_wandb(cfg.wandb)
-    return cfg.model_copy(update={"objective": objective})
 
 
-def _check_model(model: ModelSection) -> str:
-    from models.config import PRESETS, get_config
-
-    if model.preset not in PRESETS:
-        close = difflib.get_close_matches(model.preset, list(PRESETS), n=1)
-        hint = f"did you mean {close[0]!r}? " if close else ""
-        raise ConfigError(
-            f"model.preset: unknown preset {model.preset!r}; {hint}accepted: {', '.join(PRESETS)}"
-        )
-    cls = PRESETS[model.preset][0]
-    fields = _mirror(cls, name=f"{cls.__name__}Fields", constraints={}, all_optional=True)
-    extra = model.model_extra or {}
-    try:
-        fields.model_validate(extra)
-    except ValidationError as e:
-        first = e.errors()[0]
-        name = str(first["loc"][0]) if first["loc"] else ""
-        if first["type"] == "extra_forbidden":
-            accepted = ["preset", *fields.model_fields]
-            close = difflib.get_close_matches(name, accepted, n=1)
-            hint = f"did you mean model.{close[0]}? " if close else ""
-            raise ConfigError(
-                f"unknown config key model.{name}; {hint}accepted here: {', '.join(accepted)}"
-            ) from None
-        raise ConfigError(f"model.{name}: {first['msg']} (got {first.get('input')!r})") from None
-    try:
-        return get_config(model.preset, **model.overrides()).family
-    except ValueError as e:
-        raise ConfigError(f"model: {e}") from None
-
-
-def _check_engine(cfg: RunConfig) -> None:
-    """The DeepSpeed JSON must parse and agree with the run config (the engine fills its "auto" fields)."""
-    shards_params = cfg.engine.backend == "deepspeed" and cfg.engine.zero_stage == 3
-    shards_params |= cfg.engine.backend == "accelerate" and cfg.engine.accelerate.strategy == "fsdp"
-    if cfg.train.compile and shards_params:
-        raise ConfigError(
-            "train.compile: not supported (not tested) with sharded parameters (engine.zero_stage=3 or "
-            "engine.accelerate.strategy=fsdp); accepted with: engine.zero_stage 0-2, engine.accelerate.strategy=ddp"
-        )
-    if cfg.engine.backend != "deepspeed":
-        return
-    from pretrain.engines.base import DistInfo
-    from pretrain.engines.ds_config import resolve_config
-
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        resolve_config(cfg.engine_spec(), cfg.optimizer_spec(), DistInfo(world_size=world_size))
-    except ValueError as e:
-        message = str(e)
-        raise ConfigError(
-            message if message.startswith("engine.") else f"engine.deepspeed_config: {message}"
-        ) from None
-
-
-def _check_wandb(section: WandbSection) -> None:
+def _check_wandb(section: WandbConfig) -> None:
     """Online mode with no key hangs or fails deep inside wandb; say so up front (without printing any key)."""
     if section.mode != "online" or os.environ.get("WANDB_API_KEY"):
         return

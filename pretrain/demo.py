@@ -11,11 +11,10 @@ import time
 from pathlib import Path
 
 from pretrain.cli import main as cli_main
-from pretrain.config import load_config
+from pretrain.config import bundled_config, load_config
 from pretrain.loop import finished_state
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG = REPO / "configs" / "gpt-tiny.yaml"
+CONFIG = bundled_config("gpt-tiny")
 
 
 def main() -> int:

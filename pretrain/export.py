@@ -12,12 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import yaml
-from pydantic import ValidationError
 
-from pretrain.checkpoint import CheckpointError, find_checkpoint, step_of
-from pretrain.components import TOKENIZER_DIR, build_model, model_family
-from pretrain.config import ConfigError, RunConfig, export_problem
+from pretrain.checkpoint import find_checkpoint, step_of
+from pretrain.components import TOKENIZER_DIR, build_model
+from pretrain.config import RunConfig, export_problem, load_config
+from pretrain.errors import CheckpointError, ConfigError
 
 AUTO_CLASSES = {"gpt": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}
 PARITY_ATOL = 1e-4
@@ -40,9 +39,9 @@ def read_run_config(run_dir: Path) -> RunConfig:
             f"{run_dir} is not a run directory (no config.yaml); give the run.dir of a training run"
         )
     try:
-        return RunConfig.model_validate(yaml.safe_load(path.read_text()))
-    except (ValidationError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path} is not a valid run config: {' '.join(str(e).split())[:300]}") from None
+        return load_config(path, check_files=False)
+    except ConfigError as e:
+        raise ConfigError(f"{path} is not a valid run config: {e}") from None
 
 
 def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportResult:
@@ -55,7 +54,7 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
     cfg = read_run_config(run_dir)
-    problem = export_problem(cfg)
+    problem = export_problem(cfg.model.config)
     if problem is not None:  # dropout only acts in training: the weights are the same for any value
         raise ConfigError(
             f"export: {run_dir} cannot be converted to transformers: {problem}; dropout does not change "
@@ -63,7 +62,7 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
         )
     checkpoint = find_checkpoint(run_dir / "checkpoints", step)
     tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
-    model = build_model(cfg, tokenizer, init=False)
+    model = build_model(cfg.model, tokenizer, init=False)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=True)
     model.eval()
     # Written beside OUT_DIR and renamed once it checks out, so a failed export leaves no half-written directory.
@@ -73,12 +72,12 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
     try:
         to_hf(model).save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        family = model_family(cfg)
+        family = cfg.model.family
         reloaded = getattr(transformers, AUTO_CLASSES[family]).from_pretrained(staging).eval()
         reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
         diff = logit_difference(model, reloaded, reloaded_tokenizer, family)
         if not diff <= PARITY_ATOL:
-            raise ValueError(
+            raise RuntimeError(
                 f"export: {out_dir} does not reproduce the checkpoint (max |logit diff| {diff:.3g})"
             )
     except BaseException:

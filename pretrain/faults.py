@@ -21,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from pretrain.errors import DivergenceError
+
 if TYPE_CHECKING:
     from pretrain.engines.base import StepOutput
 
@@ -111,18 +113,15 @@ class PreemptionHandler:
         return True
 
 
-class DivergenceError(RuntimeError):
-    """Too many steps had a non-finite loss or gradient; the last checkpoint on disk is still a good one."""
-
-
 class DivergenceGuard:
     """Counts skipped (non-finite) steps and stops the run once more than `max_skips` happened."""
 
-    def __init__(self, max_skips: int) -> None:
+    def __init__(self, max_skips: int, *, skips: int = 0) -> None:
+        """`skips` already spent (restored from trainer_state.json, so the budget spans restarts)."""
         if max_skips < 0:
             raise ValueError(f"max_skips must be >= 0, got {max_skips}")
         self.max_skips = max_skips
-        self.skips = 0
+        self.skips = skips
 
     def observe(self, output: StepOutput, *, step: int | None = None) -> None:
         """Feed every StepOutput (already agreed across ranks); raises DivergenceError when the budget is spent."""
@@ -142,10 +141,3 @@ class DivergenceGuard:
                 "The last checkpoint on disk was written before the divergence: lower train.lr, check the "
                 "data, or raise train.max_skips, then resume."
             )
-
-    def state_dict(self) -> dict[str, int]:
-        """Saved in trainer_state.json so the budget spans restarts."""
-        return {"skips": self.skips}
-
-    def load_state_dict(self, state: Mapping[str, int]) -> None:
-        self.skips = int(state.get("skips", 0))

@@ -19,6 +19,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pretrain.config import RunConfig
+from pretrain.console import stamp
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -100,12 +101,12 @@ class RunLogger:
         if self._progress is not None:
             self._progress.update(self._task, completed=record["step"], info=info)
         elif self.cfg.log.progress:
-            print(f"step {record['step']}/{self.cfg.train.max_steps}  {info}", flush=True)
+            print(stamp(f"step {record['step']}/{self.cfg.train.max_steps}  {info}"), flush=True)
 
     def note(self, message: str) -> None:
         """A human-facing line (rank 0 only) that does not break the progress bar."""
         if self.enabled:
-            self._console.print(message, markup=False, highlight=False)
+            self._console.print(stamp(message), markup=False, highlight=False)
 
     def close(self) -> None:
         if self._progress is not None:
@@ -139,6 +140,6 @@ def _start_wandb(cfg: RunConfig) -> Any:
         resume="allow",
         mode=cfg.wandb.mode,
         dir=str(cfg.run_dir),
-        config=cfg.model_dump(mode="json") | {"run_dir": str(cfg.run_dir.resolve())},
+        config=cfg.to_dict() | {"run_dir": str(cfg.run_dir.resolve())},
         settings=wandb.Settings(console="off", silent=True),
     )

@@ -9,7 +9,6 @@ ranks agree, and saves before it stops.
 from __future__ import annotations
 
 import itertools
-import sys
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -23,7 +22,9 @@ from torch import Tensor
 from pretrain import components
 from pretrain.checkpoint import CheckpointManager, TrainerState
 from pretrain.config import RunConfig
+from pretrain.console import say as _say
 from pretrain.engines import (
+    DistInfo,
     Engine,
     StepOutput,
     any_rank,
@@ -33,7 +34,7 @@ from pretrain.engines import (
     init_distributed,
     shutdown,
 )
-from pretrain.engines.base import DistInfo
+from pretrain.errors import ConfigError
 from pretrain.faults import DivergenceGuard, PreemptionHandler
 from pretrain.logging import RunLogger
 from pretrain.metrics import Throughput, memory_gib, peak_flops
@@ -120,14 +121,14 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     prepare_run_dir(cfg, dist)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    model = components.build_model(cfg, tokenizer)
+    model = components.build_model(cfg.model, tokenizer)
     flops_per_token = objective_flops_per_token(model, cfg)  # before ZeRO-3/FSDP shard the parameters away
     if cfg.train.compile:
         model.compile_blocks()  # compiles lazily, at the first step
-    engine = build_engine(cfg.engine_spec(), model, cfg.optimizer_spec(), dist)
+    engine = build_engine(cfg.engine_spec, model, dist)
     seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
     pipeline = data.build_loader(
-        cfg.data_config(),
+        cfg.data,
         objective=cfg.objective,
         tokenizer=tokenizer,
         batch_size=cfg.train.micro_batch_size,
@@ -136,8 +137,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         seed=cfg.train.seed,
     )
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
-    guard = DivergenceGuard(cfg.train.max_skips)
-    guard.load_state_dict({"skips": state.skips})
+    guard = DivergenceGuard(cfg.train.max_skips, skips=state.skips)
     peak = peak_flops(dist.device, cfg.train.precision, cfg.log.peak_flops)
     return Run(
         cfg=cfg,
@@ -183,10 +183,6 @@ def _start(pipeline: Iterable[Batch]) -> Iterator[Batch]:
     return itertools.chain([first], batches)
 
 
-def _say(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
 def _quiet(message: str) -> None:
     return None
 
@@ -196,7 +192,7 @@ def prepare_run_dir(cfg: RunConfig, dist: DistInfo) -> None:
     if dist.is_main:
         cfg.run_dir.mkdir(parents=True, exist_ok=True)
         path = cfg.run_dir / "config.yaml"
-        new = cfg.model_dump(mode="json")
+        new = cfg.to_dict()
         if path.is_file():
             changed = _changed_keys(yaml.safe_load(path.read_text()) or {}, new)
             if changed:
@@ -220,9 +216,10 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
 
 def _tokenizer(cfg: RunConfig, dist: DistInfo) -> PreTrainedTokenizerFast:
     """Rank 0 trains/saves the tokenizer first; the others then load the saved one."""
-    tokenizer = components.build_tokenizer(cfg, cfg.run_dir) if dist.is_main else None
+    family = cfg.model.family
+    tokenizer = components.build_tokenizer(cfg.data, family, cfg.run_dir) if dist.is_main else None
     barrier()
-    return tokenizer or components.build_tokenizer(cfg, cfg.run_dir)
+    return tokenizer or components.build_tokenizer(cfg.data, family, cfg.run_dir)
 
 
 def run_loop(run: Run) -> TrainerState:
@@ -283,7 +280,7 @@ def _validation_batches(run: Run) -> list[Batch]:
 
     cfg = run.cfg
     pipeline = data.build_loader(
-        cfg.data_config(),
+        cfg.data,
         objective=cfg.objective,
         tokenizer=run.tokenizer,
         batch_size=cfg.train.micro_batch_size,
@@ -294,7 +291,7 @@ def _validation_batches(run: Run) -> list[Batch]:
     )
     batches = list(itertools.islice(pipeline, cfg.train.eval_batches))
     if not batches:
-        raise ValueError(
+        raise ConfigError(
             "data: the validation split is empty; set data.validation_source or train.eval_every=0"
         )
     return list(itertools.islice(itertools.cycle(batches), cfg.train.eval_batches))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pretrain.errors import UserError
 from pretrain.logging import METRICS_FILE, read_metrics
 
 
@@ -17,7 +18,7 @@ def plot_run(run_dir: Path, out: Path | None = None) -> Path:
     records = read_metrics(run_dir)
     train = [r for r in records if r.get("loss") is not None]
     if not train:
-        raise FileNotFoundError(f"no training records in {run_dir / METRICS_FILE}; train first")
+        raise UserError(f"no training records in {run_dir / METRICS_FILE}; train first")
     val = [r for r in records if r.get("val_loss") is not None]
     steps = [r["step"] for r in train]
 

@@ -5,7 +5,6 @@ Its own module, free of torch, so that the CLI's one-line error path can redact 
 
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
@@ -26,32 +25,3 @@ def redact(text: str, secrets: Iterable[str]) -> str:
     for secret in sorted({s for s in secrets if len(s) >= _MIN_SECRET_LEN}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
-
-
-class SecretFilter(logging.Filter):
-    """Masks secrets in log records (message, arguments and traceback text) before any handler writes them."""
-
-    def __init__(self, secrets: Iterable[str] | None = None) -> None:
-        super().__init__()
-        self.secrets = list(secret_values() if secrets is None else secrets)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        record.msg = redact(record.getMessage(), self.secrets)
-        record.args = None
-        if record.exc_info and not record.exc_text:
-            record.exc_text = logging.Formatter().formatException(record.exc_info)
-        if record.exc_text:
-            record.exc_text = redact(record.exc_text, self.secrets)
-        return True
-
-
-def install_secret_filter(
-    logger: logging.Logger | None = None, secrets: Iterable[str] | None = None
-) -> SecretFilter:
-    """Attach one SecretFilter to every handler of `logger` (root by default); handler filters also see
-    records propagated from child loggers, which logger filters do not."""
-    logger = logger or logging.getLogger()
-    secret_filter = SecretFilter(secrets)
-    for handler in logger.handlers:
-        handler.addFilter(secret_filter)
-    return secret_filter

@@ -29,6 +29,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from pretrain.errors import CheckpointError
+
 __all__ = [
     "ALLOWED_GLOBALS",
     "CheckpointError",
@@ -37,7 +39,6 @@ __all__ = [
     "UnsafeCheckpointError",
     "check_pickle_file",
     "check_pickles_under",
-    "safe_torch_load",
     "verify_manifest",
     "write_manifest",
 ]
@@ -45,16 +46,18 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file that must not be loaded; `path` names it, `reason` says why."""
+class _FileError(CheckpointError):
+    """A checkpoint file that must not be loaded; `path` names it, `reason` says why. Met by the rank that
+    reads the file, so not agreed across ranks."""
+
+    agreed = False
 
     def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
-        self.path = str(path)
         self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
+        super().__init__(f"{path}: {reason}", path=path)
 
 
-class UnsafeCheckpointError(CheckpointError):
+class UnsafeCheckpointError(_FileError):
     """The file's pickle would import or call something outside the allow-list (it could run code).
 
     `global_name` is the offending "module.name", or what else made the file uncheckable (`reason` then says it).
@@ -68,7 +71,7 @@ class UnsafeCheckpointError(CheckpointError):
         super().__init__(path, f"refusing to load: {what}; loading it could run code (tampered checkpoint?)")
 
 
-class CorruptCheckpointError(CheckpointError):
+class CorruptCheckpointError(_FileError):
     """The checkpoint is incomplete, truncated or altered since it was written."""
 
 
@@ -239,8 +242,6 @@ def _scan_pickle(stream: BinaryIO, where: str) -> None:
                 del stack[-popped:]
             stack.extend(_MARK if obj is pickletools.markobject else val for obj, val in zip(after, pushed))
     except (IndexError, ValueError) as err:  # ValueError: genops on bad bytes; IndexError: no MARK/underflow
-        if isinstance(err, CheckpointError):
-            raise
         raise CorruptCheckpointError(where, f"not a readable pickle ({err})") from None
 
 
@@ -389,12 +390,6 @@ def check_pickles_under(directory: str | os.PathLike[str]) -> list[Path]:
             check_pickle_file(path)
         checked.append(path)
     return checked
-
-
-def safe_torch_load(path: str | os.PathLike[str], map_location: Any = None) -> Any:
-    """torch.load behind both guards: the static check, then torch's own weights_only unpickler."""
-    check_pickle_file(path)
-    return torch.load(path, map_location=map_location, weights_only=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Every bad input gets a clear answer (issue 7), through the real `pretrain` / `launch` commands.
+"""Every bad input gets a clear answer, through the real `pretrain` / `launch` commands.
 
 Each bad input must end in a non-zero exit, ONE line on stderr naming the key/file/value, no traceback, and
 nothing started (no run directory). The checkpoint cases train one tiny run, then damage or tamper with its
@@ -21,9 +21,9 @@ import pytest
 import torch
 
 from pretrain.safety import write_manifest
+from tests.common import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIG = ROOT / "configs" / "gpt-tiny.yaml"
+CONFIG = REPO / "configs" / "gpt-tiny.yaml"
 ENV = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
 for _name in [k for k in ENV if k == "WANDB_API_KEY" or k.endswith(("_TOKEN", "_SECRET", "_PASSWORD"))]:
     del ENV[_name]
@@ -98,7 +98,8 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "negative_steps": ((*TRAIN, "train.max_steps=-5"), ("train.max_steps", "-5")),
     "zero_batch": ((*TRAIN, "train.micro_batch_size=0"), ("train.micro_batch_size", "0")),
     "zero_seq_len": ((*TRAIN, "data.seq_len=0"), ("data.seq_len", "0")),
-    "zero_stage_5": ((*TRAIN, "engine.zero_stage=5"), ("engine.zero_stage", "5")),
+    "zero_stage_5": ((*TRAIN, "engine.deepspeed.zero_stage=5"), ("engine.deepspeed.zero_stage", "5")),
+    "renamed_engine_key": ((*TRAIN, "engine.zero_stage=1"), ("engine.zero_stage", "engine.deepspeed.zero_stage")),
     "unknown_preset": (
         (*TRAIN, "model.preset=gpt-tinny"),
         ("model.preset", "gpt-tinny", "did you mean 'gpt-tiny'"),
@@ -108,15 +109,15 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "unknown_engine": ((*TRAIN, "engine.backend=horovod"), ("engine.backend", "horovod", "deepspeed")),
     "objective_not_for_family": ((*TRAIN, "objective=mlm"), ("objective", "mlm", "gpt", "clm")),
     "deepspeed_json_invalid": (
-        (*TRAIN, "engine.deepspeed_config={tmp}/broken.json"),
+        (*TRAIN, "engine.deepspeed.config={tmp}/broken.json"),
         ("broken.json", "not valid JSON"),
     ),
     "deepspeed_json_missing": (
-        (*TRAIN, "engine.deepspeed_config={tmp}/nope.json"),
+        (*TRAIN, "engine.deepspeed.config={tmp}/nope.json"),
         ("nope.json", "does not exist"),
     ),
     "deepspeed_json_conflict": (
-        (*TRAIN, "engine.deepspeed_config={tmp}/conflict.json"),
+        (*TRAIN, "engine.deepspeed.config={tmp}/conflict.json"),
         ("conflict.json", "train_micro_batch_size_per_gpu=4", "train.micro_batch_size"),
     ),
     "data_glob_matches_nothing": (

@@ -4,7 +4,6 @@ damage, secrets are masked."""
 from __future__ import annotations
 
 import io
-import logging
 import os
 import pickle
 import re
@@ -19,14 +18,13 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from pretrain import redaction, safety
+from pretrain import safety
 from pretrain.redaction import redact, secret_values
 from pretrain.safety import (
     CorruptCheckpointError,
     UnsafeCheckpointError,
     check_pickle_file,
     check_pickles_under,
-    safe_torch_load,
     verify_manifest,
     write_manifest,
 )
@@ -64,7 +62,7 @@ def test_raw_pickle_with_code_is_refused_and_nothing_runs(
     assert err.value.global_name == f"{os.system.__module__}.system"
     assert str(path) in str(err.value) and "posix.system" in str(err.value)
     with pytest.raises(UnsafeCheckpointError):
-        safe_torch_load(path)
+        check_pickle_file(path)
     assert not marker.exists()
 
 
@@ -78,7 +76,7 @@ def test_torch_zip_with_code_is_refused_and_nothing_runs(tmp_path: Path, marker:
     with pytest.raises(UnsafeCheckpointError):
         check_pickles_under(tmp_path)
     with pytest.raises(UnsafeCheckpointError):
-        safe_torch_load(path)
+        check_pickle_file(path)
     assert not marker.exists()
 
 
@@ -195,7 +193,8 @@ def test_plain_tensors_containers_and_numpy_pass_and_load(tmp_path: Path) -> Non
     assert sorted(p.name for p in check_pickles_under(tmp_path)) == ["plain.pkl", "state.pt"]
     small = tmp_path / "small.pt"
     torch.save({"w": torch.arange(6).reshape(2, 3)}, small)
-    assert torch.equal(safe_torch_load(small)["w"], torch.arange(6).reshape(2, 3))
+    check_pickle_file(small)
+    assert torch.equal(torch.load(small, weights_only=True)["w"], torch.arange(6).reshape(2, 3))
 
 
 def test_every_allowed_builtin_keeps_its_name_under_python2_mapping() -> None:
@@ -294,29 +293,6 @@ def test_redact_and_secret_values() -> None:
     assert sorted(secrets) == sorted(["k" * 40, "hf_abcdef", "hunter22", "s3cr3t!"])
     text = f"key={'k' * 40} tok=hf_abcdef pw=hunter22 path=/usr/bin ab"
     assert redact(text, secrets) == "key=*** tok=*** pw=*** path=/usr/bin ab"
-
-
-def test_log_filter_masks_messages_args_and_tracebacks(monkeypatch: pytest.MonkeyPatch) -> None:
-    key = "0123456789abcdef0123456789abcdef01234567"
-    monkeypatch.setenv("WANDB_API_KEY", key)
-    stream = io.StringIO()
-    logger = logging.getLogger("test_safety.secrets")
-    logger.propagate = False
-    handler = logging.StreamHandler(stream)
-    logger.addHandler(handler)
-    try:
-        redaction.install_secret_filter(logger)
-        logger.warning("login with %s", key)
-        logger.warning(f"raw {key}")
-        try:
-            raise RuntimeError(f"bad key {key}")
-        except RuntimeError:
-            logger.exception("failed")
-    finally:
-        logger.removeHandler(handler)
-    out = stream.getvalue()
-    assert key not in out
-    assert out.count("***") == 3 and "login with ***" in out and "RuntimeError: bad key ***" in out
 
 
 # --------------------------------------------------------------------------------------------- real saves

@@ -1,67 +1,29 @@
-"""The one small interface every training engine implements.
+"""The one small interface every training engine implements, and the step they all share.
 
-The loop (pretrain/loop.py) only talks to an `Engine`; DeepSpeed and Accelerate live behind it, so the loop,
-checkpoints and metrics are written once. Engines own distributed wrapping, mixed precision, the optimizer and
-the LR schedule; the model they hold keeps its own parameter names (no `module.` prefixes leak out).
+The loop (pretrain/loop.py) only talks to an `Engine`; DeepSpeed, DDP and FSDP live behind it, so the loop,
+checkpoints and metrics are written once. An engine owns distributed wrapping, mixed precision, the optimizer
+and the LR schedule; the model it holds keeps its own parameter names (no `module.` prefixes leak out).
+`Engine.train_step` is the shared scaffolding (micro-batch count, the cross-rank loss agreement, skipping a
+non-finite step on every rank); an engine supplies the forward/backward of one micro-batch and the update.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LRScheduler
 
-Precision = Literal["fp32", "bf16", "fp16"]
-Schedule = Literal["cosine", "linear", "constant"]
+from pretrain.config import EngineSpec
+from pretrain.engines.dist import DistInfo, all_reduce_sum
 
-
-@dataclass(frozen=True, kw_only=True)
-class DistInfo:
-    """Where this process sits in the job."""
-
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-@dataclass(frozen=True, kw_only=True)
-class OptimizerSpec:
-    """AdamW + warmup/decay schedule + clipping, as the run config asks."""
-
-    lr: float
-    weight_decay: float = 0.01
-    betas: tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    schedule: Schedule = "cosine"
-    warmup_steps: int = 0
-    max_steps: int
-    min_lr_ratio: float = 0.1
-    clip_grad: float | None = 1.0
-
-
-@dataclass(frozen=True, kw_only=True)
-class EngineSpec:
-    """What the run config says about the engine; each engine reads the fields it understands."""
-
-    backend: Literal["deepspeed", "accelerate"] = "deepspeed"
-    zero_stage: int = 0
-    offload: Literal["none", "optimizer", "params"] = "none"
-    deepspeed_config: Path | None = None
-    strategy: Literal["ddp", "fsdp"] = "ddp"
-    precision: Precision = "fp32"
-    micro_batch_size: int = 1
-    grad_accum: int = 1
-    seed: int = 0
+SCHEDULER_FILE = "scheduler.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,7 +31,7 @@ class StepOutput:
     """One optimizer step, already agreed across ranks."""
 
     loss: float  # mean over micro-batches and ranks
-    grad_norm: float  # global norm before clipping (inf/nan when the step was skipped for that reason)
+    grad_norm: float  # global norm before clipping (nan when the step was skipped for a non-finite loss)
     lr: float  # the LR this step used
     skipped: bool = False  # True when a non-finite loss/gradient on any rank made every rank skip the update
 
@@ -78,19 +40,59 @@ class Engine(ABC):
     """A model wrapped for (distributed) training, with its optimizer and schedule."""
 
     dist: DistInfo
+    spec: EngineSpec
+    scheduler: LRScheduler
 
     @property
     @abstractmethod
     def model(self) -> nn.Module:
         """The unwrapped model (our parameter names)."""
 
+    @property
     @abstractmethod
-    def train_step(self, micro_batches: Sequence[dict[str, Tensor]]) -> StepOutput:
-        """Forward/backward over `grad_accum` micro-batches, clip, step optimizer and schedule."""
+    def forward_module(self) -> nn.Module:
+        """What a batch goes through (the wrapper, where the engine has one)."""
 
     @abstractmethod
+    def _forward_backward(self, batch: dict[str, Tensor], *, last: bool, n_micro: int) -> Tensor:
+        """Forward and backward of one micro-batch (`last` of the step: gradients are reduced); its loss."""
+
+    @abstractmethod
+    def _update(self, *, skip: bool) -> tuple[float, bool]:
+        """Clip and step (a no-op update when `skip`); (grad norm, whether the update was skipped)."""
+
+    def train_step(self, micro_batches: Sequence[dict[str, Tensor]]) -> StepOutput:
+        """Forward/backward over `grad_accum` micro-batches, clip, step optimizer and schedule."""
+        if len(micro_batches) != self.spec.grad_accum:
+            raise ValueError(
+                f"train_step got {len(micro_batches)} micro-batches, grad_accum is {self.spec.grad_accum}"
+            )
+        self.forward_module.train()
+        lr = self.scheduler.get_last_lr()[0]
+        losses = [
+            self._forward_backward(
+                to_device(batch, self.dist.device),
+                last=i == len(micro_batches) - 1,
+                n_micro=len(micro_batches),
+            )
+            .detach()
+            .float()
+            for i, batch in enumerate(micro_batches)
+        ]
+        mean_loss, bad = agreed_loss(losses, self.dist.world_size)
+        norm, skipped = self._update(skip=bad)
+        if not skipped:
+            self.scheduler.step()
+        return StepOutput(loss=mean_loss, grad_norm=math.nan if bad else norm, lr=lr, skipped=skipped)
+
+    @torch.no_grad()
     def eval_loss(self, batch: dict[str, Tensor]) -> float:
         """Loss on one batch without gradients, averaged across ranks."""
+        module = self.forward_module
+        module.eval()
+        loss = module(**to_device(batch, self.dist.device)).loss.float().item()
+        module.train()
+        return all_reduce_sum([loss])[0] / self.dist.world_size
 
     @abstractmethod
     def save(self, path: Path) -> None:
@@ -103,3 +105,24 @@ class Engine(ABC):
     @abstractmethod
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """Collective: the whole model's weights (our names, on CPU) on rank 0, None on other ranks."""
+
+    def save_scheduler(self, path: Path) -> None:
+        if self.dist.is_main:
+            (Path(path) / SCHEDULER_FILE).write_text(json.dumps(self.scheduler.state_dict()))
+
+    def load_scheduler(self, path: Path) -> None:
+        file = Path(path) / SCHEDULER_FILE
+        if not file.is_file():
+            raise FileNotFoundError(f"engine checkpoint {path} has no {SCHEDULER_FILE}")
+        self.scheduler.load_state_dict(json.loads(file.read_text()))
+
+
+def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
+    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+
+
+def agreed_loss(losses: Sequence[Tensor], world_size: int) -> tuple[float, bool]:
+    """(mean loss over micro-batches and ranks, whether any rank's loss is non-finite): every rank gets the same."""
+    local = torch.stack(list(losses)).mean().item()
+    loss_sum, bad = all_reduce_sum([local, float(not math.isfinite(local))])
+    return loss_sum / world_size, bad > 0

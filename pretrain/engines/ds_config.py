@@ -10,42 +10,50 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pretrain.engines.base import DistInfo, EngineSpec, OptimizerSpec
+from pretrain.bundled import bundled_dir
+from pretrain.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "deepspeed_configs"
+if TYPE_CHECKING:
+    from pretrain.config import DeepSpeedConfig, TrainConfig
 
 _OPTIMIZER_TYPES = ("adamw", "adam")
+# Filled by the engine, which knows the device: pinned host memory needs CUDA.
+PIN_MEMORY_KEYS = (
+    "zero_optimization.offload_optimizer.pin_memory",
+    "zero_optimization.offload_param.pin_memory",
+)
 
 
-def default_config_path(spec: EngineSpec) -> Path:
-    """deepspeed_configs/zero{stage}.json, or zero{stage}-offload.json when something is offloaded."""
-    if spec.zero_stage not in (0, 1, 2, 3):
-        raise ValueError(f"engine.zero_stage={spec.zero_stage}: expected 0, 1, 2 or 3")
-    if spec.offload == "none":
-        return CONFIG_DIR / f"zero{spec.zero_stage}.json"
-    if spec.offload == "params" and spec.zero_stage != 3:
-        raise ValueError(f"engine.offload=params needs engine.zero_stage=3 (got {spec.zero_stage})")
-    if spec.zero_stage < 2:
-        raise ValueError(
-            f"engine.offload={spec.offload} needs engine.zero_stage 2 or 3 (got {spec.zero_stage})"
+def default_config_path(ds: DeepSpeedConfig) -> Path:
+    """The bundled zero{stage}.json, or zero{stage}-offload.json when something is offloaded."""
+    if ds.offload == "params" and ds.zero_stage != 3:
+        raise ConfigError(
+            f"engine.deepspeed.offload=params needs engine.deepspeed.zero_stage=3 (got {ds.zero_stage})"
         )
-    return CONFIG_DIR / f"zero{spec.zero_stage}-offload.json"
+    if ds.offload != "none" and ds.zero_stage < 2:
+        raise ConfigError(
+            f"engine.deepspeed.offload={ds.offload} needs engine.deepspeed.zero_stage 2 or 3 (got {ds.zero_stage})"
+        )
+    suffix = "" if ds.offload == "none" else "-offload"
+    return bundled_dir("deepspeed_configs") / f"zero{ds.zero_stage}{suffix}.json"
 
 
-def _our_values(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[str, Any]:
-    """Dotted JSON key -> the value the run config implies (a different explicit value is an error)."""
+def _our_values(ds: DeepSpeedConfig, train: TrainConfig) -> dict[str, Any]:
+    """Dotted JSON key -> the value the run config implies (a different explicit value is an error).
+    train_batch_size is left to DeepSpeed (micro-batch x accumulation x world size): the JSON is resolved
+    before the world size is known."""
+    optim = train.optimizer
     return {
-        "train_micro_batch_size_per_gpu": spec.micro_batch_size,
-        "gradient_accumulation_steps": spec.grad_accum,
-        "train_batch_size": spec.micro_batch_size * spec.grad_accum * dist.world_size,
+        "train_micro_batch_size_per_gpu": train.micro_batch_size,
+        "gradient_accumulation_steps": train.grad_accum,
         "gradient_clipping": float(optim.clip_grad or 0.0),
-        "bf16.enabled": spec.precision == "bf16",
-        "fp16.enabled": spec.precision == "fp16",
-        "zero_optimization.stage": spec.zero_stage,
-        "zero_optimization.offload_optimizer.device": "cpu" if spec.offload != "none" else "none",
-        "zero_optimization.offload_param.device": "cpu" if spec.offload == "params" else "none",
+        "bf16.enabled": train.precision == "bf16",
+        "fp16.enabled": train.precision == "fp16",
+        "zero_optimization.stage": ds.zero_stage,
+        "zero_optimization.offload_optimizer.device": "cpu" if ds.offload != "none" else "none",
+        "zero_optimization.offload_param.device": "cpu" if ds.offload == "params" else "none",
         "zero_force_ds_cpu_optimizer": False,
         "optimizer.params.lr": optim.lr,
         "optimizer.params.betas": list(optim.betas),
@@ -54,25 +62,15 @@ def _our_values(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[
     }
 
 
-def _defaults(dist: DistInfo) -> dict[str, Any]:
-    """Dotted JSON key -> what "auto" (or absence) means for settings the run config does not own."""
-    pin = dist.device.type == "cuda"  # pinned host memory needs CUDA
-    return {
-        "zero_optimization.offload_optimizer.pin_memory": pin,
-        "zero_optimization.offload_param.pin_memory": pin,
-    }
-
-
 _OUR_NAMES = {
     "train_micro_batch_size_per_gpu": "train.micro_batch_size",
     "gradient_accumulation_steps": "train.grad_accum",
-    "train_batch_size": "train.micro_batch_size x train.grad_accum x world size",
     "gradient_clipping": "train.clip_grad",
     "bf16.enabled": "train.precision",
     "fp16.enabled": "train.precision",
-    "zero_optimization.stage": "engine.zero_stage",
-    "zero_optimization.offload_optimizer.device": "engine.offload",
-    "zero_optimization.offload_param.device": "engine.offload",
+    "zero_optimization.stage": "engine.deepspeed.zero_stage",
+    "zero_optimization.offload_optimizer.device": "engine.deepspeed.offload",
+    "zero_optimization.offload_param.device": "engine.deepspeed.offload",
     "zero_force_ds_cpu_optimizer": "the engine's own AdamW",
     "optimizer.params.lr": "train.lr",
     "optimizer.params.betas": "train.betas",
@@ -95,42 +93,58 @@ def _load(path: Path) -> dict[str, Any]:
     try:
         config = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise ValueError(f"engine.deepspeed_config: {path} does not exist") from None
+        raise ConfigError(f"engine.deepspeed.config: {path} does not exist") from None
     except json.JSONDecodeError as err:
-        raise ValueError(f"engine.deepspeed_config: {path} is not valid JSON ({err})") from None
+        raise ConfigError(f"engine.deepspeed.config: {path} is not valid JSON ({err})") from None
     if not isinstance(config, dict):
-        raise ValueError(f"engine.deepspeed_config: {path} must hold a JSON object")
+        raise ConfigError(f"engine.deepspeed.config: {path} must hold a JSON object")
     return config
 
 
-def resolve_config(spec: EngineSpec, optim: OptimizerSpec, dist: DistInfo) -> dict[str, Any]:
+def resolve_config(ds: DeepSpeedConfig, train: TrainConfig) -> dict[str, Any]:
     """The DeepSpeed config dict to pass to deepspeed.initialize (without "optimizer"/"scheduler")."""
-    path = Path(spec.deepspeed_config) if spec.deepspeed_config else default_config_path(spec)
+    path = Path(ds.config) if ds.config else default_config_path(ds)
     config = _load(path)
     if "scheduler" in config:
-        raise ValueError(
-            f"{path}: remove the 'scheduler' section; the LR schedule comes from "
+        raise ConfigError(
+            f"engine.deepspeed.config: {path}: remove the 'scheduler' section; the LR schedule comes from "
             "train.schedule / train.warmup_steps / train.min_lr_ratio"
         )
     opt_type = str(config.get("optimizer", {}).get("type", "AdamW"))
     if opt_type.lower() not in _OPTIMIZER_TYPES:
-        raise ValueError(
-            f"{path}: optimizer.type={opt_type!r}; only AdamW is supported (or drop the section)"
+        raise ConfigError(
+            f"engine.deepspeed.config: {path}: optimizer.type={opt_type!r}; only AdamW is supported "
+            "(or drop the section)"
         )
-    for key, ours in _our_values(spec, optim, dist).items():
+    batch = config.pop("train_batch_size", "auto")
+    if batch != "auto":
+        raise ConfigError(
+            f'engine.deepspeed.config: {path}: train_batch_size={batch!r}; set it to "auto": it is '
+            "train.micro_batch_size x train.grad_accum x the world size"
+        )
+    for key, ours in _our_values(ds, train).items():
         node, leaf = _parent(config, key, path)
         theirs = node.get(leaf, "auto")
         if theirs != "auto" and not _same(theirs, ours):
-            raise ValueError(
-                f"{path}: {key}={theirs!r} conflicts with {_OUR_NAMES[key]} (= {ours!r}); "
-                'set it to "auto" or to the same value'
+            raise ConfigError(
+                f"engine.deepspeed.config: {path}: {key}={theirs!r} conflicts with {_OUR_NAMES[key]} "
+                f'(= {ours!r}); set it to "auto" or to the same value'
             )
         node[leaf] = ours
-    for key, default in _defaults(dist).items():
+    for key in PIN_MEMORY_KEYS:
         node, leaf = _parent(config, key, path)
-        if node.get(leaf, "auto") == "auto":
-            node[leaf] = default
+        node.setdefault(leaf, "auto")
     config.pop("optimizer")
+    return config
+
+
+def fill_device_fields(config: dict[str, Any], *, cuda: bool) -> dict[str, Any]:
+    """A copy of a resolved config with the fields that depend on the device filled (pinned memory needs CUDA)."""
+    config = json.loads(json.dumps(config))
+    for key in PIN_MEMORY_KEYS:
+        node, leaf = _parent(config, key, Path("<resolved>"))
+        if node.get(leaf) == "auto":
+            node[leaf] = cuda
     return config
 
 
@@ -141,5 +155,5 @@ def _parent(config: dict[str, Any], key: str, path: Path) -> tuple[dict[str, Any
     for part in parents:
         node = node.setdefault(part, {})
         if not isinstance(node, dict):
-            raise ValueError(f"{path}: {part!r} must be a JSON object")
+            raise ConfigError(f"engine.deepspeed.config: {path}: {part!r} must be a JSON object")
     return node, leaf

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
-from launch_e2e import (
+
+from tests.launch.launch_e2e import (
     MAX_STEPS,
     WORLD_SIZE,
     Run,

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.common import REPO
+
 CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local-cluster.sh"
 MAX_STEPS = 40
 WORLD_SIZE = 2
@@ -36,7 +37,7 @@ def tiny_config(run_dir: Path, tokenizer: Path, **sections: dict[str, Any]) -> d
             "num_workers": 0,
         },
         "train": {"max_steps": MAX_STEPS, "micro_batch_size": 4, "lr": 1e-3, "warmup_steps": 2, "seed": 0},
-        "engine": {"backend": "accelerate"},
+        "engine": {"backend": "ddp"},
         "checkpoint": {"every": 10, "keep": 10},
         "log": {"every": 1, "progress": True},  # a "step N/M" line per step
         "wandb": {"mode": "disabled"},

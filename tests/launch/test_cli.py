@@ -13,8 +13,8 @@ import yaml
 from launch.cli import main
 from launch.external import read_hostfile
 from launch.job import TrainJob
+from tests.common import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
 TORCHRUN = [PY, "-m", "torch.distributed.run"]
 

@@ -10,8 +10,9 @@ import math
 import subprocess
 
 import pytest
-from launch_e2e import REPO, Run, launch_cmd, train_env
 from safetensors.torch import load_file
+
+from tests.launch.launch_e2e import REPO, Run, launch_cmd, train_env
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-from launch_e2e import (
+
+from tests.launch.launch_e2e import (
     CLUSTER_SCRIPT,
     MAX_STEPS,
     REPO,

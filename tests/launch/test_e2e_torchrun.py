@@ -14,7 +14,8 @@ import subprocess
 import psutil
 import pytest
 import yaml
-from launch_e2e import (
+
+from tests.launch.launch_e2e import (
     MAX_STEPS,
     REPO,
     Run,

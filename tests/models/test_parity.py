@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import HFCase
 
 import models
 from models.hf import _FAMILIES, convert_from_hf
+from tests.models.hf_cases import HFCase
 
 TOL = 1e-5  # relative to the largest reference magnitude, fp32
 

@@ -8,12 +8,11 @@ import json
 import sys
 from pathlib import Path
 
-from pretrain_fakes import FakeData, FakeEngine
-
 from pretrain import safety
 from pretrain.checkpoint import CheckpointManager
 from pretrain.engines import barrier, init_distributed, shutdown
 from pretrain.engines.dist import broadcast_int
+from tests.pretrain.pretrain_fakes import FakeData, FakeEngine
 
 
 def count_reads() -> dict[str, int]:

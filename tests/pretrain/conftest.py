@@ -1,32 +1,8 @@
-"""Shared helpers for the pretrain tests: a clean environment and tiny run configs."""
+"""Fixtures for the pretrain tests (helpers: tests/pretrain/helpers.py)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
-
-# Shrinks any preset run so a CLI run takes seconds on 2 CPU cores (dropout on: RNG state must resume too).
-TINY = [
-    "model.n_layers=1",
-    "model.d_model=64",
-    "model.n_heads=2",
-    "model.d_ff=128",
-    "model.dropout=0.1",
-    "model.attention_dropout=0.1",  # T5 exports one dropout_rate
-    "data.seq_len=32",
-    "data.vocab_size=512",
-    "data.tokenizer_train_chars=100000",
-    "train.micro_batch_size=2",
-    "train.grad_accum=2",
-    "train.warmup_steps=1",
-    "train.eval_every=2",
-    "train.eval_batches=1",
-    "log.every=1",
-    "wandb.mode=disabled",
-]
 
 
 @pytest.fixture(autouse=True)
@@ -35,8 +11,3 @@ def _clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_NTASKS", "SLURM_PROCID", "WANDB_API_KEY"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("WANDB_MODE", "disabled")
-
-
-def write_yaml(path: Path, text: str) -> Path:
-    path.write_text(text)
-    return path

@@ -18,23 +18,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from models import build_model
-from pretrain.engines import (
-    DistInfo,
-    Engine,
-    EngineSpec,
-    OptimizerSpec,
-    barrier,
-    build_engine,
-    init_distributed,
-    shutdown,
-)
+from pretrain.config import DeepSpeedConfig, EngineConfig, EngineSpec, FSDPConfig, TrainConfig, engine_spec
+from pretrain.engines import DistInfo, Engine, barrier, build_engine, init_distributed, shutdown
 
 STEPS = 6
 MICRO_BATCH = 4
 GRAD_ACCUM = 2
 SEQ = 16
 VOCAB = 64
-OPTIM = OptimizerSpec(lr=3e-3, max_steps=STEPS, warmup_steps=1, schedule="cosine", clip_grad=1.0)
 MODEL_OVERRIDES = dict(vocab_size=VOCAB, n_layers=2, d_model=64, n_heads=2, d_ff=128)
 
 CASES: dict[str, dict] = {
@@ -44,13 +35,31 @@ CASES: dict[str, dict] = {
     "ds-z3": dict(backend="deepspeed", zero_stage=3),
     "ds-z3-bf16": dict(backend="deepspeed", zero_stage=3, precision="bf16"),
     "ds-z2-offload": dict(backend="deepspeed", zero_stage=2, offload="optimizer"),
-    "acc-ddp": dict(backend="accelerate", strategy="ddp"),
-    "acc-fsdp": dict(backend="accelerate", strategy="fsdp"),
-    "acc-fsdp-bf16": dict(backend="accelerate", strategy="fsdp", precision="bf16"),
+    "ddp": dict(backend="ddp"),
+    "fsdp": dict(backend="fsdp"),
+    "fsdp-bf16": dict(backend="fsdp", precision="bf16"),
     # the other families: an encoder-decoder (two block stacks) and a masked LM (logits only at masks)
     "ds-z3-t5": dict(backend="deepspeed", zero_stage=3, family="t5"),
-    "acc-fsdp-bert": dict(backend="accelerate", strategy="fsdp", family="bert"),
+    "fsdp-bert": dict(backend="fsdp", family="bert"),
 }
+
+
+def case_spec(case: str) -> tuple[EngineSpec, str]:
+    """The engine inputs and model family of a case (the sections a run config would hold)."""
+    options = dict(CASES[case])
+    family = options.pop("family", "gpt")
+    precision = options.pop("precision", "fp32")
+    backend = options.pop("backend")
+    engine = EngineConfig(
+        backend=backend,
+        deepspeed=DeepSpeedConfig(**options) if backend == "deepspeed" else None,
+        fsdp=FSDPConfig() if backend == "fsdp" else None,
+    )
+    train = TrainConfig(
+        micro_batch_size=MICRO_BATCH, grad_accum=GRAD_ACCUM, precision=precision, lr=3e-3, max_steps=STEPS,
+        warmup_steps=1, schedule="cosine", clip_grad=1.0,
+    )  # fmt: skip
+    return engine_spec(engine, train), family
 
 
 def make_model(family: str, seed: int) -> nn.Module:
@@ -114,15 +123,13 @@ def local_param_fraction(model: nn.Module) -> float:
 
 
 def check_engine(case: str, work_dir: Path, dist: DistInfo) -> tuple[dict, dict[str, Tensor] | None]:
-    options = dict(CASES[case])
-    family = options.pop("family", "gpt")
-    spec = EngineSpec(**options, micro_batch_size=MICRO_BATCH, grad_accum=GRAD_ACCUM)
+    spec, family = case_spec(case)
     ckpt = work_dir / f"{case}-ckpt"
     if dist.is_main:
         ckpt.mkdir(parents=True, exist_ok=True)
     barrier()
 
-    engine = build_engine(spec, make_model(family, seed=0), OPTIM, dist)
+    engine = build_engine(spec, make_model(family, seed=0), dist)
     fraction = local_param_fraction(engine.model)
     straight = train(engine, family, 0, STEPS // 2)
     engine.save(ckpt)
@@ -140,7 +147,7 @@ def check_engine(case: str, work_dir: Path, dist: DistInfo) -> tuple[dict, dict[
     del engine
 
     barrier()
-    resumed_engine = build_engine(spec, make_model(family, seed=1), OPTIM, dist)
+    resumed_engine = build_engine(spec, make_model(family, seed=1), dist)
     resumed_engine.load(ckpt)
     resumed = train(resumed_engine, family, STEPS // 2, STEPS)
     resumed_final = resumed_engine.full_state_dict()

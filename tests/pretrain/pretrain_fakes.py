@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from pretrain.checkpoint import CheckpointManager, TrainerState
-from pretrain.engines.base import DistInfo, Engine, StepOutput
+from pretrain.engines import DistInfo, StepOutput
 
 
-class FakeEngine(Engine):
-    """Saves its weights as safetensors; `die_during_save` kills the process halfway through a save."""
+class FakeEngine:
+    """An engine's checkpoint surface over one Linear layer: saves its weights as safetensors; `die_during_save` kills the process halfway through a save."""
 
     def __init__(self, *, die_during_save: bool = False) -> None:
         self.dist = DistInfo()

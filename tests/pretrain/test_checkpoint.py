@@ -4,7 +4,6 @@ multi-rank job only rank 0 reading the files to verify them."""
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import random
 import shutil
@@ -12,16 +11,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import checkpoint_worker
 import numpy as np
 import pytest
 import torch
-from pretrain_fakes import FakeData, FakeEngine, save_steps
 
 from pretrain import safety
 from pretrain.checkpoint import CheckpointError, CheckpointManager, checkpoint_dirs, find_checkpoint
 from pretrain.engines.base import DistInfo
 from pretrain.safety import write_manifest
+from tests.common import subprocess_env
+from tests.pretrain import checkpoint_worker
+from tests.pretrain.pretrain_fakes import FakeData, FakeEngine, save_steps
 
 
 def restore(root: Path, messages: list[str] | None = None) -> tuple[int | None, FakeEngine, FakeData]:
@@ -231,7 +231,7 @@ def test_two_processes_only_rank_zero_reads_the_files(tmp_path: Path) -> None:
     save_two_rank_steps(root, [1, 2])
     cut_short(root / "step_2" / "model.safetensors")
     launcher = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
-    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"OMP_NUM_THREADS": "1"}
+    env = {k: v for k, v in subprocess_env().items() if k not in launcher} | {"OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [checkpoint_worker.__file__, str(root), str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

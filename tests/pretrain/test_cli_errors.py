@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
 
 from pretrain.cli import EXIT_USAGE, main
+from tests.common import REPO
 
 BAD_CONFIG = ["train", "configs/gpt-tiny.yaml", "train.max_steps=-1"]
 EXPECTED = "error: train.max_steps: Input should be greater than 0 (got -1)"

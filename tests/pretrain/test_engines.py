@@ -6,14 +6,23 @@ import json
 import math
 import os
 
-import engines_worker as worker
 import pytest
 import torch
 
 from models import build_model
-from pretrain.engines import DistInfo, EngineSpec, OptimizerSpec, any_rank, barrier, init_distributed
-from pretrain.engines.ds_config import CONFIG_DIR, default_config_path, resolve_config
-from pretrain.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from pretrain.config import DeepSpeedConfig, OptimizerConfig, TrainConfig
+from pretrain.engines import any_rank, barrier, init_distributed
+from pretrain.engines.ds_config import default_config_path, fill_device_fields, resolve_config
+from pretrain.engines.optim import build_optimizer, build_scheduler, lr_factor, param_groups
+from pretrain.errors import ConfigError
+from tests.pretrain import engines_worker as worker
+
+CONFIG_DIR = default_config_path(DeepSpeedConfig()).parent
+
+
+def optimizer_config(**fields: object) -> OptimizerConfig:
+    """The optimizer config a train section with these fields resolves to."""
+    return TrainConfig(**fields).optimizer
 
 
 @pytest.fixture(autouse=True)
@@ -46,21 +55,21 @@ def test_param_groups_exempt_norms_biases_embeddings() -> None:
 
 
 def test_lr_schedules() -> None:
-    spec = OptimizerSpec(lr=1.0, max_steps=11, warmup_steps=1, min_lr_ratio=0.1)
+    spec = optimizer_config(lr=1.0, max_steps=11, warmup_steps=1, min_lr_ratio=0.1)
     assert lr_factor(0, spec=spec) == 0.5  # warmup never starts at 0
     assert lr_factor(1, spec=spec) == 1.0
     assert math.isclose(lr_factor(6, spec=spec), 0.55)  # cosine half-way: (1 + 0.1) / 2
     assert math.isclose(lr_factor(11, spec=spec), 0.1)
     assert math.isclose(lr_factor(50, spec=spec), 0.1)
-    linear = OptimizerSpec(lr=1.0, max_steps=11, warmup_steps=1, schedule="linear", min_lr_ratio=0.0)
+    linear = optimizer_config(lr=1.0, max_steps=11, warmup_steps=1, schedule="linear", min_lr_ratio=0.0)
     assert math.isclose(lr_factor(6, spec=linear), 0.5)
-    constant = OptimizerSpec(lr=1.0, max_steps=11, schedule="constant")
+    constant = optimizer_config(lr=1.0, max_steps=11, schedule="constant")
     assert lr_factor(10, spec=constant) == 1.0
 
 
 def test_scheduler_state_is_plain_json() -> None:
     model = torch.nn.Linear(2, 2)
-    spec = OptimizerSpec(lr=0.5, max_steps=4, warmup_steps=2)
+    spec = optimizer_config(lr=0.5, max_steps=4, warmup_steps=2)
     optimizer = build_optimizer(model, spec)
     scheduler = build_scheduler(optimizer, spec)
     for _ in range(3):
@@ -73,11 +82,14 @@ def test_scheduler_state_is_plain_json() -> None:
 
 
 def test_deepspeed_json_auto_fields_are_filled() -> None:
-    spec = EngineSpec(zero_stage=3, offload="params", precision="bf16", micro_batch_size=4, grad_accum=8)
-    optim = OptimizerSpec(lr=1e-3, max_steps=10, clip_grad=0.5)
-    config = resolve_config(spec, optim, DistInfo(world_size=4))
-    assert default_config_path(spec) == CONFIG_DIR / "zero3-offload.json"
-    assert config["train_batch_size"] == 128 and config["gradient_accumulation_steps"] == 8
+    ds = DeepSpeedConfig(zero_stage=3, offload="params")
+    train = TrainConfig(
+        precision="bf16", micro_batch_size=4, grad_accum=8, lr=1e-3, max_steps=10, clip_grad=0.5
+    )
+    config = fill_device_fields(resolve_config(ds, train), cuda=False)
+    assert default_config_path(ds) == CONFIG_DIR / "zero3-offload.json"
+    # DeepSpeed computes train_batch_size (micro x accum x world) itself: the world size is not known yet
+    assert "train_batch_size" not in config and config["gradient_accumulation_steps"] == 8
     assert config["gradient_clipping"] == 0.5 and config["bf16"] == {"enabled": True}
     assert config["fp16"]["enabled"] is False
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
@@ -93,13 +105,8 @@ def test_every_shipped_deepspeed_json_resolves() -> None:
     for name in files:
         stage = int(name[4])
         offload = ("params" if stage == 3 else "optimizer") if "offload" in name else "none"
-        spec = EngineSpec(zero_stage=stage, offload=offload, deepspeed_config=CONFIG_DIR / name)
-        assert (
-            resolve_config(spec, OptimizerSpec(lr=1e-3, max_steps=1), DistInfo())["zero_optimization"][
-                "stage"
-            ]
-            == stage
-        )
+        ds = DeepSpeedConfig(zero_stage=stage, offload=offload, config=CONFIG_DIR / name)
+        assert resolve_config(ds, TrainConfig())["zero_optimization"]["stage"] == stage
 
 
 @pytest.mark.parametrize(
@@ -109,7 +116,11 @@ def test_every_shipped_deepspeed_json_resolves() -> None:
             {"train_micro_batch_size_per_gpu": 8},
             r"train_micro_batch_size_per_gpu=8 conflicts with train.micro_batch_size",
         ),
-        ({"zero_optimization": {"stage": 2}}, r"zero_optimization.stage=2 conflicts with engine.zero_stage"),
+        (
+            {"zero_optimization": {"stage": 2}},
+            r"zero_optimization.stage=2 conflicts with engine.deepspeed.zero_stage",
+        ),
+        ({"train_batch_size": 64}, r"train_batch_size=64; set it to \"auto\""),
         ({"bf16": {"enabled": True}}, r"bf16.enabled=True conflicts with train.precision"),
         ({"optimizer": {"type": "Lamb"}}, r"only AdamW"),
         ({"scheduler": {"type": "WarmupLR"}}, r"remove the 'scheduler' section"),
@@ -118,16 +129,15 @@ def test_every_shipped_deepspeed_json_resolves() -> None:
 def test_deepspeed_json_conflicts_name_the_key(tmp_path, content: dict, match: str) -> None:
     path = tmp_path / "ds.json"
     path.write_text(json.dumps(content))
-    spec = EngineSpec(zero_stage=1, micro_batch_size=2, deepspeed_config=path)
-    with pytest.raises(ValueError, match=match):
-        resolve_config(spec, OptimizerSpec(lr=1e-3, max_steps=1), DistInfo())
+    with pytest.raises(ConfigError, match=match):
+        resolve_config(DeepSpeedConfig(zero_stage=1, config=path), TrainConfig(micro_batch_size=2))
 
 
 def test_deepspeed_offload_needs_a_sharded_stage() -> None:
-    with pytest.raises(ValueError, match="engine.offload=params needs engine.zero_stage=3"):
-        default_config_path(EngineSpec(zero_stage=2, offload="params"))
-    with pytest.raises(ValueError, match="engine.offload=optimizer needs engine.zero_stage 2 or 3"):
-        default_config_path(EngineSpec(zero_stage=0, offload="optimizer"))
+    with pytest.raises(ConfigError, match="offload=params needs engine.deepspeed.zero_stage=3"):
+        default_config_path(DeepSpeedConfig(zero_stage=2, offload="params"))
+    with pytest.raises(ConfigError, match="offload=optimizer needs engine.deepspeed.zero_stage 2 or 3"):
+        default_config_path(DeepSpeedConfig(zero_stage=0, offload="optimizer"))
 
 
 def test_single_process_helpers() -> None:
@@ -137,7 +147,7 @@ def test_single_process_helpers() -> None:
     barrier()
 
 
-@pytest.mark.parametrize("case", ["ds-z2", "acc-fsdp"])
+@pytest.mark.parametrize("case", ["ds-z2", "fsdp"])
 def test_engine_single_process(tmp_path, case: str) -> None:
     result, final = worker.check_engine(case, tmp_path, init_distributed(timeout_s=60))
     worker.assert_result(result, sharded=False)

@@ -12,16 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-import engines_worker as worker
 import pytest
 from safetensors.torch import load_file
+
+from tests.pretrain import engines_worker as worker
 
 pytestmark = pytest.mark.slow
 
 DEEPSPEED_CASES = ["ds-z0", "ds-z1", "ds-z2", "ds-z3", "ds-z3-bf16", "ds-z2-offload", "ds-z3-t5"]
-ACCELERATE_CASES = ["acc-ddp", "acc-fsdp", "acc-fsdp-bf16", "acc-fsdp-bert"]
-SHARDED = {"ds-z3", "ds-z3-bf16", "ds-z3-t5", "acc-fsdp", "acc-fsdp-bf16", "acc-fsdp-bert"}
-FP32 = ["ds-z0", "ds-z1", "ds-z2", "ds-z3", "ds-z2-offload", "acc-ddp", "acc-fsdp"]
+TORCH_CASES = ["ddp", "fsdp", "fsdp-bf16", "fsdp-bert"]
+SHARDED = {"ds-z3", "ds-z3-bf16", "ds-z3-t5", "fsdp", "fsdp-bf16", "fsdp-bert"}
+FP32 = ["ds-z0", "ds-z1", "ds-z2", "ds-z3", "ds-z2-offload", "ddp", "fsdp"]
 
 
 def _torchrun(out_dir: Path, cases: list[str]) -> Path:
@@ -42,7 +43,7 @@ def deepspeed_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def accelerate_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return _torchrun(tmp_path_factory.mktemp("accelerate"), ACCELERATE_CASES)
+    return _torchrun(tmp_path_factory.mktemp("accelerate"), TORCH_CASES)
 
 
 def _result(runs: Path, case: str) -> dict:
@@ -56,7 +57,7 @@ def test_deepspeed_two_ranks(deepspeed_runs: Path, case: str) -> None:
     worker.assert_result(result, sharded=case in SHARDED)
 
 
-@pytest.mark.parametrize("case", ACCELERATE_CASES)
+@pytest.mark.parametrize("case", TORCH_CASES)
 def test_accelerate_two_ranks(accelerate_runs: Path, case: str) -> None:
     result = _result(accelerate_runs, case)
     assert result["world_size"] == 2

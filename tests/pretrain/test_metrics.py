@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import write_yaml
 
 from pretrain import metrics
 from pretrain.config import load_config
 from pretrain.logging import METRICS_FILE, RunLogger, read_metrics
 from pretrain.plot import plot_run
+from tests.pretrain.helpers import write_yaml
 
 
 def make_cfg(tmp_path: Path):

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import write_yaml
 
 import models
 from pretrain.config import load_config
 from pretrain.loop import objective_flops_per_token
+from tests.pretrain.helpers import write_yaml
 
 TINY = dict(vocab_size=10, d_model=4, n_layers=1, n_heads=2, d_ff=8)
 

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, write_yaml
-from pretrain_fakes import save_steps
 
 from pretrain.cli import main
 from pretrain.config import ConfigError, load_config
 from pretrain.loop import train
+from tests.common import REPO
+from tests.pretrain.helpers import write_yaml
+from tests.pretrain.pretrain_fakes import save_steps
 
 BASE = """\
 model:
@@ -32,17 +34,13 @@ def config(tmp_path: Path) -> Path:
 
 
 def test_precedence_defaults_file_command_line(config: Path) -> None:
-    cfg = load_config(config, ["train.lr=0.02", "engine.zero_stage=1", "model.d_model=64"])
+    cfg = load_config(config, ["train.lr=0.02", "engine.deepspeed.zero_stage=1", "model.d_model=64"])
     assert cfg.train.lr == 0.02  # command line beats file
     assert cfg.train.max_steps == 50  # file beats default
     assert cfg.train.micro_batch_size == 8 and cfg.train.eps == 1e-8  # defaults
-    assert cfg.engine.zero_stage == 1
-    assert cfg.model.overrides() == {
-        "attention": "auto",
-        "gradient_checkpointing": False,
-        "n_layers": 2,
-        "d_model": 64,
-    }
+    assert cfg.engine.deepspeed.zero_stage == 1
+    assert cfg.model.given == {"n_layers": 2, "d_model": 64}
+    assert (cfg.model.config.n_layers, cfg.model.config.d_model, cfg.model.config.n_heads) == (2, 64, 4)
     assert cfg.objective == "clm"  # from the family
     assert cfg.run.dir == Path("runs/run")  # from the file name
 
@@ -55,11 +53,11 @@ def test_resolved_config_round_trips(config: Path, tmp_path: Path) -> None:
 
 
 def test_maps_to_component_specs(config: Path) -> None:
-    cfg = load_config(
-        config, ["train.grad_accum=4", "train.precision=bf16", "engine.accelerate.strategy=fsdp"]
-    )
-    spec, optim, data = cfg.engine_spec(), cfg.optimizer_spec(), cfg.data_config()
-    assert (spec.grad_accum, spec.precision, spec.strategy, spec.micro_batch_size) == (4, "bf16", "fsdp", 8)
+    cfg = load_config(config, ["train.grad_accum=4", "train.precision=bf16", "engine.backend=fsdp"])
+    spec, optim, data = cfg.engine_spec, cfg.optimizer, cfg.data
+    assert (spec.grad_accum, spec.precision, spec.backend, spec.micro_batch_size) == (4, "bf16", "fsdp", 8)
+    assert spec.fsdp is not None and spec.deepspeed is None and spec.deepspeed_json is None
+    assert cfg.engine_spec is spec  # resolved once
     assert (optim.lr, optim.max_steps, optim.clip_grad) == (0.01, 50, 1.0)
     assert (data.source, data.seq_len) == ("builtin", 128)
 
@@ -73,7 +71,7 @@ def test_mixture_source(tmp_path: Path) -> None:
             BASE + f"data:\n  source:\n    - {{source: builtin, weight: 2}}\n    - {{source: '{corpus}'}}\n",
         )
     )
-    assert [(c.source, c.weight) for c in cfg.data_config().components] == [
+    assert [(c.source, c.weight) for c in cfg.data.components] == [
         ("builtin", 2),
         (str(corpus), 1.0),
     ]
@@ -98,12 +96,38 @@ BAD = {
     "wrong model type": (None, ["model.n_heads=many"], ["model.n_heads", "integer"]),
     "negative steps": (None, ["train.max_steps=-5"], ["train.max_steps", "greater than 0", "-5"]),
     "zero batch": (None, ["train.micro_batch_size=0"], ["train.micro_batch_size", "greater than 0"]),
-    "zero seq_len": (None, ["data.seq_len=0"], ["data.seq_len", "greater than 0"]),
-    "zero stage": (None, ["engine.zero_stage=4"], ["engine.zero_stage", "less than or equal to 3"]),
+    "zero seq_len": (None, ["data.seq_len=0"], ["data.seq_len", "integer >= 8", "got 0"]),
+    "zero stage": (
+        None,
+        ["engine.deepspeed.zero_stage=4"],
+        ["engine.deepspeed.zero_stage", "less than or equal to 3"],
+    ),
+    "renamed stage key": (
+        None,
+        ["engine.zero_stage=1"],
+        ["engine.zero_stage", "engine.deepspeed.zero_stage"],
+    ),
+    "renamed ds json key": (None, ["engine.deepspeed_config=x.json"], ["engine.deepspeed.config"]),
+    "renamed accelerate backend": (None, ["engine.backend=accelerate"], ["engine.backend=ddp", "fsdp"]),
+    "renamed accelerate strategy": (
+        None,
+        ["engine.accelerate.strategy=fsdp"],
+        ["engine.accelerate.strategy", "engine.backend=fsdp"],
+    ),
+    "setting for another engine": (
+        None,
+        ["engine.backend=ddp", "engine.deepspeed.zero_stage=1"],
+        ["engine.deepspeed.zero_stage", "engine.backend=ddp does not use it"],
+    ),
+    "fsdp setting on deepspeed": (
+        None,
+        ["engine.fsdp.reshard_after_forward=false"],
+        ["engine.fsdp.reshard_after_forward", "engine.backend=deepspeed does not use it"],
+    ),
     "unknown preset": (None, ["model.preset=gpt3"], ["model.preset", "gpt3", "gpt-tiny"]),
     "unknown attention": (None, ["model.attention=flash"], ["model.attention", "flash", "chunked"]),
     "unknown objective": (None, ["objective=lm"], ["objective", "'clm', 'mlm' or 'span'"]),
-    "unknown engine": (None, ["engine.backend=megatron"], ["engine.backend", "'deepspeed' or 'accelerate'"]),
+    "unknown engine": (None, ["engine.backend=megatron"], ["engine.backend", "'deepspeed', 'ddp' or 'fsdp'"]),
     "clm on bert": (
         None,
         ["model.preset=bert-tiny", "model.n_layers=1", "objective=clm"],
@@ -119,10 +143,10 @@ BAD = {
     "online without key": (None, ["wandb.mode=online"], ["wandb.mode", "key", "offline"]),
     "ds json missing": (
         None,
-        ["engine.deepspeed_config=/nonexistent.json"],
-        ["engine.deepspeed_config", "nonexistent.json"],
+        ["engine.deepspeed.config=/nonexistent.json"],
+        ["engine.deepspeed.config", "nonexistent.json"],
     ),
-    "ds json invalid": (None, ["DSJSON:{not json"], ["engine.deepspeed_config", "not valid JSON"]),
+    "ds json invalid": (None, ["DSJSON:{not json"], ["engine.deepspeed.config", "not valid JSON"]),
     "ds json conflict": (
         None,
         ['DSJSON:{"train_micro_batch_size_per_gpu": 4}'],
@@ -131,17 +155,21 @@ BAD = {
     "ds stage conflict": (
         None,
         ['DSJSON:{"zero_optimization": {"stage": 3}}'],
-        ["zero_optimization.stage", "engine.zero_stage"],
+        ["zero_optimization.stage", "engine.deepspeed.zero_stage"],
     ),
-    "offload needs stage": (None, ["engine.offload=params"], ["engine.offload", "zero_stage=3"]),
+    "offload needs stage": (
+        None,
+        ["engine.deepspeed.offload=params"],
+        ["engine.deepspeed.offload", "zero_stage=3"],
+    ),
     "compile with zero-3": (
         None,
-        ["train.compile=true", "engine.zero_stage=3"],
+        ["train.compile=true", "engine.deepspeed.zero_stage=3"],
         ["train.compile", "zero_stage"],
     ),
     "compile with fsdp": (
         None,
-        ["train.compile=true", "engine.backend=accelerate", "engine.accelerate.strategy=fsdp"],
+        ["train.compile=true", "engine.backend=fsdp"],
         ["train.compile", "fsdp"],
     ),
 }
@@ -159,7 +187,7 @@ def test_bad_input_is_one_line_exit_2(
         else write_yaml(tmp_path / "c.yaml", BASE if text is None else text)
     )
     overrides = [
-        f"engine.deepspeed_config={ds_json(tmp_path, o.removeprefix('DSJSON:'))}"
+        f"engine.deepspeed.config={ds_json(tmp_path, o.removeprefix('DSJSON:'))}"
         if o.startswith("DSJSON:")
         else o
         for o in overrides
@@ -213,7 +241,9 @@ def test_t5_with_two_dropout_rates_trains_with_a_warning(
     # `pretrain train` says it first; on a finished run, which builds nothing else.
     save_steps(run_dir / "checkpoints", [2])
     assert train(cfg).step == 2
-    assert capsys.readouterr().err.splitlines() == [
+    lines = capsys.readouterr().err.splitlines()
+    assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines), lines  # console lines carry the time
+    assert [line[9:] for line in lines] == [
         f"warning: {warning}",
         f"{run_dir}: already trained to step 2 (train.max_steps=2)",
     ]

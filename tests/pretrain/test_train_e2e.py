@@ -11,12 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY
 from safetensors.torch import load_file
 
 from pretrain.cli import main
 from pretrain.export import export
 from pretrain.logging import read_metrics
+from tests.common import REPO
+from tests.pretrain.helpers import TINY
 
 pytestmark = pytest.mark.slow
 

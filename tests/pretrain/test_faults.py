@@ -114,10 +114,9 @@ def test_guard_zero_budget_and_unskipped_nan():
         DivergenceGuard(max_skips=-1)
 
 
-def test_guard_state_round_trip():
+def test_guard_budget_spans_a_restart():
     guard = DivergenceGuard(max_skips=1)
     guard.observe(step(skipped=True))
-    resumed = DivergenceGuard(max_skips=1)
-    resumed.load_state_dict(guard.state_dict())
+    resumed = DivergenceGuard(max_skips=1, skips=guard.skips)  # as the loop restores trainer_state.json
     with pytest.raises(DivergenceError):
         resumed.observe(step(skipped=True))

@@ -1,8 +1,14 @@
-"""AdamW with the usual weight-decay exemptions, and the warmup + decay LR schedule.
+"""AdamW with weight-decay exemptions, and the warmup + decay LR schedule.
 
-Decaying norm gains, biases or embedding rows pulls them towards zero for no benefit (GPT-2/-3, BERT
-practice), so those parameters sit in a group with weight_decay=0. The schedule is a LambdaLR over a
-`functools.partial`, so its state_dict holds only numbers (JSON-able, nothing pickled).
+Which parameters are decayed is a choice, and ours differs from some references on purpose:
+- Norm gains and biases (0-/1-D) are exempt, as in GPT-2/-3, BERT's original optimizer and transformers'
+  Trainer: decaying them pulls scales and offsets towards zero for no regularising benefit.
+- Every embedding table is exempt too (tokens, and with them a tied LM head; learned positions; token types;
+  T5's relative-position bias), where BERT's original optimizer and transformers' Trainer decay them. A row of
+  a table gets a gradient only when its token (position, bucket) occurs, but decoupled decay shrinks every row
+  at every step, so rare tokens' rows shrink towards zero between occurrences: a bias by frequency, not a
+  regulariser. Decaying them is one line in `param_groups` for anyone who wants the BERT behaviour.
+The schedule is a LambdaLR over a `functools.partial`, so its state_dict holds only numbers (JSON, no pickle).
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from pretrain.engines.base import OptimizerSpec
+from pretrain.config import OptimizerConfig
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -39,7 +45,7 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, spec: OptimizerConfig) -> torch.optim.AdamW:
     """AdamW over `param_groups`, fused when the parameters' device supports it (else foreach)."""
     groups = param_groups(model, spec.weight_decay)
     kwargs = {"lr": spec.lr, "betas": spec.betas, "eps": spec.eps}
@@ -49,8 +55,8 @@ def build_optimizer(model: nn.Module, spec: OptimizerSpec) -> torch.optim.AdamW:
         return torch.optim.AdamW(groups, foreach=True, **kwargs)
 
 
-def lr_factor(step: int, *, spec: OptimizerSpec) -> float:
-    """Multiplier on spec.lr for the update with 0-based index `step`."""
+def lr_factor(step: int, *, spec: OptimizerConfig) -> float:
+    """Multiplier on spec.lr for the update with 0-based index `step` (schedule validated by the config)."""
     if step < spec.warmup_steps:
         return (step + 1) / (spec.warmup_steps + 1)
     if spec.schedule == "constant":
@@ -58,14 +64,10 @@ def lr_factor(step: int, *, spec: OptimizerSpec) -> float:
     progress = min(1.0, (step - spec.warmup_steps) / max(1, spec.max_steps - spec.warmup_steps))
     if spec.schedule == "cosine":
         decay = 0.5 * (1.0 + math.cos(math.pi * progress))
-    elif spec.schedule == "linear":
+    else:  # linear
         decay = 1.0 - progress
-    else:
-        raise ValueError(f"train.schedule={spec.schedule!r}: expected one of cosine, linear, constant")
     return spec.min_lr_ratio + (1.0 - spec.min_lr_ratio) * decay
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimizerSpec) -> LambdaLR:
-    if spec.schedule not in ("cosine", "linear", "constant"):
-        raise ValueError(f"train.schedule={spec.schedule!r}: expected one of cosine, linear, constant")
+def build_scheduler(optimizer: torch.optim.Optimizer, spec: OptimizerConfig) -> LambdaLR:
     return LambdaLR(optimizer, functools.partial(lr_factor, spec=spec))

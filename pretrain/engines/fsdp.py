@@ -1,0 +1,51 @@
+"""FSDP engine: PyTorch FSDP2 (`fully_shard` on each transformer block, then the root).
+
+PyTorch's own FSDP2 rather than Accelerate's FSDP plugin: on CPU Accelerate silently drops the plugin (the
+model stays unwrapped, or plain DDP runs), while `fully_shard` works on gloo and CUDA alike (configs/README.md).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from pretrain.config import EngineSpec
+from pretrain.engines.dist import DistInfo, ensure_process_group
+from pretrain.engines.native import NativeEngine
+
+
+class FSDPEngine(NativeEngine):
+    def __init__(self, spec: EngineSpec, model: nn.Module, dist: DistInfo) -> None:
+        assert spec.fsdp is not None, "resolved by the config"
+        super().__init__(spec, model.to(dist.device), dist)
+        ensure_process_group(dist)  # FSDP needs a group even alone
+        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+        policy = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16 if spec.precision == "bf16" else None, reduce_dtype=torch.float32
+        )
+        reshard = spec.fsdp.reshard_after_forward
+        for block in self._model.transformer_blocks():
+            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(self._model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        self._build_optimizer()
+
+    @property
+    def forward_module(self) -> nn.Module:
+        return self._model
+
+    def _forward_backward(self, batch: dict[str, Tensor], *, last: bool, n_micro: int) -> Tensor:
+        """Gradients are reduce-scattered on the last micro-batch of a step only."""
+        self._model.set_requires_gradient_sync(last)
+        loss = self._model(**batch).loss
+        (loss / n_micro).backward()
+        return loss
+
+    def full_state_dict(self) -> dict[str, Tensor] | None:
+        """The shards gathered to rank 0 (on CPU); collective."""
+        state = get_model_state_dict(
+            self._model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        return self._on_main(state)
