@@ -99,7 +99,10 @@ CASES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "zero_batch": ((*TRAIN, "train.micro_batch_size=0"), ("train.micro_batch_size", "0")),
     "zero_seq_len": ((*TRAIN, "data.seq_len=0"), ("data.seq_len", "0")),
     "zero_stage_5": ((*TRAIN, "engine.deepspeed.zero_stage=5"), ("engine.deepspeed.zero_stage", "5")),
-    "renamed_engine_key": ((*TRAIN, "engine.zero_stage=1"), ("engine.zero_stage", "engine.deepspeed.zero_stage")),
+    "renamed_engine_key": (
+        (*TRAIN, "engine.zero_stage=1"),
+        ("engine.zero_stage", "engine.deepspeed.zero_stage"),
+    ),
     "unknown_preset": (
         (*TRAIN, "model.preset=gpt-tinny"),
         ("model.preset", "gpt-tinny", "did you mean 'gpt-tiny'"),
