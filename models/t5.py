@@ -11,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from models.attention import SelfAttention
 from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import T5Config
@@ -128,11 +129,12 @@ class T5(LanguageModel):
             if isinstance(module, nn.RMSNorm):
                 nn.init.constant_(module.weight, f)
         for block in self.transformer_blocks():
-            attentions = [block.attn] + ([block.cross_attn] if hasattr(block, "cross_attn") else [])
-            for attn in attentions:
+            for attn in (block.attn, block.cross_attn):
+                if attn is None:  # an encoder block has no cross attention
+                    continue
                 q, kv = (
-                    (attn.qkv.weight.split([d_inner, 2 * d_inner]))
-                    if hasattr(attn, "qkv")
+                    attn.qkv.weight.split([d_inner, 2 * d_inner])
+                    if isinstance(attn, SelfAttention)
                     else (attn.q.weight, attn.kv.weight)
                 )
                 nn.init.normal_(q, std=f * (cfg.d_model * cfg.d_kv) ** -0.5)
