@@ -1,4 +1,4 @@
-"""What all three families have in common beyond their blocks: counting, FLOPs, loss, input checks."""
+"""What all three families have in common beyond their blocks: counting, FLOPs, loss."""
 
 from __future__ import annotations
 
@@ -26,13 +26,6 @@ def key_padding(attention_mask: Tensor | None) -> Tensor | None:
         return None
     keep = attention_mask.bool()
     return None if bool(keep.all()) else keep
-
-
-def reject_unused(model: str, **inputs: Tensor | None) -> None:
-    """A clear error for inputs a family has no use for, instead of silently ignoring them."""
-    given = [name for name, value in inputs.items() if value is not None]
-    if given:
-        raise ValueError(f"{model} does not take {', '.join(given)}")
 
 
 class LanguageModel(nn.Module):

@@ -7,7 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
+from models.base import LanguageModel, cross_entropy, key_padding
 from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
 from models.config import BERTConfig
 from models.outputs import ModelOutput
@@ -54,14 +54,9 @@ class BERT(LanguageModel):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> ModelOutput:
         """Masked LM. With `labels`, logits are (num_masked, vocab) for labels != -100 (see ModelOutput)."""
-        reject_unused(
-            "BERT", decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask
-        )
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
         if labels is None:

@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
+from models.base import LanguageModel, cross_entropy, key_padding
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import GPTConfig
 from models.outputs import ModelOutput
@@ -31,21 +31,9 @@ class GPT(LanguageModel):
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
     ) -> ModelOutput:
         """Causal LM. `labels` are aligned with `input_ids` (usually equal); the shift happens here."""
-        reject_unused(
-            "GPT",
-            token_type_ids=token_type_ids,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-        )
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids), key_padding_mask=padding)  # (B, L, D)
         logits = F.linear(self.norm(x), self.embed.tokens.weight)  # (B, L, V)

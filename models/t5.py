@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention import SelfAttention
-from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
+from models.base import LanguageModel, cross_entropy, key_padding
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import T5Config
 from models.outputs import ModelOutput
@@ -59,13 +59,11 @@ class T5(LanguageModel):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> ModelOutput:
         """Seq2seq LM. Without `decoder_input_ids` they are `labels` shifted right (start token first)."""
-        reject_unused("T5", token_type_ids=token_type_ids)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5 needs decoder_input_ids or labels")
