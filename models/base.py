@@ -91,10 +91,9 @@ class LanguageModel(nn.Module):
 
         The blocks share their code, so one compiled graph serves every layer: compile time is that of
         one block, not of the model. Inside a block the compiler fuses the elementwise work around the
-        matmuls (bias + activation, residual + norm), which is where GPUs lose time to memory traffic.
-        On 2 CPU cores, where matmuls are 75-85% of a step, it measured GPT -3%, BERT +-0 and T5 +15%
-        (the chunked attention kernel stays eager: two graph breaks per block). Checkpointing still
-        wraps each (compiled) block.
+        matmuls (bias + activation, residual + norm), which is where GPUs lose time to memory traffic;
+        what it gained on CPU is in bench/NOTES.md. The chunked attention kernel stays eager (two graph
+        breaks per block). Checkpointing still wraps each (compiled) block.
         """
         for block in self.transformer_blocks():
             block.compile()
