@@ -17,6 +17,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from models.base import SampleShape
+
 ROOT = Path(__file__).resolve().parents[1]  # the working directory of the scripts' worker processes
 
 FAMILIES = ("gpt", "bert", "t5")
@@ -182,13 +184,12 @@ def print_table(headers: list[str], rows: list[list[str]]) -> None:
 
 
 def step_flops(model: nn.Module, batch: dict[str, Tensor]) -> float:
-    """Training FLOPs of one step on `batch`: the model's own count (PaLM appendix B: 6 N per token +
-    12 L H Q T attention), told what this batch makes it run: BERT's MLM head only at the masked
-    positions, T5's decoder and head over the (shorter) targets."""
+    """Training FLOPs of one step on `batch`: the model's own count, told what this batch makes it run
+    (BERT's MLM head only at the masked positions, T5's decoder and head over the shorter targets)."""
     b, n = batch["input_ids"].shape
-    shape: dict[str, float] = {}
+    shape = SampleShape(n)
     if model.config.family == "bert":
-        shape["masked_fraction"] = int((batch["labels"] != -100).sum()) / (b * n)
+        shape = SampleShape(n, predicted_fraction=int((batch["labels"] != -100).sum()) / (b * n))
     elif model.config.family == "t5":
-        shape["target_len"] = batch["labels"].shape[1]
-    return model.flops_per_token(n, **shape) * b * n
+        shape = SampleShape(n, target_len=batch["labels"].shape[1])
+    return model.flops_per_token(shape) * b * n

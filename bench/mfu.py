@@ -1,7 +1,7 @@
 """Model FLOPs utilisation: measured matmul peak of this device, then MFU of training steps of presets.
 
-MFU = step FLOPs (PaLM appendix B: 6 N per token + 12 L H Q T, see `bench._common.step_flops`) / step
-time / peak. The peak is *measured* here (best of several large square matmuls in the same dtype), so
+MFU = step FLOPs (the model's own matmul count, `flops_per_token`, through `bench._common.step_flops`) /
+step time / peak. The peak is *measured* here (best of several large square matmuls in the same dtype), so
 on a CPU the figure says how close a step gets to what this machine's matrix units actually deliver;
 on a GPU the datasheet peak is shown too, since that is what published MFU numbers divide by.
 The step is the one `pretrain train` runs (forward, backward, clipping, fused AdamW), plain PyTorch in

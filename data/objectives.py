@@ -81,7 +81,9 @@ class MaskedLM:
 
 
 def _lengths_for(tokens_length: int, noise_density: float, mean_span: float) -> tuple[int, int]:
-    """(inputs length, targets length) after corrupting `tokens_length` tokens (T5's formula)."""
+    """(inputs length, targets length) after corrupting `tokens_length` tokens, counted as
+    `random_spans_noise_mask` corrupts them: non-noise tokens + one sentinel per span + EOS, and noise
+    tokens + one sentinel per span + EOS."""
     num_noise = int(round(tokens_length * noise_density))
     num_noise = min(max(num_noise, 1), tokens_length - 1)
     num_spans = max(int(round(num_noise / mean_span)), 1)
@@ -93,16 +95,25 @@ def compute_input_and_target_lengths(
 ) -> tuple[int, int]:
     """The raw tokens per sample, and the targets length, such that the inputs fit `inputs_length`.
 
-    As `compute_input_and_target_lengths` in T5's code (and HF's run_t5_mlm_flax): the largest raw length
-    whose corrupted inputs (non-noise tokens + one sentinel per span + EOS) still fit.
+    T5's `random_spans_helper` (which HF's run_t5_mlm_flax copies): the largest raw length whose corrupted
+    inputs still fit; at noise density 0.5, one raw token fewer when the targets would come out longer than
+    the inputs (T5 does this so that the targets length is the inputs', usually a round number). Where
+    T5's helper disagrees with the samples its own noise mask makes, this follows the samples, so that
+    `targets_length` is the length every sample's targets have:
+    - the noise and span counts are clamped as the mask clamps them (at least one noise token, one
+      non-noise token, one span), where T5's helper counts zero spans for samples with fewer noise
+      tokens than half a mean span;
+    - after the density-0.5 shortening, the targets length is that of the shorter sample, where T5
+      subtracts one: for 11 inputs, spans of 3, T5 says (14, 11), and 14 raw tokens make 10 targets.
     """
     tokens_length = inputs_length
     while _lengths_for(tokens_length + 1, noise_density, mean_span)[0] <= inputs_length:
         tokens_length += 1
-    _, targets_length = _lengths_for(tokens_length, noise_density, mean_span)
-    if noise_density == 0.5 and targets_length > tokens_length:
-        targets_length -= 1
-    return tokens_length, targets_length
+    inputs, targets = _lengths_for(tokens_length, noise_density, mean_span)
+    if noise_density == 0.5 and targets > inputs:
+        tokens_length -= 1
+        _, targets = _lengths_for(tokens_length, noise_density, mean_span)
+    return tokens_length, targets
 
 
 def random_spans_noise_mask(

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 from models.config import PRESETS, BERTConfig, GPTConfig, ModelConfig, T5Config, get_config
 
 if TYPE_CHECKING:
+    from models.base import SampleShape
     from models.build import build_from_config, build_model
     from models.hf import from_hf, to_hf
     from models.outputs import ModelOutput
 
 _LAZY = {
+    "SampleShape": "models.base",
     "build_from_config": "models.build",
     "build_model": "models.build",
     "from_hf": "models.hf",
@@ -30,6 +32,7 @@ __all__ = [
     "GPTConfig",
     "ModelConfig",
     "ModelOutput",
+    "SampleShape",
     "T5Config",
     "build_from_config",
     "build_model",

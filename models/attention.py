@@ -1,7 +1,7 @@
 """Multi-head attention (self, causal self, cross) and the one `attend` call every family goes through.
 
 Backends live in `models/kernels/`: `eager` (reference), `sdpa` (PyTorch's fused kernels) and `chunked`
-(our O(n)-memory kernel, optional at import). `auto` takes SDPA when its fused kernels apply and the
+(our O(n)-memory kernel). `auto` takes SDPA when its fused kernels apply and the
 chunked kernel when a learned bias or a sliding window would force SDPA to materialise L x L tensors.
 """
 
@@ -14,25 +14,14 @@ import torch.nn as nn
 from torch import Tensor
 
 from models.kernels.bias import RelativeBias
+from models.kernels.chunked import chunked_attention
 from models.kernels.eager import eager_attention
 from models.kernels.sdpa import sdpa_attention
 
 BACKENDS = ("auto", "eager", "sdpa", "chunked")
 
 
-try:  # the chunked kernel is developed separately; without it "chunked" is a clear error
-    from models.kernels.chunked import chunked_attention
-except ImportError:  # pragma: no cover - only while models/kernels/chunked.py is missing
-    chunked_attention = None
-
-
-def chunked_available() -> bool:
-    return chunked_attention is not None
-
-
 def _chunked(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, **kwargs) -> Tensor:
-    if chunked_attention is None:
-        raise ValueError("attention backend 'chunked' is not available: models/kernels/chunked.py is missing")
     if dropout_p > 0.0:
         raise ValueError("attention backend 'chunked' has no attention dropout; set attention_dropout=0")
     # The kernel picks its own accumulation precision (fp32); autocast must not recast its tile matmuls.
@@ -56,7 +45,7 @@ def resolve_backend(
             raise ValueError(f"unknown attention backend {backend!r}; accepted: {', '.join(BACKENDS)}")
         return backend
     fused_ok = window is None and (bias is None or (isinstance(bias, Tensor) and not bias.requires_grad))
-    if fused_ok or dropout_p > 0.0 or not chunked_available():
+    if fused_ok or dropout_p > 0.0:
         return "sdpa"
     return "chunked"
 
@@ -81,7 +70,7 @@ def attend(
     causal: key j is visible to query i iff j <= i (top-left aligned). window: also |i - j| < window.
     bias: additive, a dense tensor broadcastable to (B, H, Lq, Lk) or a `RelativeBias` (T5).
     scale: None -> 1/sqrt(D). `auto` without an eligible fused kernel uses `chunked`, or `sdpa` when
-    dropout is on or the chunked kernel is missing. block_size: the chunked kernel's query and key tile
+    dropout is on (the chunked kernel has none). block_size: the chunked kernel's query and key tile
     (None: its default); the other backends have no tiles.
     """
     name = resolve_backend(backend, bias=bias, window=window, dropout_p=dropout_p)

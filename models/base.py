@@ -1,6 +1,8 @@
-"""What all three families have in common beyond their blocks: counting, FLOPs, loss, input checks."""
+"""What all three families have in common beyond their blocks: parameter counts, the FLOPs interface, loss."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch.nn as nn
 import torch.nn.functional as F
@@ -28,11 +30,48 @@ def key_padding(attention_mask: Tensor | None) -> Tensor | None:
     return None if bool(keep.all()) else keep
 
 
-def reject_unused(model: str, **inputs: Tensor | None) -> None:
-    """A clear error for inputs a family has no use for, instead of silently ignoring them."""
-    given = [name for name, value in inputs.items() if value is not None]
-    if given:
-        raise ValueError(f"{model} does not take {', '.join(given)}")
+@dataclass(frozen=True)
+class SampleShape:
+    """What one training sample makes a model compute, as its objective shapes it; FLOPs depend on nothing else.
+
+    input_len: tokens fed to the model (T5: to its encoder). FLOPs are counted per input token, the
+        tokens that tokens/s counts.
+    target_len: T5's decoder length (span-corruption targets are much shorter than the inputs); None for
+        GPT and BERT, which have no decoder.
+    predicted_fraction: the share of input positions the LM head runs at. BERT with labels runs its MLM
+        head only at the masked positions; every other model and case runs it everywhere (1.0).
+    """
+
+    input_len: int
+    target_len: int | None = None
+    predicted_fraction: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.input_len < 1 or (self.target_len is not None and self.target_len < 1):
+            raise ValueError(
+                f"lengths must be >= 1, got input_len={self.input_len}, target_len={self.target_len}"
+            )
+        if not 0.0 <= self.predicted_fraction <= 1.0:
+            raise ValueError(f"predicted_fraction must be in [0, 1], got {self.predicted_fraction}")
+
+
+def matmul_flops(weights: int, positions: float) -> float:
+    """Training FLOPs of `weights` multiply-adds applied at `positions` positions: 2 per multiply-add
+    forward, 4 backward (the gradients of the input and of the weight)."""
+    return 6.0 * weights * positions
+
+
+def attention_flops(layers: int, width: int, queries: float, keys: float) -> float:
+    """Training FLOPs of attention's two matmuls (scores q k^T, then probabilities x v) over `width` =
+    heads x head width. Masked pairs are not discounted (the usual convention for MFU): causal masks and
+    sliding windows cost what the eager kernel computes, the whole score matrix."""
+    return 2 * matmul_flops(layers * width, queries * keys)
+
+
+def num_weights(*modules: nn.Module) -> int:
+    """Parameters of `modules`, a parameter they share counted once."""
+    params = {id(p): p for m in modules for p in m.parameters()}
+    return sum(p.numel() for p in params.values())
 
 
 class LanguageModel(nn.Module):
@@ -52,10 +91,9 @@ class LanguageModel(nn.Module):
 
         The blocks share their code, so one compiled graph serves every layer: compile time is that of
         one block, not of the model. Inside a block the compiler fuses the elementwise work around the
-        matmuls (bias + activation, residual + norm), which is where GPUs lose time to memory traffic.
-        On 2 CPU cores, where matmuls are 75-85% of a step, it measured GPT -3%, BERT +-0 and T5 +15%
-        (the chunked attention kernel stays eager: two graph breaks per block). Checkpointing still
-        wraps each (compiled) block.
+        matmuls (bias + activation, residual + norm), which is where GPUs lose time to memory traffic;
+        what it gained on CPU is in bench/NOTES.md. The chunked attention kernel stays eager (two graph
+        breaks per block). Checkpointing still wraps each (compiled) block.
         """
         for block in self.transformer_blocks():
             block.compile()
@@ -72,16 +110,12 @@ class LanguageModel(nn.Module):
                 params.pop(id(p), None)
         return sum(p.numel() for p in params.values())
 
-    def flops_per_token(self, seq_len: int) -> float:
-        """Training FLOPs per token, PaLM appendix B: 6 N + 12 L H Q T.
+    def flops_per_token(self, shape: SampleShape) -> float:
+        """Training (forward + backward) FLOPs per input token on samples of `shape`, for MFU.
 
-        N counts the non-embedding parameters plus the vocabulary projection (a tied head is still a
-        matmul); L = layers, H Q = heads x head width, T = seq_len. BERT and T5 take what their objective
-        makes them run (the masked share, the target length), so MFU counts only work that is done.
+        Counted matmul by matmul (`matmul_flops`, `attention_flops`), each over the positions it runs
+        at: the vocabulary projection is a matmul even when tied to the embedding, lookups (token,
+        position and relative-bias tables) are not. Biases and norms count as weights (6 FLOPs per
+        parameter and position), a rounding error beside the matmuls.
         """
-        cfg = self.config
-        n = self.num_parameters(exclude_embeddings=True) + self._tied_head_params()
-        return 6.0 * n + 12.0 * cfg.n_layers * cfg.n_heads * cfg.head_dim * seq_len
-
-    def _tied_head_params(self) -> int:
-        return 0
+        raise NotImplementedError

@@ -7,7 +7,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
+from models.base import (
+    LanguageModel,
+    SampleShape,
+    attention_flops,
+    cross_entropy,
+    key_padding,
+    matmul_flops,
+    num_weights,
+)
 from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
 from models.config import BERTConfig
 from models.outputs import ModelOutput
@@ -54,14 +62,9 @@ class BERT(LanguageModel):
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
         token_type_ids: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> ModelOutput:
         """Masked LM. With `labels`, logits are (num_masked, vocab) for labels != -100 (see ModelOutput)."""
-        reject_unused(
-            "BERT", decoder_input_ids=decoder_input_ids, decoder_attention_mask=decoder_attention_mask
-        )
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
         if labels is None:
@@ -73,16 +76,21 @@ class BERT(LanguageModel):
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def _tied_head_params(self) -> int:
-        return self.embed.tokens.weight.numel()
-
-    def flops_per_token(self, seq_len: int, *, masked_fraction: float = 1.0) -> float:
-        """As the base count, but the MLM head (transform, norm, vocabulary projection) runs only at the
-        masked positions when labels are given: `masked_fraction` of them (1.0: every position, no labels)."""
-        if not 0.0 <= masked_fraction <= 1.0:
-            raise ValueError(f"masked_fraction must be in [0, 1], got {masked_fraction}")
-        head = sum(p.numel() for p in self.head.parameters()) + self._tied_head_params()
-        return super().flops_per_token(seq_len) - 6.0 * head * (1.0 - masked_fraction)
+    def flops_per_token(self, shape: SampleShape) -> float:
+        """The blocks at every position; the MLM head (transform, norm, the vocabulary projection tied to
+        the embedding) only at `shape.predicted_fraction` of them, as with labels it runs at the masked ones."""
+        if shape.target_len is not None:
+            raise ValueError(f"BERT has no decoder; got {shape}")
+        cfg, n = self.config, shape.input_len
+        head = num_weights(self.head)
+        body = self.num_parameters(exclude_embeddings=True) - head
+        predicted = n * shape.predicted_fraction
+        width = cfg.n_heads * cfg.head_dim
+        return (
+            matmul_flops(body, n)
+            + matmul_flops(head + self.embed.tokens.weight.numel(), predicted)
+            + attention_flops(cfg.n_layers, width, n, n)
+        ) / n
 
     def init_weights(self) -> None:
         """BERT's scheme: N(0, init_std) for weights, zero biases (and padding row), unit LayerNorms."""

@@ -114,6 +114,9 @@ class PreNormBlock(nn.Module):
         super().__init__()
         self.attn_norm = make_norm(cfg)
         self.attn = _self_attention(cfg)
+        # None in a block without cross attention (no parameters, so the state dict has no such names).
+        self.cross_norm: nn.Module | None = None
+        self.cross_attn: CrossAttention | None = None
         if cfg.cross_attention:
             self.cross_norm = make_norm(cfg)
             self.cross_attn = CrossAttention(cfg.d_model, cfg.n_heads, cfg.head_dim, **_attention_kwargs(cfg))
@@ -131,7 +134,7 @@ class PreNormBlock(nn.Module):
         context_mask: Tensor | None = None,
     ) -> Tensor:
         x = x + self.drop(self.attn(self.attn_norm(x), key_padding_mask=key_padding_mask, bias=bias))
-        if hasattr(self, "cross_attn"):
+        if self.cross_attn is not None:
             if context is None:
                 raise ValueError("a block with cross attention needs the encoder output (context)")
             x = x + self.drop(self.cross_attn(self.cross_norm(x), context, key_padding_mask=context_mask))

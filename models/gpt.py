@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
+from models.base import LanguageModel, SampleShape, attention_flops, cross_entropy, key_padding, matmul_flops
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import GPTConfig
 from models.outputs import ModelOutput
@@ -31,21 +31,9 @@ class GPT(LanguageModel):
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
-        decoder_input_ids: Tensor | None = None,
-        decoder_attention_mask: Tensor | None = None,
-        labels: Tensor | None = None,
+        self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None
     ) -> ModelOutput:
         """Causal LM. `labels` are aligned with `input_ids` (usually equal); the shift happens here."""
-        reject_unused(
-            "GPT",
-            token_type_ids=token_type_ids,
-            decoder_input_ids=decoder_input_ids,
-            decoder_attention_mask=decoder_attention_mask,
-        )
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids), key_padding_mask=padding)  # (B, L, D)
         logits = F.linear(self.norm(x), self.embed.tokens.weight)  # (B, L, V)
@@ -58,8 +46,14 @@ class GPT(LanguageModel):
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)
 
-    def _tied_head_params(self) -> int:
-        return self.embed.tokens.weight.numel()
+    def flops_per_token(self, shape: SampleShape) -> float:
+        """Every block and the head (tied to the token embedding: a matmul all the same) at every position."""
+        if shape.target_len is not None or shape.predicted_fraction != 1.0:
+            raise ValueError(f"GPT has no decoder and predicts at every position; got {shape}")
+        cfg, n = self.config, shape.input_len
+        weights = self.num_parameters(exclude_embeddings=True) + self.embed.tokens.weight.numel()
+        width = cfg.n_heads * cfg.head_dim
+        return (matmul_flops(weights, n) + attention_flops(cfg.n_layers, width, n, n)) / n
 
     def init_weights(self) -> None:
         """GPT-2's scheme: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 L)."""

@@ -11,7 +11,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, cross_entropy, key_padding, reject_unused
+from models.attention import SelfAttention
+from models.base import (
+    LanguageModel,
+    SampleShape,
+    attention_flops,
+    cross_entropy,
+    key_padding,
+    matmul_flops,
+    num_weights,
+)
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import T5Config
 from models.outputs import ModelOutput
@@ -58,13 +67,11 @@ class T5(LanguageModel):
         self,
         input_ids: Tensor,
         attention_mask: Tensor | None = None,
-        token_type_ids: Tensor | None = None,
         decoder_input_ids: Tensor | None = None,
         decoder_attention_mask: Tensor | None = None,
         labels: Tensor | None = None,
     ) -> ModelOutput:
         """Seq2seq LM. Without `decoder_input_ids` they are `labels` shifted right (start token first)."""
-        reject_unused("T5", token_type_ids=token_type_ids)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("T5 needs decoder_input_ids or labels")
@@ -95,25 +102,33 @@ class T5(LanguageModel):
     def transformer_blocks(self) -> list[nn.Module]:
         return [*self.encoder, *self.decoder]
 
-    def _tied_head_params(self) -> int:
-        return self.embed.tokens.weight.numel() if self.lm_head is None else 0
-
     def embedding_parameters(self) -> list[nn.Parameter]:
         """The shared token embedding and both relative-position tables: lookups, not matmuls."""
         return [self.embed.tokens.weight, self.encoder_bias.table.weight, self.decoder_bias.table.weight]
 
-    def flops_per_token(self, seq_len: int, *, target_len: int | None = None) -> float:
-        """Training FLOPs per input token (PaLM appendix B per stack): the encoder runs over `seq_len` inputs,
-        the decoder (self attention over the targets, cross attention over the inputs) and the head over
-        `target_len` targets (None: as long as the inputs; span corruption makes them much shorter)."""
-        cfg = self.config
-        t = seq_len if target_len is None else target_len
-        hq = cfg.n_heads * cfg.d_kv
-        encoder = sum(p.numel() for m in (self.encoder, self.encoder_norm) for p in m.parameters())
-        decoder = self.num_parameters(exclude_embeddings=True) - encoder + self._tied_head_params()
-        per_input = 6.0 * encoder + 12.0 * cfg.n_layers * hq * seq_len
-        per_target = 6.0 * decoder + 12.0 * cfg.n_decoder_layers * hq * (t + seq_len)
-        return per_input + per_target * t / seq_len
+    def flops_per_token(self, shape: SampleShape) -> float:
+        """Per input token: the encoder over the inputs, the decoder and the head over the targets.
+
+        Cross attention splits across the two lengths: its queries come from the targets, its keys and
+        values are projections of the encoder output, computed once per input token.
+        """
+        if shape.target_len is None or shape.predicted_fraction != 1.0:
+            raise ValueError(
+                f"T5 needs its decoder length (target_len) and predicts at every target; got {shape}"
+            )
+        cfg, s, t = self.config, shape.input_len, shape.target_len
+        width = cfg.n_heads * cfg.d_kv
+        cross_kv = sum(num_weights(block.cross_attn.kv) for block in self.decoder)
+        head = (self.embed.tokens if self.lm_head is None else self.lm_head).weight.numel()
+        over_inputs = num_weights(self.encoder, self.encoder_norm) + cross_kv
+        over_targets = num_weights(self.decoder, self.decoder_norm) - cross_kv + head
+        per_sample = (
+            matmul_flops(over_inputs, s)
+            + matmul_flops(over_targets, t)
+            + attention_flops(cfg.n_layers, width, s, s)
+            + attention_flops(cfg.n_decoder_layers, width, t, t + s)  # self, then cross attention
+        )
+        return per_sample / s
 
     def init_weights(self) -> None:
         """Mesh TensorFlow's scheme (as in transformers): each matrix N(0, 1/sqrt(fan-in)), q also / sqrt(d_kv)."""
@@ -128,11 +143,12 @@ class T5(LanguageModel):
             if isinstance(module, nn.RMSNorm):
                 nn.init.constant_(module.weight, f)
         for block in self.transformer_blocks():
-            attentions = [block.attn] + ([block.cross_attn] if hasattr(block, "cross_attn") else [])
-            for attn in attentions:
+            for attn in (block.attn, block.cross_attn):
+                if attn is None:  # an encoder block has no cross attention
+                    continue
                 q, kv = (
-                    (attn.qkv.weight.split([d_inner, 2 * d_inner]))
-                    if hasattr(attn, "qkv")
+                    attn.qkv.weight.split([d_inner, 2 * d_inner])
+                    if isinstance(attn, SelfAttention)
                     else (attn.q.weight, attn.kv.weight)
                 )
                 nn.init.normal_(q, std=f * (cfg.d_model * cfg.d_kv) ** -0.5)

@@ -164,14 +164,15 @@ def objective_flops_per_token(model: LanguageModel, cfg: RunConfig) -> float:
     masked share of positions (data.mlm_probability; a hair high, as special tokens are never masked),
     T5's decoder and head over the span targets, whose length the data config fixes."""
     from data.objectives import compute_input_and_target_lengths
+    from models.base import SampleShape
 
     d = cfg.data
     if cfg.objective == "mlm":
-        return model.flops_per_token(d.seq_len, masked_fraction=d.mlm_probability)
+        return model.flops_per_token(SampleShape(d.seq_len, predicted_fraction=d.mlm_probability))
     if cfg.objective == "span":
         _, targets = compute_input_and_target_lengths(d.seq_len, d.noise_density, d.mean_noise_span_length)
-        return model.flops_per_token(d.seq_len, target_len=targets)
-    return model.flops_per_token(d.seq_len)
+        return model.flops_per_token(SampleShape(d.seq_len, target_len=targets))
+    return model.flops_per_token(SampleShape(d.seq_len))
 
 
 def _start(pipeline: Iterable[Batch]) -> Iterator[Batch]:

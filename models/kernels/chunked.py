@@ -7,22 +7,21 @@ grows linearly with sequence length, also with a learned T5 relative bias (built
 its gradient folded back into the small bucket table) and with a sliding window, whose out-of-window
 tiles are skipped rather than masked (O(n * w) work).
 
-Where the time goes, and what keeps it close to a fused kernel (measured on 2 CPU cores, L = 8192):
+Where the time goes, and what keeps it close to a fused kernel (the measurements are in bench/NOTES.md):
 - Each tile is one batched matmul over (B, H). Operands are cut once into contiguous blocks, and every
   product accumulates into a contiguous block: BLAS then runs one batched call, where a strided slice of
-  a long tensor falls back to a per-matrix loop (that loop was a third of the backward's time).
-- Scores are kept in base 2 (log2(e) folded into the query scale), so the softmax uses `exp2`, about
-  1.7x faster than `exp` here and exact to fp32 rounding; the log-sum-exp is stored in base 2 as well.
+  a long tensor falls back to a per-matrix loop.
+- Scores are kept in base 2 (log2(e) folded into the query scale), so the softmax uses `exp2`, faster
+  than `exp` on CPU and exact to fp32 rounding; the log-sum-exp is stored in base 2 as well.
 - The backward runs key blocks outside, query blocks inside (FlashAttention-2's order), so dK and dV
   accumulate in a block that stays hot; dQ blocks are accumulated in place.
 - One score buffer per pass is reused for every tile (no multi-MB allocation per tile), and the
   causal/window masks, which depend only on a tile's diagonal offset, are built once per offset.
 
 torch.compile: `chunked_attention` is excluded from tracing (`torch.compiler.disable`), so a compiled model
-compiles everything around it and calls the kernel eagerly. Traced, Dynamo unrolls the tile loops: a
-compiled call at L=1024 took 458 s to compile here. Compiling just one tile's step (inductor, CPU, 8 heads,
-256 x 256) fused its elementwise passes for ~1.2x on the forward tile and ~1.0-1.2x on the backward tile,
-after a ~45 s cold compile per tile shape: not worth it on CPU, so the kernel stays plain eager PyTorch.
+compiles everything around it and calls the kernel eagerly. Traced, Dynamo unrolls the tile loops, so
+compile time grows with the number of tiles; compiling just one tile's step gained little against a long
+cold compile per tile shape: not worth it on CPU, so the kernel stays plain eager PyTorch.
 """
 
 from __future__ import annotations

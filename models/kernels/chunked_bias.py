@@ -81,7 +81,7 @@ class RelativeBlocks:
         """(H, bq, bk), broadcasting over B: a Toeplitz tile, built by unfolding the offset vector.
 
         Row a of the unfold holds offsets lo + a ... lo + a + bk - 1, which is query row bq - 1 - a;
-        one flip puts the rows in query order (a plain copy, ~20x faster than an index gather).
+        one flip puts the rows in query order (a plain copy, much faster than an index gather).
         """
         bq, bk = qe - qs, ke - ks
         lo = ks - (qe - 1) + (self._q_len - 1)  # the smallest offset in the tile: last query, first key

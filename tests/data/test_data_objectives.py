@@ -71,6 +71,38 @@ def test_t5_lengths_match_the_reference():
     assert compute_input_and_target_lengths(32, 0.15, 3.0) == (34, 8)
 
 
+@pytest.mark.parametrize(
+    ("inputs", "density", "expected"),
+    [
+        # 141 raw tokens: 21 noise in 7 spans -> inputs 141 - 21 + 7 + 1 = 128, targets 21 + 7 + 1 = 29;
+        # 142 would make 129 inputs.
+        (128, 0.15, (141, 29)),
+        # 159: 48 noise (47.7 rounded) in 16 spans -> inputs 159 - 48 + 17 = 128, targets 48 + 17 = 65.
+        (128, 0.3, (159, 65)),
+        # 191: 96 noise (95.5 to even) in 32 spans -> inputs 128, targets 129 > 128, so one token fewer:
+        # 190: 95 noise in 32 spans (31.7) -> inputs 190 - 95 + 33 = 128, targets 95 + 33 = 128.
+        (128, 0.5, (190, 128)),
+        # 767: 384 noise (383.5 to even), 128 spans -> inputs 512, targets 513; 766: 383 noise, 128 spans
+        # (127.7) -> targets 383 + 129 = 512.
+        (512, 0.5, (766, 512)),
+        # 212: 127 noise (127.2) in 42 spans (42.3) -> inputs 212 - 127 + 43 = 128, targets 127 + 43 = 170;
+        # 213: 128 noise in 43 spans -> 129 inputs.
+        (128, 0.6, (212, 170)),
+        # T5's helper says (14, 11) here: 15 raw tokens make 11 inputs and 12 targets, so one fewer; but 14
+        # make 7 noise in 2 spans, i.e. 10 targets (and 10 inputs, padded to 11), not 11.
+        (11, 0.5, (14, 10)),
+    ],
+)
+def test_t5_lengths_by_hand(inputs, density, expected):
+    tokens, targets = compute_input_and_target_lengths(inputs, density, 3.0)
+    assert (tokens, targets) == expected
+    span = SpanCorruption(
+        seq_len=inputs, eos_id=1, pad_id=0, sentinel_ids=tuple(range(1000, 1200)), noise_density=density
+    )
+    sample = span(np.arange(10, 10 + tokens), np.random.default_rng(0))  # what the samples really are
+    assert len(sample["input_ids"]) == inputs and len(sample["labels"]) == targets
+
+
 def test_noise_mask_density_and_spans():
     rng = np.random.default_rng(0)
     mask = random_spans_noise_mask(568, 0.15, 3.0, rng)

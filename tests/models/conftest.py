@@ -23,6 +23,4 @@ def hf_case(request: pytest.FixtureRequest) -> HFCase:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest) -> str:
-    if request.param == "chunked":
-        pytest.importorskip("models.kernels.chunked", reason="chunked backend not written yet")
     return request.param

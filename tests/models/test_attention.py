@@ -112,18 +112,9 @@ def test_auto_picks_fused_sdpa_without_learned_bias_else_chunked() -> None:
     rel = RelativeBias(table=table, bidirectional=True, num_buckets=8, max_distance=6)
     assert resolve_backend("auto", bias=None, window=None, dropout_p=0.0) == "sdpa"
     assert resolve_backend("auto", bias=torch.zeros(1, 2, 3, 3), window=None, dropout_p=0.0) == "sdpa"
-    expected = "chunked" if _chunked_exists() else "sdpa"
-    assert resolve_backend("auto", bias=rel, window=None, dropout_p=0.0) == expected
-    assert resolve_backend("auto", bias=None, window=16, dropout_p=0.0) == expected
+    assert resolve_backend("auto", bias=rel, window=None, dropout_p=0.0) == "chunked"
+    assert resolve_backend("auto", bias=None, window=16, dropout_p=0.0) == "chunked"
     assert resolve_backend("auto", bias=rel, window=None, dropout_p=0.1) == "sdpa"  # chunked has no dropout
-
-
-def _chunked_exists() -> bool:
-    try:
-        import models.kernels.chunked  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def test_unknown_backend_is_a_clear_error() -> None:

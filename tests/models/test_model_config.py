@@ -78,7 +78,7 @@ def test_known_sizes_and_flops() -> None:
         gpt2 = models.build_model("gpt2-small")
     assert gpt2.num_parameters() == 124_439_808  # the published GPT-2 small count
     n = gpt2.num_parameters(exclude_embeddings=True) + 50257 * 768  # the tied head is a matmul
-    assert gpt2.flops_per_token(1024) == 6 * n + 12 * 12 * 768 * 1024
+    assert gpt2.flops_per_token(models.SampleShape(1024)) == 6 * n + 12 * 12 * 768 * 1024
 
 
 def test_init_weights_is_deterministic_and_follows_the_scheme() -> None:
