@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from data.config import DataConfig, MixtureComponent
 from data.errors import DataError
+from data.layout import Layout, merge_states, plan_resume
 from data.sources import check_sources
 
 if TYPE_CHECKING:
@@ -23,10 +24,13 @@ __all__ = [
     "DataConfig",
     "DataError",
     "DataPipeline",
+    "Layout",
     "MixtureComponent",
     "build_loader",
     "build_tokenizer",
     "check_sources",
+    "merge_states",
+    "plan_resume",
 ]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 TextUnit = Literal["file", "paragraph", "line"]
@@ -44,6 +44,16 @@ class DataConfig:
     mlm_probability: float = 0.15
     noise_density: float = 0.15
     mean_noise_span_length: float = 3.0
+    virtual_streams: int | None = field(
+        default=None,
+        metadata={
+            "doc": "Virtual data streams V: the data order depends on V alone, not on the number of "
+            "processes or loader workers, so a run resumes at another world size with the same data. "
+            "None: world x grad_accum x num_workers of the first run (any world size dividing the global "
+            "batch then resumes with the same num_workers); a checkpoint's V is kept on resume. Each must be "
+            "a multiple of world x grad_accum x num_workers / gcd(grad_accum, num_workers)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.source, list):
@@ -61,6 +71,8 @@ class DataConfig:
         _check_int("num_workers", self.num_workers, 0)
         _check_int("prefetch_factor", self.prefetch_factor, 1)
         _check_int("shuffle_buffer", self.shuffle_buffer, 1)
+        if self.virtual_streams is not None:
+            _check_int("virtual_streams", self.virtual_streams, 1)
         if self.text_unit not in TEXT_UNITS:
             raise ValueError(f"data.text_unit: {self.text_unit!r} is not one of {', '.join(TEXT_UNITS)}")
         for name in ("validation_fraction", "mlm_probability", "noise_density"):

@@ -90,9 +90,9 @@ class DocStream:
                 skips = getattr(self.source, "skips", None)
                 detail = f"; skipped records: {dict(skips.counts)}" if skips and skips.counts else ""
                 raise DataError(
-                    f"data.source: {self.name!r} gave stream {self.stream} no usable document in "
+                    f"data.source: {self.name!r} gave virtual stream {self.stream} no usable document in "
                     f"{self._empty_epochs} epoch(s) in a row up to epoch {self._epoch} (fewer documents "
-                    f"than streams, or no text){detail}"
+                    f"than virtual streams, or no text){detail}"
                 )
             self._epoch, self._cursor, self._block_no = self._epoch + 1, None, 0
         self._load_block()
