@@ -54,6 +54,15 @@ class DataConfig:
             "a multiple of world x grad_accum x num_workers / gcd(grad_accum, num_workers)."
         },
     )
+    allow_changed: bool = field(
+        default=False,
+        metadata={
+            "doc": "Resume even if the data changed since the checkpoint (files added, removed or "
+            "rewritten; another prepared index or hf: dataset), with a warning instead of an error. Saved "
+            "positions are kept as they are, so the rest of the current epoch may repeat or skip documents "
+            "(data/fingerprint.py)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.source, list):
