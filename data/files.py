@@ -1,6 +1,6 @@
 """Local files: .txt/.md/.py, .jsonl/.json, .parquet, plain or .gz/.zst; the builtin corpus is files too.
 
-With at least as many files as streams, each stream opens only its own files (file-level sharding: the
+With at least as many files as streams, each train stream opens only its own files (file-level sharding: the
 files at positions s, s + S, s + 2S ... of the epoch's order), so it reads ~1/S of the bytes; with fewer,
 every stream reads the files in the epoch's order but decodes only the records it owns (g % S == s).
 Cursors are byte offsets in plain files (seek) and record numbers in compressed and parquet files (row
@@ -175,9 +175,12 @@ def parse_record(raw: Any, f: SourceFile, field: str, max_bytes: int) -> tuple[s
     return raw, ""
 
 
-def shard_by_file(num_files: int, num_streams: int) -> bool:
-    """Whether each stream owns whole files (every stream gets at least one) rather than every S-th record."""
-    return num_files >= num_streams
+def shard_by_file(num_files: int, num_streams: int, split: str) -> bool:
+    """Whether each stream owns whole files (every stream gets at least one) rather than every S-th record.
+
+    Train only: validation is one pass over a small share of the records, and whole files could leave a
+    rank without any (every rank must evaluate), so it keeps the balanced record-level split."""
+    return split == "train" and num_files >= num_streams
 
 
 class FileSource:
@@ -262,7 +265,7 @@ class FilesSpec:
             seed=seed,
             shuffle=shuffle,
             unit=self.unit,
-            by_file=shard_by_file(len(self.files), num_streams),
+            by_file=shard_by_file(len(self.files), num_streams, self.split),
         )
 
     def sample_texts(self, max_chars: int) -> Iterator[str]:

@@ -29,7 +29,7 @@ class PreparedSource:
         self.seed, self.shuffle = seed, shuffle
         split = spec.index["splits"][spec.split]
         self.file_docs = np.array([f["docs"] for f in split["files"]], dtype=np.int64)
-        self.by_file = shard_by_file(len(self.file_docs), num_streams)
+        self.by_file = shard_by_file(len(self.file_docs), num_streams, spec.split)
         self.epochs_differ = self.by_file and shuffle and num_streams > 1
         self.file_start = np.concatenate([[0], np.cumsum(self.file_docs)])
         dtype = np.dtype(spec.index["dtype"])

@@ -190,3 +190,9 @@ def test_record_level_below_one_file_per_stream(make_cfg, ids_of, tokenizers):
     assert not any(s.by_file for s in sources)
     per_stream = [ids_of(text for _, text in s.documents(0, None)) for s in sources]
     assert sorted(i for ids in per_stream for i in ids) == list(range(300))
+
+
+def test_validation_keeps_the_balanced_record_level_split(make_cfg):
+    cfg = make_cfg(validation_fraction=0.2)
+    spec = resolve_source(cfg.source, cfg, "validation", held_out=True)
+    assert not spec.open(stream=0, num_streams=2, seed=0, shuffle=False).by_file
