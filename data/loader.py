@@ -238,7 +238,7 @@ class DataPipeline:
         layout = replace(self.layout, virtual_streams=V)
         layout.check()
         rank = self.dataset.plan.rank
-        if state["layout"] == _layout_dict(layout, rank) and layout == saved:
+        if state["layout"] == _layout_dict(layout, rank):  # this rank, same layout: continue exactly
             start = Start(position=state["start"], index=state["delivered"], streams=state["streams"])
         else:
             position = position_of(state)
