@@ -3,10 +3,13 @@ next to the tokens/s the tiny models consume, and the time to resume at an early
 
 The data path must never be the bottleneck, and resuming must not replay: resume time should not grow
 with the position. Shapes are those of configs/gpt-tiny.yaml (builtin corpus, vocab 4096, seq_len 128,
-micro-batch 16) unless changed.
+micro-batch 16) unless changed. Also the bytes each of S streams really reads (the kernel's count,
+/proc/self/io rchar) for one epoch of its share, with file-level sharding and with every stream reading
+all files (record-level, what a source with fewer files than streams does).
 
     .venv/bin/python -m bench.data                 # ~2-3 minutes on 2 cores
     .venv/bin/python -m bench.data --quick         # shorter measurements, earlier "late" position
+    .venv/bin/python -m bench.data --bytes-read    # only the bytes-read table (~20 s)
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from bench._common import print_table
 from data import DataConfig, build_loader, build_tokenizer
 from data.prepare import prepare_shards
+from data.sources import resolve_source
 
 FAMILY = {"clm": "gpt", "mlm": "bert", "span": "t5"}
 
@@ -114,7 +118,7 @@ def resume_rows(name: str, cfg: DataConfig, tokenizer, args) -> list[list[str]]:
             times.append(time.perf_counter() - start)
             assert torch.equal(first, expected), "resumed batch differs from the uninterrupted one"
             del resumed
-        epochs = sorted({_epoch(w) for w in _worker_states(state)})
+        epochs = _epochs(state)
         rows.append(
             [
                 name,
@@ -127,15 +131,69 @@ def resume_rows(name: str, cfg: DataConfig, tokenizer, args) -> list[list[str]]:
     return rows
 
 
-def _worker_states(state: dict) -> list[dict]:
-    loader_state = state["loader"]
-    if "_snapshot" in loader_state:
-        return [w["dataset_state"] for w in loader_state["_snapshot"]["_worker_snapshots"].values()]
-    return [loader_state["dataset_state"]]
+def _epochs(state: dict) -> list[int]:
+    """The epoch each virtual stream of a loader state is in."""
+    return sorted({s["state"]["doc"]["epoch"] for s in state["streams"].values() if s["state"]})
 
 
-def _epoch(worker_state: dict) -> int:
-    return worker_state["packer"]["doc"]["epoch"] if worker_state.get("packer") else 0
+def _rchar() -> int:
+    """Bytes this process has read through read() calls so far (Linux)."""
+    with open("/proc/self/io") as fh:
+        return int(next(line for line in fh if line.startswith("rchar:")).split()[1])
+
+
+def bytes_read_rows(source: str, streams_counts: tuple[int, ...]) -> list[list[str]]:
+    """Per stream of S: bytes read for one epoch of its documents, file-level vs every file read."""
+    from data.files import FileSource
+
+    cfg = DataConfig(source=source)
+    spec = resolve_source(source, cfg, "train", held_out=True)
+    corpus = sum(os.path.getsize(f.path) for f in spec.files)
+    rows = []
+    for S in streams_counts:
+        for by_file in (True, False):
+            if by_file and len(spec.files) < S:
+                continue
+            per_stream = []
+            for s in range(S):
+                src = FileSource(
+                    spec.files,
+                    cfg,
+                    split="train",
+                    held_out=spec.held_out,
+                    stream=s,
+                    num_streams=S,
+                    seed=0,
+                    shuffle=True,
+                    unit=spec.unit,
+                    by_file=by_file,
+                )
+                before = _rchar()
+                for _ in src.documents(0, None):
+                    pass
+                per_stream.append(_rchar() - before)
+            mean = statistics.mean(per_stream)
+            rows.append(
+                [
+                    str(S),
+                    "file-level" if by_file else "record-level (every file)",
+                    f"{mean / 1e6:.2f}",
+                    f"{min(per_stream) / 1e6:.2f}-{max(per_stream) / 1e6:.2f}",
+                    f"{corpus / 1e6:.2f}",
+                    f"{mean / corpus:.3f}",
+                    f"{sum(per_stream) / corpus:.2f}",
+                ]
+            )
+    return rows
+
+
+def print_bytes_read(source: str = "builtin") -> None:
+    rows = bytes_read_rows(source, (1, 4, 16))
+    print(f"\nbytes read per stream for one epoch of its share ({source}; /proc/self/io rchar)")
+    print_table(
+        ["S", "sharding", "MB/stream", "min-max", "corpus MB", "per stream / corpus", "all streams / corpus"],
+        rows,
+    )
 
 
 def main() -> None:
@@ -146,7 +204,11 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=4096)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--bytes-read", action="store_true", help="only the bytes-read-per-stream table")
     args = parser.parse_args()
+    if args.bytes_read:
+        print_bytes_read()
+        return
     args.seconds = 2.0 if args.quick else 6.0
     args.late = 400 if args.quick else 2500  # 2500 x 2048 tokens: past one epoch of the builtin corpus
 
@@ -188,6 +250,7 @@ def main() -> None:
         resume = resume_rows("streaming builtin", make_cfg("builtin", 2, args), tokenizers["clm"], args)
         resume += resume_rows("prepared shards", make_cfg(shards, 2, args), tokenizers["clm"], args)
         print_table(["source (2 workers)", "position", "state", "resume s", "replay s (reaching it)"], resume)
+    print_bytes_read()
 
 
 if __name__ == "__main__":

@@ -52,6 +52,25 @@ class DataConfig:
     mlm_probability: float = _doc("MLM (BERT): share of tokens masked", 0.15)
     noise_density: float = _doc("span corruption (T5): share of tokens corrupted", 0.15)
     mean_noise_span_length: float = _doc("span corruption (T5): mean corrupted span length", 3.0)
+    virtual_streams: int | None = field(
+        default=None,
+        metadata={
+            "doc": "virtual data streams V: the data order depends on V alone, not on the number of "
+            "processes or loader workers, so a run resumes at another world size with the same data. "
+            "None: world x grad_accum x num_workers of the first run (any world size dividing the global "
+            "batch then resumes with the same num_workers); a checkpoint's V is kept on resume. Each must be "
+            "a multiple of world x grad_accum x num_workers / gcd(grad_accum, num_workers)."
+        },
+    )
+    allow_changed: bool = field(
+        default=False,
+        metadata={
+            "doc": "resume even if the data changed since the checkpoint (files added, removed or "
+            "rewritten; another prepared index or hf: dataset), with a warning instead of an error. Saved "
+            "positions are kept as they are, so the rest of the current epoch may repeat or skip documents "
+            "(data/fingerprint.py)."
+        },
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.source, list):
@@ -69,6 +88,8 @@ class DataConfig:
         _check_int("num_workers", self.num_workers, 0)
         _check_int("prefetch_factor", self.prefetch_factor, 1)
         _check_int("shuffle_buffer", self.shuffle_buffer, 1)
+        if self.virtual_streams is not None:
+            _check_int("virtual_streams", self.virtual_streams, 1)
         if self.text_unit not in TEXT_UNITS:
             raise ValueError(f"data.text_unit: {self.text_unit!r} is not one of {', '.join(TEXT_UNITS)}")
         for name in ("validation_fraction", "mlm_probability", "noise_density"):

@@ -1,8 +1,10 @@
 """Local files: .txt/.md/.py, .jsonl/.json, .parquet, plain or .gz/.zst; the builtin corpus is files too.
 
-Every stream reads the files in the epoch's order but decodes only the records it owns. Cursors are byte
-offsets in plain files (seek) and record numbers in compressed and parquet files (row groups skipped),
-so re-reading a shuffle block costs at most one file's decompression, never a replay of the run.
+With at least as many files as streams, each train stream opens only its own files (file-level sharding: the
+files at positions s, s + S, s + 2S ... of the epoch's order), so it reads ~1/S of the bytes; with fewer,
+every stream reads the files in the epoch's order but decodes only the records it owns (g % S == s).
+Cursors are byte offsets in plain files (seek) and record numbers in compressed and parquet files (row
+groups skipped), so re-reading a shuffle block costs at most one file's decompression, never a replay.
 """
 
 from __future__ import annotations
@@ -173,8 +175,16 @@ def parse_record(raw: Any, f: SourceFile, field: str, max_bytes: int) -> tuple[s
     return raw, ""
 
 
+def shard_by_file(num_files: int, num_streams: int, split: str) -> bool:
+    """Whether each stream owns whole files (every stream gets at least one) rather than every S-th record.
+
+    Train only: validation is one pass over a small share of the records, and whole files could leave a
+    rank without any (every rank must evaluate), so it keeps the balanced record-level split."""
+    return split == "train" and num_files >= num_streams
+
+
 class FileSource:
-    """Documents from local files; every stream reads the files but decodes only the records it owns."""
+    """Documents from local files: a stream's own files (by_file), or its own records of every file."""
 
     def __init__(
         self,
@@ -188,10 +198,14 @@ class FileSource:
         seed: int,
         shuffle: bool,
         unit: str,
+        by_file: bool,
     ) -> None:
         self.files, self.split, self.held_out, self.unit = files, split, held_out, unit
         self.field, self.max_bytes = cfg.text_field, cfg.max_record_bytes
         self.stream, self.num_streams, self.seed, self.shuffle = stream, num_streams, seed, shuffle
+        self.by_file = by_file
+        # a stream's own files change from epoch to epoch (so one epoch of them may hold no train record)
+        self.epochs_differ = by_file and shuffle and num_streams > 1
         self.skips = SkipLog()
 
     def _wanted(self, f: SourceFile, record: int) -> bool:
@@ -201,13 +215,15 @@ class FileSource:
 
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, Document]]:
         order = epoch_order(len(self.files), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
-        c = cursor or {"file": 0, "pos": 0, "rec": 0, "g": 0}
+        S, s = self.num_streams, self.stream
+        first, step = (s, S) if self.by_file else (0, 1)
+        c = cursor or {"file": first, "pos": 0, "rec": 0, "g": 0}
         pos, rec, g = c["pos"], c["rec"], c["g"]
-        for fi in range(c["file"], len(order)):
+        for fi in range(c["file"], len(order), step):
             f = self.files[order[fi]]
             try:
                 if os.path.getsize(f.path) == 0:
-                    if pos == 0 and g % self.num_streams == self.stream:
+                    if pos == 0 and (self.by_file or g % S == s):
                         self.skips.add("empty_file", f.path, 0)
                     continue
                 for after, raw in _raw_records(f, self.unit, self.field, pos, rec):
@@ -215,7 +231,7 @@ class FileSource:
                     if not self._wanted(f, record):
                         continue
                     g += 1
-                    if (g - 1) % self.num_streams != self.stream:
+                    if not self.by_file and (g - 1) % S != s:
                         continue
                     text, kind = parse_record(raw, f, self.field, self.max_bytes)
                     if text is None:
@@ -249,6 +265,7 @@ class FilesSpec:
             seed=seed,
             shuffle=shuffle,
             unit=self.unit,
+            by_file=shard_by_file(len(self.files), num_streams, self.split),
         )
 
     def sample_texts(self, max_chars: int) -> Iterator[str]:

@@ -1,28 +1,38 @@
-"""The resumable loader: sources -> per-(rank, worker) document streams -> packing -> objective -> batches.
+"""The resumable loader: sources -> virtual streams -> packing -> objective -> micro-batches, dealt to workers.
 
-Each loader worker of each rank is one stream (stream = rank * workers + worker). torchdata's
-StatefulDataLoader keeps which worker delivers next and each worker's pipeline state as of its last
-delivered batch; our part of that state is a few integers and cursors (no tokens, no RNG state), so
-`state_dict()` is small, JSON-serialisable, and loading it costs one shuffle block of reading.
+The data is `Layout.virtual_streams` virtual streams (see data/layout.py): each a deterministic sequence
+of micro-batches over its own documents, with every random choice seeded by (seed, virtual stream,
+position). Each rank's loader workers serve disjoint sets of them, in the order the layout fixes, and
+every micro-batch travels with its virtual stream's state after it, so the rank's `state_dict()` is,
+per virtual stream, where its next micro-batch starts: a few integers and cursors (no tokens, no RNG
+state), small, JSON-serialisable, loaded by re-reading one shuffle block, and loadable at another world
+size, grad_accum or worker count once every rank's state is merged (`data.merge_states`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
 import torch
-from torch.utils.data import IterableDataset, get_worker_info
-from torchdata.stateful_dataloader import StatefulDataLoader
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerFast
 
 from data.config import DataConfig
 from data.errors import DataError
+from data.layout import (
+    STATE_VERSION,
+    Layout,
+    check_streams,
+    default_virtual_streams,
+    layout_of,
+    min_virtual_streams,
+    position_of,
+)
 from data.objectives import CausalLM, MaskedLM, SpanCorruption
 from data.packing import Packer
 from data.records import SourceSpec
@@ -34,137 +44,222 @@ from data.tokenizer import SENTINELS, Encoder, fingerprint
 Objective = CausalLM | MaskedLM | SpanCorruption
 OBJECTIVES = ("clm", "mlm", "span")
 SPLITS = ("train", "validation")
-STATE_VERSION = 1
+StreamState = dict[str, Any]  # {"batches": micro-batches delivered, "state": the packer's state or None}
 
 
 @dataclass(frozen=True, kw_only=True)
 class Plan:
-    """Everything a worker needs to build its stream (picklable, so workers may be spawned)."""
+    """Everything a worker needs to build its virtual streams (picklable, so workers may be spawned)."""
 
     specs: Sequence[tuple[SourceSpec, float]]
     objective: Objective
     encode: Encoder
     batch_size: int
     rank: int
-    world_size: int
+    layout: Layout
     seed: int
     block: int
     shuffle: bool
     infinite: bool
 
 
-class PipelineDataset(IterableDataset):
-    """One rank's batches; inside a loader worker, that worker's share of them."""
+@dataclass(frozen=True, kw_only=True)
+class Start:
+    """Where a rank's loader starts: global micro-batch `position` of a segment, its own index in it, and
+    the state of each virtual stream it owns."""
 
-    def __init__(self, plan: Plan) -> None:
-        self.plan = plan
-        self._state: dict[str, Any] = {"packer": None}  # as of the last batch yielded
-        self._resume: dict[str, Any] | None = None  # where the next __iter__ starts (None: the beginning)
+    position: int = 0
+    index: int = 0
+    streams: dict[str, StreamState] | None = None  # None: every stream from its beginning
 
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = self._resume = state
+class VirtualStream:
+    """One virtual stream's micro-batches: its documents, packed, turned into samples of the objective."""
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        p = self.plan
-        start, self._resume = self._resume or {"packer": None}, None
-        self._state = start
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stream, streams = p.rank * workers + worker, p.world_size * workers
-        if start.get("streams", streams) != streams or start.get("stream", stream) != stream:
-            raise DataError(
-                f"loader state is for stream {start['stream']} of {start['streams']}, "
-                f"this is stream {stream} of {streams} (world size or num_workers changed)"
-            )
+    def __init__(self, plan: Plan, stream: int, saved: StreamState | None) -> None:
+        self.plan, self.stream = plan, stream
+        self.batches = saved["batches"] if saved else 0
+        V = plan.layout.virtual_streams
 
         def open_docs(state: dict[str, Any] | None) -> DocStream | Mixture:
             parts = [
                 Part(
-                    spec.open(stream=stream, num_streams=streams, seed=p.seed + 7919 * i, shuffle=p.shuffle),
+                    spec.open(stream=stream, num_streams=V, seed=plan.seed + 7919 * i, shuffle=plan.shuffle),
                     spec.name,
                     weight,
-                    p.seed + 7919 * i,
+                    plan.seed + 7919 * i,
                 )
-                for i, (spec, weight) in enumerate(p.specs)
+                for i, (spec, weight) in enumerate(plan.specs)
             ]
             return build_stream(
                 parts,
-                encode=p.encode,
+                encode=plan.encode,
                 stream=stream,
-                block=p.block,
-                shuffle=p.shuffle,
-                infinite=p.infinite,
+                block=plan.block,
+                shuffle=plan.shuffle,
+                infinite=plan.infinite,
                 state=state,
             )
 
-        packer = Packer(
-            open_docs, length=p.objective.chunk_len, sep_id=p.objective.sep_id, state=start["packer"]
+        self.packer = Packer(
+            open_docs,
+            length=plan.objective.chunk_len,
+            sep_id=plan.objective.sep_id,
+            state=saved["state"] if saved else None,
         )
-        while True:
-            # one generator per batch, keyed by position: resuming at a batch boundary re-creates it
-            rng = np.random.default_rng([p.seed, stream, packer.chunks]) if p.objective.random else None
-            samples = []
-            for _ in range(p.batch_size):
-                try:
-                    chunk = packer.next()
-                except StopIteration:
-                    break
-                samples.append(p.objective(chunk, rng))
-            if not samples:
-                return
-            self._state = {"stream": stream, "streams": streams, "packer": packer.state_dict()}
-            yield {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-            if len(samples) < p.batch_size:
-                return
+        self.done = False
+
+    def state_dict(self) -> StreamState:
+        return {"batches": self.batches, "state": self.packer.state_dict()}
+
+    def next_batch(self) -> dict[str, np.ndarray] | None:
+        """The next micro-batch (the last of a finite stream may be smaller); None once it has run out."""
+        p = self.plan
+        # one generator per micro-batch, keyed by position: resuming at a micro-batch re-creates it
+        rng = np.random.default_rng([p.seed, self.stream, self.packer.chunks]) if p.objective.random else None
+        samples = []
+        for _ in range(p.batch_size):
+            try:
+                chunk = self.packer.next()
+            except StopIteration:
+                self.done = True
+                break
+            samples.append(p.objective(chunk, rng))
+        if not samples:
+            return None
+        self.batches += 1
+        return {k: np.stack([s[k] for s in samples]) for k in samples[0]}
+
+
+class PipelineDataset(IterableDataset):
+    """One rank's micro-batches; inside a loader worker, that worker's share of them."""
+
+    def __init__(self, plan: Plan, start: Start) -> None:
+        self.plan, self.start = plan, start
+
+    def __iter__(self) -> Iterator[tuple[int, StreamState, dict[str, np.ndarray]]]:
+        p, start, layout = self.plan, self.start, self.plan.layout
+        info = get_worker_info()
+        worker = info.id if info else 0
+        n = layout.workers
+        saved = start.streams or {}
+        streams = {
+            v: VirtualStream(p, v, saved.get(str(v)))
+            for v in layout.worker_streams(p.rank, worker, start.position, start.index)
+        }
+        index = start.index + worker
+        while not all(s.done for s in streams.values()):
+            stream = streams[layout.stream(p.rank, index, start.position)]
+            index += n
+            if stream.done:
+                continue  # a finite stream ran out: the worker's others go on
+            batch = stream.next_batch()
+            if batch is not None:
+                yield stream.stream, stream.state_dict(), batch
 
 
 class DataPipeline:
-    """What `build_loader` returns: iterate it for batches; `state_dict()` goes into every checkpoint."""
+    """What `build_loader` returns: iterate it for micro-batches; `state_dict()` goes into every checkpoint."""
 
     def __init__(
-        self, dataset: PipelineDataset, *, num_workers: int, prefetch_factor: int, meta: dict[str, Any]
+        self,
+        dataset: PipelineDataset,
+        *,
+        prefetch_factor: int,
+        meta: dict[str, Any],
+        fixed_streams: int | None,
     ) -> None:
-        self.meta = meta
+        self.dataset, self.meta, self._fixed_streams = dataset, meta, fixed_streams
+        num_workers = dataset.plan.layout.num_workers
         if num_workers:
             os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # else every forked worker warns
-        with warnings.catch_warnings():  # torchdata 0.11 calls an API that recent torch deprecates
-            warnings.filterwarnings("ignore", message=".*set_vital.*")
-            self._loader = StatefulDataLoader(
-                dataset,
-                batch_size=None,
-                num_workers=num_workers,
-                prefetch_factor=prefetch_factor if num_workers else None,
-                collate_fn=_as_is,  # arrays cross from workers pickled: much cheaper than shared-memory tensors
-            )
+        self._loader = DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=num_workers,
+            prefetch_factor=prefetch_factor if num_workers else None,
+            collate_fn=_as_is,  # arrays cross from workers pickled: much cheaper than shared-memory tensors
+        )
+        self._restart()
+
+    @property
+    def layout(self) -> Layout:
+        return self.dataset.plan.layout
+
+    def _restart(self) -> None:
+        plan, start = self.dataset.plan, self.dataset.start
+        owned = self.layout.rank_streams(plan.rank, start.position)
+        fresh: StreamState = {"batches": 0, "state": None}
+        self._delivered = start.index
+        self._streams = {str(v): (start.streams or {}).get(str(v), fresh) for v in owned}
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        self._restart()
         try:
-            for batch in self._loader:
+            for stream, state, batch in self._loader:
+                self._streams[str(stream)] = state
+                self._delivered += 1
                 yield {k: torch.from_numpy(v) for k, v in batch.items()}
         except DataError as exc:  # from a worker: torch wraps it with the worker's traceback
             raise DataError(str(exc).strip().rsplit("DataError: ", 1)[-1]) from None
 
     def state_dict(self) -> dict[str, Any]:
-        state = {"version": STATE_VERSION, "meta": self.meta, "loader": self._loader.state_dict()}
+        """This rank's position: the global micro-batch its segment started at, how many it has delivered
+        since, and each of its virtual streams' state after its last delivered micro-batch."""
+        layout = self.layout
+        state = {
+            "version": STATE_VERSION,
+            "meta": self.meta,
+            "virtual_streams": layout.virtual_streams,
+            "layout": _layout_dict(layout, self.dataset.plan.rank),
+            "start": self.dataset.start.position,
+            "delivered": self._delivered,
+            "streams": self._streams,
+        }
         try:
             return json.loads(json.dumps(state))
         except TypeError as exc:
             raise DataError(f"loader state is not JSON-serialisable: {exc}") from None
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise DataError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
+        """Continue from `state`: this rank's own (same layout: exact, even mid-step), or at another layout
+        a state that holds this rank's virtual streams at a step boundary (`data.merge_states` of all)."""
+        saved = layout_of(state)  # checks the version
         changed = {k: (v, self.meta.get(k)) for k, v in state["meta"].items() if self.meta.get(k) != v}
         if changed:
             detail = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in changed.items())
             raise DataError(f"cannot resume the data pipeline exactly, its settings changed ({detail})")
-        self._loader.load_state_dict(state["loader"])
+        V = saved.virtual_streams
+        if self._fixed_streams is not None and self._fixed_streams != V:
+            raise DataError(
+                f"data.virtual_streams: the checkpoint has {V}, this run sets {self._fixed_streams}; "
+                f"the data order depends on it: unset it or set {V}"
+            )
+        layout = replace(self.layout, virtual_streams=V)
+        layout.check()
+        rank = self.dataset.plan.rank
+        if state["layout"] == _layout_dict(layout, rank):  # this rank, same layout: continue exactly
+            start = Start(position=state["start"], index=state["delivered"], streams=state["streams"])
+        else:
+            position = position_of(state)
+            wanted = layout.rank_streams(rank, position)
+            check_streams(state, wanted, position)
+            start = Start(position=position, streams={str(v): state["streams"][str(v)] for v in wanted})
+        self.dataset.plan = replace(self.dataset.plan, layout=layout)
+        self.dataset.start = start
+        self._restart()
 
 
-def _as_is(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def _layout_dict(layout: Layout, rank: int) -> dict[str, int]:
+    return {
+        "world_size": layout.world_size,
+        "grad_accum": layout.grad_accum,
+        "num_workers": layout.num_workers,
+        "rank": rank,
+    }
+
+
+def _as_is(batch: Any) -> Any:
     return batch
 
 
@@ -178,29 +273,40 @@ def build_loader(
     world_size: int,
     seed: int,
     split: Literal["train", "validation"] = "train",
+    grad_accum: int = 1,
 ) -> DataPipeline:
-    """Batches of `objective` for one rank. Train is infinite (epochs reshuffled by seed and epoch);
-    validation is one finite, deterministic pass (its last batch may be smaller)."""
+    """Micro-batches of `objective` for one rank, which draws `grad_accum` of them per optimizer step (the
+    global order depends on it: pass the loop's value). Train is infinite (epochs reshuffled by seed and
+    epoch) over `data.virtual_streams` virtual streams; validation is one finite, deterministic pass (its
+    last batches may be smaller) over one virtual stream per worker."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
     if split not in SPLITS:
         raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size):
+    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size and grad_accum >= 1):
         raise ValueError(
-            f"build_loader: need batch_size >= 1 and 0 <= rank < world_size, got "
-            f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
+            f"build_loader: need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size, got "
+            f"batch_size={batch_size}, grad_accum={grad_accum}, rank={rank}, world_size={world_size}"
         )
     specs = _specs(cfg, split)
     for spec, _ in specs:
         _check_prepared(spec, tokenizer)
     train = split == "train"
+    workers = cfg.num_workers
+    if train:
+        fixed = cfg.virtual_streams
+        V = fixed or default_virtual_streams(world_size, grad_accum, workers)
+    else:  # nothing to resume: one virtual stream per worker, whatever the training layout
+        fixed, grad_accum, V = None, 1, min_virtual_streams(world_size, 1, workers)
+    layout = Layout(world_size=world_size, grad_accum=grad_accum, num_workers=workers, virtual_streams=V)
+    layout.check()
     plan = Plan(
         specs=specs,
         objective=make_objective(objective, cfg, tokenizer),
         encode=Encoder(tokenizer),
         batch_size=batch_size,
         rank=rank,
-        world_size=world_size,
+        layout=layout,
         seed=seed,
         block=cfg.shuffle_buffer,
         shuffle=cfg.shuffle and train,
@@ -211,15 +317,13 @@ def build_loader(
         "split": split,
         "seq_len": cfg.seq_len,
         "batch_size": batch_size,
-        "rank": rank,
-        "world_size": world_size,
-        "num_workers": cfg.num_workers,
         "seed": seed,
         "sources": [[spec.name, weight] for spec, weight in specs],
+        "shuffle": cfg.shuffle,
         "shuffle_buffer": cfg.shuffle_buffer,
     }
     return DataPipeline(
-        PipelineDataset(plan), num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, meta=meta
+        PipelineDataset(plan, Start()), prefetch_factor=cfg.prefetch_factor, meta=meta, fixed_streams=fixed
     )
 
 

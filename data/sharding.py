@@ -20,6 +20,9 @@ Encode = Callable[[str], np.ndarray]
 MAX_BLOCK_SIZE = (
     32 << 20
 )  # characters (or tokens) per shuffle block: bounds a worker's memory on long documents
+# With file-level sharding a stream's own files can hold no train record in one epoch and some in the next
+# (the file order is reshuffled): that many empty epochs in a row, not one, mean a stream without data.
+MAX_EMPTY_EPOCHS = 64
 State = dict[str, Any]
 
 
@@ -43,6 +46,7 @@ class DocStream:
         self.seed, self.stream, self.block_size = seed, stream, block
         self.shuffle, self.infinite = shuffle, infinite
         s = state or {"epoch": 0, "cursor": None, "block": 0, "taken": 0}
+        self._empty_epochs = 0  # consecutive epochs without a document (only ever > 0 inside next())
         self._epoch, self._cursor, self._block_no = s["epoch"], s["cursor"], s["block"]
         self._load_block()
         self._taken = s["taken"]
@@ -78,14 +82,18 @@ class DocStream:
             self._cursor, self._block_no = self._end, self._block_no + 1
         elif not self.infinite:
             raise StopIteration
-        elif self._block_no == 0 and not self._docs:
-            skips = getattr(self.source, "skips", None)
-            detail = f"; skipped records: {dict(skips.counts)}" if skips and skips.counts else ""
-            raise DataError(
-                f"data.source: {self.name!r} gave stream {self.stream} no usable document in "
-                f"epoch {self._epoch} (fewer documents than ranks x workers, or no text){detail}"
-            )
         else:
+            empty = self._block_no == 0 and not self._docs
+            self._empty_epochs = self._empty_epochs + 1 if empty else 0
+            varies = getattr(self.source, "epochs_differ", False)  # whose documents it gets changes
+            if self._empty_epochs >= (MAX_EMPTY_EPOCHS if varies else 1):
+                skips = getattr(self.source, "skips", None)
+                detail = f"; skipped records: {dict(skips.counts)}" if skips and skips.counts else ""
+                raise DataError(
+                    f"data.source: {self.name!r} gave virtual stream {self.stream} no usable document in "
+                    f"{self._empty_epochs} epoch(s) in a row up to epoch {self._epoch} (fewer documents "
+                    f"than virtual streams, or no text){detail}"
+                )
             self._epoch, self._cursor, self._block_no = self._epoch + 1, None, 0
         self._load_block()
         self._taken = 0

@@ -12,13 +12,15 @@ from typing import Any
 import numpy as np
 
 from data.errors import DataError
+from data.files import shard_by_file
 from data.records import Cursor, Document, epoch_order
 
 PREPARED_INDEX = "index.json"
 
 
 class PreparedSource:
-    """Token shards written by `data.prepare`: random access, so a stream jumps straight to its documents."""
+    """Token shards written by `data.prepare`: random access, so a stream jumps straight to its documents
+    (its own files' documents, or every S-th document, by the same rule as the streamed files)."""
 
     def __init__(
         self, spec: PreparedSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool
@@ -27,6 +29,8 @@ class PreparedSource:
         self.seed, self.shuffle = seed, shuffle
         split = spec.index["splits"][spec.split]
         self.file_docs = np.array([f["docs"] for f in split["files"]], dtype=np.int64)
+        self.by_file = shard_by_file(len(self.file_docs), num_streams, spec.split)
+        self.epochs_differ = self.by_file and shuffle and num_streams > 1
         self.file_start = np.concatenate([[0], np.cumsum(self.file_docs)])
         dtype = np.dtype(spec.index["dtype"])
         self.shards, starts = [], [0]
@@ -49,13 +53,14 @@ class PreparedSource:
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, Document]]:
         order = epoch_order(len(self.file_docs), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
         epoch_start = np.concatenate([[0], np.cumsum(self.file_docs[order])])
-        c = cursor or {"file": 0, "g": 0}
         S, s = self.num_streams, self.stream
-        for fi in range(c["file"], len(order)):
+        by_file = self.by_file  # as the streamed files shard, so the batches are the same
+        c = cursor or {"file": s if by_file else 0, "g": 0}
+        for fi in range(c["file"], len(order), S if by_file else 1):
             g0, g1 = int(epoch_start[fi]), int(epoch_start[fi + 1])
             start = max(c["g"], g0)
-            first = start + (s - start) % S
-            for g in range(first, g1, S):
+            first = start if by_file else start + (s - start) % S
+            for g in range(first, g1, 1 if by_file else S):
                 yield {"file": fi, "g": g + 1}, self.tokens(int(self.file_start[order[fi]]) + g - g0)
 
 

@@ -135,6 +135,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         rank=dist.rank,
         world_size=dist.world_size,
         seed=cfg.train.seed,
+        grad_accum=cfg.train.grad_accum,
     )
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
     guard = DivergenceGuard(cfg.train.max_skips, skips=state.skips)

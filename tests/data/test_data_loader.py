@@ -60,7 +60,7 @@ def test_resume_across_epoch_boundaries_in_process(make_cfg, tokenizers):
     batches = iter(run)
     take(batches, 150)  # > one epoch of the 300-document corpus (~18k tokens, 128 per batch)
     state = json.loads(json.dumps(run.state_dict()))
-    assert state["loader"]["dataset_state"]["packer"]["doc"]["epoch"] >= 1
+    assert state["streams"]["0"]["state"]["doc"]["epoch"] >= 1
     expected = take(batches, 10)
     resumed = loader(make_cfg, tokenizers, "clm", workers=0)
     resumed.load_state_dict(state)
@@ -87,8 +87,8 @@ def test_state_is_small_json_and_settings_are_checked(make_cfg, tokenizers):
     take(batches, 3)
     state = run.state_dict()
     assert json.loads(json.dumps(state)) == state and len(json.dumps(state)) < 4000
-    other = loader(make_cfg, tokenizers, "clm", workers=1)
-    with pytest.raises(DataError, match="num_workers: saved 2, now 1"):
+    other = loader(make_cfg, tokenizers, "clm", workers=1, seq_len=64)
+    with pytest.raises(DataError, match="seq_len: saved 32, now 64"):
         other.load_state_dict(state)
 
 
@@ -168,7 +168,7 @@ def test_resume_reads_one_block_whatever_the_position(make_cfg, tokenizers, monk
         batches = iter(run)
         take(batches, position)
         state = json.loads(json.dumps(run.state_dict()))
-        cost[f"epoch{position}"] = state["loader"]["dataset_state"]["packer"]["doc"]["epoch"]
+        cost[f"epoch{position}"] = state["streams"]["0"]["state"]["doc"]["epoch"]
         expected = take(batches, 1)
         with monkeypatch.context() as patch:
             patch.setattr(FileSource, "documents", counted_documents)

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import os
+from pathlib import Path
+
 import pytest
 
 from data.sharding import DocStream, Mixture
@@ -29,17 +33,19 @@ def epoch_docs(spec, tokenizer, *, stream, streams, seed=3, block=7, shuffle=Tru
             return out
 
 
-@pytest.mark.parametrize(("world", "workers", "block"), [(2, 2, 7), (1, 1, 7), (3, 2, 7), (1, 1, 10)])
-def test_every_document_exactly_once_per_epoch(make_cfg, tokenizers, ids_of, world, workers, block):
+@pytest.mark.parametrize(("streams", "block"), [(4, 7), (1, 7), (6, 7), (1, 10), (5, 3)])
+def test_every_document_exactly_once_per_epoch(make_cfg, tokenizers, ids_of, streams, block):
     spec = resolve_source(make_cfg().source, make_cfg(), "train", held_out=False)
-    streams = world * workers
     per_stream = [
         ids_of(epoch_docs(spec, tokenizers["gpt"], stream=s, streams=streams, block=block))
         for s in range(streams)
     ]
     seen = [i for ids in per_stream for i in ids]
     assert len(seen) == 300 and sorted(seen) == list(range(300))
-    assert max(map(len, per_stream)) - min(map(len, per_stream)) <= 1  # balanced
+    if streams <= 5:  # at least as many files as streams: each stream has whole files (60 documents each)
+        assert all(len(ids) % 60 == 0 and len(ids) == 60 * len({i // 60 for i in ids}) for ids in per_stream)
+    else:  # fewer: every stream takes every S-th record, balanced
+        assert max(map(len, per_stream)) - min(map(len, per_stream)) <= 1
 
 
 def test_shuffle_is_seeded_and_changes_order(make_cfg, tokenizers, ids_of):
@@ -116,3 +122,77 @@ def test_blocks_capped_by_size_still_cover_everything_once(make_cfg, tokenizers,
     spec = resolve_source(make_cfg().source, make_cfg(), "train", held_out=False)
     seen = [i for s in range(2) for i in ids_of(epoch_docs(spec, tokenizers["gpt"], stream=s, streams=2))]
     assert sorted(seen) == list(range(300))
+
+
+class CountingFile(io.RawIOBase):
+    """A raw file that counts the bytes the OS hands over (what buffered reads really fetch)."""
+
+    def __init__(self, path: str, counts: dict[str, int]) -> None:
+        self._raw, self._path, self._counts = io.FileIO(path), path, counts
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._raw.tell()
+
+    def readinto(self, buffer) -> int:
+        n = self._raw.readinto(buffer)
+        self._counts[self._path] = self._counts.get(self._path, 0) + n
+        return n
+
+    def close(self) -> None:
+        self._raw.close()
+        super().close()
+
+
+@pytest.mark.parametrize("streams", [2, 5])
+def test_file_level_sharding_reads_each_file_by_one_stream(
+    make_cfg, tokenizers, ids_of, monkeypatch, streams
+):
+    """At least as many files as streams: a stream opens and reads only its own files, so the streams
+    together read the corpus once (not S times), and every document still comes exactly once."""
+    import data.files
+
+    cfg = make_cfg()
+    spec = resolve_source(cfg.source, cfg, "train", held_out=False)
+    read: list[dict[str, int]] = []
+    monkeypatch.setattr(
+        data.files, "_open_binary", lambda f: io.BufferedReader(CountingFile(f.path, read[-1]))
+    )
+    seen = []
+    for epoch in range(2):
+        for s in range(streams):
+            read.append({})
+            source = spec.open(stream=s, num_streams=streams, seed=3, shuffle=True)
+            assert source.by_file
+            docs = [text for _, text in source.documents(epoch, None)]
+            seen += ids_of(docs)
+            assert all(n == os.path.getsize(p) for p, n in read[-1].items())  # whole files, once
+            assert {i // 60 for i in ids_of(docs)} == {int(Path(p).stem[-1]) for p in read[-1]}
+        files = [p for counts in read[-streams:] for p in counts]
+        assert sorted(files) == sorted(f.path for f in spec.files)  # each file by exactly one stream
+    assert sorted(seen) == sorted(list(range(300)) * 2)
+    corpus = sum(os.path.getsize(f.path) for f in spec.files)
+    assert sum(n for counts in read for n in counts.values()) == 2 * corpus
+
+
+def test_record_level_below_one_file_per_stream(make_cfg, ids_of, tokenizers):
+    cfg = make_cfg()
+    spec = resolve_source(cfg.source, cfg, "train", held_out=False)
+    sources = [spec.open(stream=s, num_streams=6, seed=3, shuffle=True) for s in range(6)]
+    assert not any(s.by_file for s in sources)
+    per_stream = [ids_of(text for _, text in s.documents(0, None)) for s in sources]
+    assert sorted(i for ids in per_stream for i in ids) == list(range(300))
+
+
+def test_validation_keeps_the_balanced_record_level_split(make_cfg):
+    cfg = make_cfg(validation_fraction=0.2)
+    spec = resolve_source(cfg.source, cfg, "validation", held_out=True)
+    assert not spec.open(stream=0, num_streams=2, seed=0, shuffle=False).by_file
