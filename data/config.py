@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+ObjectiveName = Literal["clm", "mlm", "span"]  # causal LM (GPT), masked LM (BERT), span corruption (T5)
+OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)
 TextUnit = Literal["file", "paragraph", "line"]
 TEXT_UNITS = ("file", "paragraph", "line")
 

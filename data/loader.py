@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerFast
 
-from data.config import DataConfig
+from data.config import OBJECTIVES, DataConfig, ObjectiveName
 from data.errors import DataError
 from data.layout import (
     STATE_VERSION,
@@ -42,7 +42,6 @@ from data.sources import resolve_source
 from data.tokenizer import SENTINELS, Encoder, fingerprint
 
 Objective = CausalLM | MaskedLM | SpanCorruption
-OBJECTIVES = ("clm", "mlm", "span")
 SPLITS = ("train", "validation")
 StreamState = dict[str, Any]  # {"batches": micro-batches delivered, "state": the packer's state or None}
 
@@ -266,7 +265,7 @@ def _as_is(batch: Any) -> Any:
 def build_loader(
     cfg: DataConfig,
     *,
-    objective: Literal["clm", "mlm", "span"],
+    objective: ObjectiveName,
     tokenizer: PreTrainedTokenizerFast,
     batch_size: int,
     rank: int,

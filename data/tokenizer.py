@@ -35,7 +35,6 @@ FAMILY_TOKENS: dict[str, dict[str, str]] = {
     },
     "t5": {"pad_token": "<pad>", "eos_token": "</s>", "unk_token": "<unk>"},
 }
-OBJECTIVE_FAMILY = {"clm": "gpt", "mlm": "bert", "span": "t5"}
 
 
 def family_special_tokens(family: str) -> list[str]:

@@ -13,12 +13,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models.config import ATTENTION_BACKENDS
 from models.kernels.bias import RelativeBias
 from models.kernels.chunked import chunked_attention
 from models.kernels.eager import eager_attention
 from models.kernels.sdpa import sdpa_attention
-
-BACKENDS = ("auto", "eager", "sdpa", "chunked")
 
 
 def _chunked(q: Tensor, k: Tensor, v: Tensor, *, dropout_p: float = 0.0, **kwargs) -> Tensor:
@@ -42,7 +41,9 @@ def resolve_backend(
     """The concrete backend `auto` stands for in this call."""
     if backend != "auto":
         if backend not in _KERNELS:
-            raise ValueError(f"unknown attention backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+            raise ValueError(
+                f"unknown attention backend {backend!r}; accepted: {', '.join(ATTENTION_BACKENDS)}"
+            )
         return backend
     fused_ok = window is None and (bias is None or (isinstance(bias, Tensor) and not bias.requires_grad))
     if fused_ok or dropout_p > 0.0:

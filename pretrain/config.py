@@ -28,7 +28,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from data.config import DataConfig
+from data.config import DataConfig, ObjectiveName
 from models.config import PRESETS, ModelConfig
 from pretrain.bundled import bundled_config_names, find_config
 from pretrain.errors import ConfigError
@@ -54,8 +54,7 @@ __all__ = [
     "parse_overrides",
 ]
 
-Objective = Literal["clm", "mlm", "span"]
-FAMILY_OBJECTIVE: dict[str, Objective] = {"gpt": "clm", "bert": "mlm", "t5": "span"}
+FAMILY_OBJECTIVE: dict[str, ObjectiveName] = {"gpt": "clm", "bert": "mlm", "t5": "span"}
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
 EngineBackend = Literal["deepspeed", "ddp", "fsdp"]
@@ -259,7 +258,7 @@ class RunConfig:
 
     model: ModelSection = doc("`preset` (a name from models/config.py) plus any field of its config class")
     data: DataConfig = doc("where text comes from and how it becomes batches", factory=DataConfig)
-    objective: Objective | None = doc(
+    objective: ObjectiveName | None = doc(
         "clm (gpt), mlm (bert) or span (t5): the model family's, so it may be left out", None
     )
     train: TrainConfig = doc("steps, batch, optimizer, precision", factory=TrainConfig)

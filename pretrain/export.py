@@ -98,7 +98,7 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
 def logit_difference(ours: torch.nn.Module, theirs: torch.nn.Module, tokenizer, family: str) -> float:
     """Max |logit| difference on a sample sentence, tokenised by the exported tokenizer."""
     ids = tokenizer(_SAMPLE, return_tensors="pt")["input_ids"]
-    max_len = getattr(ours.config, "max_seq_len", None)
+    max_len = ours.config.max_seq_len
     if max_len:  # learned positions: stay inside the table
         ids = ids[:, :max_len]
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
