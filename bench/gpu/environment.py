@@ -33,7 +33,10 @@ def versions(report: Report) -> None:
         report.row("versions", what="GPU memory GiB", value=round(props.total_memory / 2**30, 1))
         report.row("versions", what="multiprocessors", value=props.multi_processor_count)
         report.row("versions", what="cuDNN", value=torch.backends.cudnn.version())
-        report.row("versions", what="NCCL", value=".".join(map(str, torch.cuda.nccl.version())))
+        nccl = torch.cuda.nccl.version()
+        report.row(
+            "versions", what="NCCL", value=".".join(map(str, nccl)) if isinstance(nccl, tuple) else nccl
+        )
         report.row("versions", what="nvidia-smi", value=_nvidia_smi())
     for name in PACKAGES:
         try:

@@ -147,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         data = record(args.out, stage, outcome, extra)
         summary.append(f"{stage}: {data['status']} in {outcome['seconds']:.0f} s")
         print((args.out / f"{stage}.md").read_text(), flush=True)
+    for leftover in args.out.glob("*.tmp"):  # a stage killed mid-write; only the 8 reports may come back
+        leftover.unlink()
     print("\n".join(["== summary", *summary, f"total {time.monotonic() - started:.0f} s"]), flush=True)
     return 0
 

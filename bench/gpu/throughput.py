@@ -21,8 +21,10 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -107,6 +109,7 @@ class Worker:
             self.meta_model = models.build_from_config(self.config, init=False)
         self.family = self.config.family
         self.speeds: dict[tuple[str, bool], float] = {}
+        self.eager_rows: dict[bool, dict[str, Any]] = {}  # ours, eager, by checkpointing
         self.steps = (1, 2) if dry else (3, 8)
 
     def emit(self, table: str, **cells: Any) -> None:
@@ -245,34 +248,45 @@ class Worker:
         self.emit("steps", **cells, **result, status="ok")
         if not compiled:
             self.speeds[(key, ckpt)] = result["tokens_per_s"]
+            if key == "ours":
+                self.eager_rows[ckpt] = result
         for entry in profile:
             self.emit("profile", model=self.job.preset, who=label, **entry)
 
     def run(self) -> None:
-        mb = self.job.micro_batch
-        plan = [("transformers", False, False), ("ours", False, False), ("ours", False, True),
-                ("transformers", True, False), ("ours", True, False), ("ours", True, True)]  # fmt: skip
-        for who, ckpt, compiled in plan:
-            cells = {
-                "model": self.job.preset,
-                "who": who,
-                "mode": "compile" if compiled else "eager",
-                "ckpt": ckpt,
-            }
-            if compiled and not cuda():
-                self.emit("steps", **cells, status="skipped (dry run: compiling takes minutes on a CPU)")
-                continue
-            if self.left() < (90 if compiled else 20) * (0.1 if self.dry else 1):
-                self.emit("steps", **cells, status="skipped (time budget)")
-                continue
-            self.row(who, ckpt=ckpt, compiled=compiled, micro_batch=mb)
-        if self.job.preset == "gpt2-large" or self.dry and self.family == "gpt":
-            for ckpt in (False, True):
+        """The rows in priority order; each is skipped, and says so, once too little time is left for it.
+        gpt2-large (and gpt-tiny in a dry run) also searches its largest micro-batch, right after the eager
+        rows of each checkpointing setting: larger batches are where its MFU goal can be met."""
+        search = self.job.preset == "gpt2-large" or (self.dry and self.family == "gpt")
+        for ckpt in (False, True):
+            self.steps_row("transformers", ckpt=ckpt, compiled=False)
+            self.steps_row("ours", ckpt=ckpt, compiled=False)
+            if search:
                 self.max_micro_batch(ckpt)
+            self.steps_row("ours", ckpt=ckpt, compiled=True)
+
+    def steps_row(self, who: str, *, ckpt: bool, compiled: bool) -> None:
+        cells = {
+            "model": self.job.preset,
+            "who": who,
+            "mode": "compile" if compiled else "eager",
+            "ckpt": ckpt,
+        }
+        if compiled and not cuda():
+            self.emit("steps", **cells, status="skipped (dry run: compiling takes minutes on a CPU)")
+        elif self.left() < (2 if self.dry else 90 if compiled else 20):
+            self.emit("steps", **cells, status="skipped (time budget)")
+        else:
+            self.row(who, ckpt=ckpt, compiled=compiled, micro_batch=self.job.micro_batch)
 
     def max_micro_batch(self, ckpt: bool) -> None:
         """Double the micro-batch until a step runs out of memory (a dry run stops at 8: no limit on a CPU)."""
         mb, limit = self.job.micro_batch, 8 if self.dry else 1024
+        keep = ("step_ms", "tokens_per_s", "mfu_measured", "peak_gib")
+        if ckpt in self.eager_rows:  # measured already, in the steps table
+            self.emit("max_micro_batch", model=self.job.preset, ckpt=ckpt, micro_batch=mb, fits=True,
+                      **{k: self.eager_rows[ckpt][k] for k in keep})  # fmt: skip
+            mb *= 2
         while mb <= limit:
             cells = {"model": self.job.preset, "ckpt": ckpt, "micro_batch": mb}
             if self.left() < (2 if self.dry else 25):
@@ -286,7 +300,6 @@ class Worker:
                 return
             finally:
                 self.steps = saved
-            keep = ("step_ms", "tokens_per_s", "mfu_measured", "peak_gib")
             self.emit("max_micro_batch", **cells, fits=True, **{k: result[k] for k in keep})
             mb *= 2
 
@@ -326,8 +339,8 @@ def worker_main(argv: list[str]) -> None:
 
 
 def run_model(report: Report, job: ModelJob, seconds: float, ceiling: float | None) -> None:
-    rows_path = report.out_dir / f".throughput-{job.preset}.jsonl"  # a scratch file, removed below
-    rows_path.unlink(missing_ok=True)
+    # A scratch file outside the output folder: only the stages' own 8 files come back from a device call.
+    rows_path = Path(tempfile.mkdtemp(prefix="gpu-bench-throughput-")) / f"{job.preset}.jsonl"
     cmd = [sys.executable, "-m", "bench.gpu.throughput", "--worker", "--job", json.dumps(dataclasses.asdict(job)),
            "--rows", str(rows_path), "--seconds", str(seconds)]  # fmt: skip
     cmd += ["--ceiling", str(ceiling)] if ceiling else []
@@ -344,7 +357,7 @@ def run_model(report: Report, job: ModelJob, seconds: float, ceiling: float | No
     except subprocess.TimeoutExpired:
         status = f"worker killed after {seconds + 20:.0f} s"
     rows = [json.loads(line) for line in rows_path.read_text().splitlines()] if rows_path.is_file() else []
-    rows_path.unlink(missing_ok=True)
+    shutil.rmtree(rows_path.parent, ignore_errors=True)
     for r in rows:
         report.row(r["table"], **r["cells"])
     if status != "ok":
@@ -378,6 +391,13 @@ def goals(report: Report) -> None:
     measured = bool(report.data["tables"]["speedup"]["rows"])
     report.goal(f"ours >= {SPEEDUP_GOAL}x transformers' tokens/s, every family", not missed if measured else None,
                 "; ".join(missed) or ("all met" if measured else "nothing measured"))  # fmt: skip
+    for ckpt in (False, True):
+        fits = [r["micro_batch"] for r in report.data["tables"]["max_micro_batch"]["rows"]
+                if r["ckpt"] == ckpt and r["fits"] is True]  # fmt: skip
+        if fits:
+            report.note(
+                f"largest micro-batch that fitted, {'with' if ckpt else 'without'} checkpointing: {max(fits)}"
+            )
     if not cuda():
         report.goal(f"gpt2-large MFU >= {MFU_GOAL:.0%}", None, "skipped (no CUDA)")
         return
