@@ -151,7 +151,7 @@ def body(report: Report) -> None:
     )
     free = torch.cuda.mem_get_info()[0] if cuda() else math.inf
     measured: dict[tuple, dict] = {}
-    chunked_errors: list[tuple[str, float]] = []
+    chunked_errors: list[tuple[str, float, float]] = []
     for job in jobs(dry):
         cells = {"case": job.case, "L": job.length, "backend": job.label}
         need = quadratic_bytes(job, h)
@@ -175,18 +175,21 @@ def body(report: Report) -> None:
         if ref is not None and ref[1] is not result:
             err = max(rel_err(result[k], ref[1][k]) for k in ref[1])
             if job.backend == "chunked":
-                chunked_errors.append((f"{job.case} L={job.length} {job.label} vs {ref[0]}", err))
+                # float64 is the truth; a fused kernel's bf16 result is itself ~1e-2 off at worst.
+                bound = 1e-2 if ref[0] == "eager float64" else 2e-2
+                chunked_errors.append((f"{job.case} L={job.length} {job.label} vs {ref[0]}", err, bound))
         report.row(
             "attention", **cells, ms=seconds * 1e3, tflops=attention_flops(job, b, h, d) / seconds / 1e12,
             peak_gib=peak, err_vs_ref=err, ref=ref[0] if ref else None, status="ok",
         )  # fmt: skip
         del result
         free_memory()
-    worst = max(chunked_errors, key=lambda x: x[1], default=("none", math.nan))
+    worst = max(chunked_errors, key=lambda x: x[1] / x[2], default=("none", math.nan, 1.0))
     report.goal(
-        "chunked kernel exact at every length (error vs the reference <= 1e-2, bf16 inputs)",
-        all(e <= 1e-2 for _, e in chunked_errors) if chunked_errors else None,
-        f"worst: {worst[0]}: {worst[1]:.2e}",
+        "chunked kernel exact at every length (error <= 1e-2 vs eager in float64, <= 2e-2 vs a fused "
+        "kernel's bf16 result where float64 does not fit)",
+        all(e <= bound for _, e, bound in chunked_errors) if chunked_errors else None,
+        f"worst against its bound: {worst[0]}: {worst[1]:.2e}",
     )
     if not cuda():
         report.note(

@@ -33,27 +33,35 @@ ENGINES: dict[str, list[str]] = {
     "fsdp": ["engine.backend=fsdp"],
 }
 
-# TEMPORARY: delete with `_LEGACY_ENGINE_KEYS` below once the engine-key redesign is merged. Until then
-# this branch's config knows only the older spellings, and `engine_overrides` translates.
+
+def engine_overrides(name: str) -> list[str]:
+    """`pretrain train` overrides selecting engine `name` (a key of ENGINES) in this checkout's config."""
+    return _legacy_engine_keys(ENGINES[name])
+
+
+# TEMPORARY: delete this table and `_legacy_engine_keys` once the engine-key redesign is merged (then
+# `engine_overrides` returns ENGINES[name] as it is). Until then this branch's config knows only the
+# older spellings.
 _LEGACY_ENGINE_KEYS = {
     "engine.backend=ddp": ["engine.backend=accelerate", "engine.accelerate.strategy=ddp"],
     "engine.backend=fsdp": ["engine.backend=accelerate", "engine.accelerate.strategy=fsdp"],
 }
 
 
-def engine_overrides(name: str) -> list[str]:
-    """`pretrain train` overrides selecting engine `name` (a key of ENGINES) in this checkout's config."""
-    overrides = ENGINES[name]
-    from pretrain.config import EngineSection
+def _legacy_engine_keys(overrides: list[str]) -> list[str]:
+    try:
+        from pretrain.config import EngineSection
 
-    if "deepspeed" in EngineSection.model_fields:  # the redesigned keys are there: nothing to translate
+        redesigned = "deepspeed" in EngineSection.model_fields
+    except ImportError:
+        redesigned = True
+    if redesigned:
         return list(overrides)
     out: list[str] = []
     for item in overrides:
-        if item in _LEGACY_ENGINE_KEYS:
-            out += _LEGACY_ENGINE_KEYS[item]
-        else:
-            out.append(item.replace("engine.deepspeed.zero_stage=", "engine.zero_stage="))
+        out += _LEGACY_ENGINE_KEYS.get(
+            item, [item.replace("engine.deepspeed.zero_stage=", "engine.zero_stage=")]
+        )
     return out
 
 
@@ -105,9 +113,9 @@ def _cell(value: Any) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "nan"
-        if value == 0 or 1e-3 <= abs(value) < 1e5:
-            return f"{value:.4g}" if abs(value) < 100 else f"{value:,.0f}"
-        return f"{value:.2e}"
+        if abs(value) >= 100:
+            return f"{value:,.0f}"
+        return f"{value:.4g}" if value == 0 or abs(value) >= 1e-3 else f"{value:.2e}"
     if isinstance(value, int):
         return f"{value:,}" if abs(value) >= 10_000 else str(value)
     return str(value).replace("|", "/").replace("\n", " ")

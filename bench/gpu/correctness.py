@@ -12,12 +12,10 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import json
 import math
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -273,9 +271,8 @@ def _launch(name: str, config: Path, run_root: Path, dry: bool) -> tuple[subproc
     if dry:
         env["OMP_NUM_THREADS"] = "1"  # five processes on a small CPU
     log = open(run_root / f"{name}.log", "w")  # noqa: SIM115 - the child writes it; closed with the process
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
+    # In this stage's process group, so that bench/gpu/run.py's kill at the time limit reaches it too.
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     log.close()
     return proc, run_dir
 
@@ -287,17 +284,46 @@ def _losses(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def engines(report: Report) -> None:
-    dry = report.dry_run
-    run_root = Path(tempfile.mkdtemp(prefix="gpu-bench-engines-"))
+@dataclasses.dataclass
+class EngineRuns:
+    """The `pretrain train` processes of every engine, started together and collected at the end."""
+
+    root: Path
+    config: Path
+    procs: dict[str, tuple[subprocess.Popen, Path]]
+    started: float
+    finished: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def wait(self, deadline: float) -> None:
+        """Until all have exited or `deadline` (monotonic) passes; then kill what still runs."""
+        while len(self.finished) < len(self.procs) and time.monotonic() < deadline:
+            for name, (proc, _) in self.procs.items():
+                if name not in self.finished and proc.poll() is not None:
+                    self.finished[name] = time.monotonic() - self.started
+            time.sleep(0.2)
+        for proc, _ in self.procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+
+
+def start_engines(dry: bool) -> EngineRuns:
+    root = Path(tempfile.mkdtemp(prefix="gpu-bench-engines-"))
+    config = _run_config(root, dry)
+    procs = {name: _launch(name, config, root, dry) for name in ENGINES}
+    return EngineRuns(root=root, config=config, procs=procs, started=time.monotonic())
+
+
+def collect_engines(report: Report, runs: EngineRuns) -> None:
     try:
-        config = _run_config(run_root, dry)
-        _engines(report, config, run_root, dry)
+        runs.wait(report.deadline - 5)
+        _engine_table(report, runs)
     finally:
-        shutil.rmtree(run_root, ignore_errors=True)
+        shutil.rmtree(runs.root, ignore_errors=True)
 
 
-def _engines(report: Report, config: Path, run_root: Path, dry: bool) -> None:
+def _engine_table(report: Report, runs: EngineRuns) -> None:
+    dry = report.dry_run
     report.table(
         "engines",
         ["engine", "overrides", "status", "steps", "first_loss", "last_loss", "max_abs_dloss_vs_zero1",
@@ -305,27 +331,16 @@ def _engines(report: Report, config: Path, run_root: Path, dry: bool) -> None:
         title="pretrain train, world size 1, bf16, same seed"
         + (" (dry run: gpt-tiny, 3 steps)" if dry else " (gpt2-small, vocab 8192, seq 512, micro-batch 16, 20 steps)"),
     )  # fmt: skip
-    started = time.monotonic()
-    procs = {name: _launch(name, config, run_root, dry) for name in ENGINES}
-    deadline = report.deadline - 5
-    for proc, _ in procs.values():
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
-    for proc, _ in procs.values():
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    wall = time.monotonic() - started
-    records = {name: _losses(run_dir) for name, (_, run_dir) in procs.items()}
+    records = {name: _losses(run_dir) for name, (_, run_dir) in runs.procs.items()}
     ref = [r["loss"] for r in records.get("zero1", [])]
     worst_rel = 0.0
     memory_goals = []
-    for name, (proc, _) in procs.items():
+    for name, (proc, _) in runs.procs.items():
         recs = records[name]
         losses = [r["loss"] for r in recs]
         status = "ok" if proc.returncode == 0 else f"exit {proc.returncode}"
         if proc.returncode != 0:
-            tail = (run_root / f"{name}.log").read_text().strip().splitlines()[-3:]
+            tail = (runs.root / f"{name}.log").read_text().strip().splitlines()[-3:]
             status += ": " + " / ".join(tail)[-300:]
         common = min(len(ref), len(losses))
         dl = [abs(a - b) for a, b in zip(losses[:common], ref[:common], strict=True)]
@@ -334,23 +349,26 @@ def _engines(report: Report, config: Path, run_root: Path, dry: bool) -> None:
             worst_rel = max(worst_rel, max(rel))
         speeds = [r["tokens_per_s"] for r in recs[2:]] or [r["tokens_per_s"] for r in recs]
         peak = recs[-1]["memory_gib"] if recs else None
-        planned, source = _memory_plan_gib(config, name) if name in ("zero3", "fsdp") else (None, "")
+        planned, source = _memory_plan_gib(runs.config, name) if name in ("zero3", "fsdp") else (None, "")
         ratio = peak / planned if planned and peak and cuda() else None
         report.row(
             "engines", engine=name, overrides=" ".join(ENGINES[name]), status=status, steps=len(recs),
             first_loss=losses[0] if losses else None, last_loss=losses[-1] if losses else None,
             max_abs_dloss_vs_zero1=max(dl) if dl else None, max_rel_dloss_vs_zero1=max(rel) if rel else None,
             tokens_per_s=sorted(speeds)[len(speeds) // 2] if speeds else None, peak_gib=peak if cuda() else None,
-            planned_gib=planned, measured_over_planned=ratio, wall_s=round(wall, 1),
+            planned_gib=planned, measured_over_planned=ratio, wall_s=runs.finished.get(name),
         )  # fmt: skip
         if ratio:
             memory_goals.append((name, ratio, source))
-    report.note("the engine runs ran side by side: their tokens/s share the device (stage d times steps)")
-    finished = all(p.returncode == 0 for p, _ in procs.values())
+    report.note(
+        "the engine runs ran side by side, and beside this stage's parity and attention checks: their "
+        "tokens/s share the device (stage d times steps alone); wall_s includes start-up and the final save"
+    )
+    finished = all(p.returncode == 0 for p, _ in runs.procs.values())
     report.goal(
         f"every engine trains {ENGINE_STEPS} steps at world size 1 in bf16",
         finished,
-        ", ".join(f"{n}: exit {p.returncode}" for n, (p, _) in procs.items()),
+        ", ".join(f"{n}: exit {p.returncode}" for n, (p, _) in runs.procs.items()),
     )
     report.goal(
         "identical-seed losses agree across engines (each step within 1% of ZeRO-1's)",
@@ -368,9 +386,12 @@ def _engines(report: Report, config: Path, run_root: Path, dry: bool) -> None:
 
 
 def body(report: Report) -> None:
-    parity(report)
-    attention_exactness(report)
-    engines(report)
+    runs = start_engines(report.dry_run)  # they train while this process checks parity and attention
+    try:
+        parity(report)
+        attention_exactness(report)
+    finally:
+        collect_engines(report, runs)
 
 
 if __name__ == "__main__":

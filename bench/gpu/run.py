@@ -41,8 +41,11 @@ def install_wheels(wheel_dir: Path) -> dict:
     cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
            "--no-cache-dir", "--upgrade", "--target", str(SITE), *wheels]  # fmt: skip
     started = time.monotonic()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
-    status = "ok" if proc.returncode == 0 else "failed: " + proc.stderr.strip()[-500:]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        status = "ok" if proc.returncode == 0 else "failed: " + proc.stderr.strip()[-500:]
+    except subprocess.TimeoutExpired:
+        status = "failed: pip install ran over 120 s"
     names = [Path(w).name for w in wheels]
     return {"status": status, "seconds": round(time.monotonic() - started, 1), "wheels": names}
 

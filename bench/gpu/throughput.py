@@ -410,8 +410,13 @@ def goals(report: Report) -> None:
 
 
 def body(report: Report) -> None:
+    titles = {
+        "steps": "training steps, bf16 (tokens/s of micro_batch x seq tokens; MFU as a fraction)",
+        "max_micro_batch": "largest micro-batch: ours, eager, doubled until out of memory",
+        "profile": "top kernels of one profiled step (share: of all kernel time; rank 0: all kernels)",
+    }
     for name, columns in COLUMNS.items():
-        report.table(name, columns)
+        report.table(name, columns, title=titles[name])
     ceiling = load_ceiling(report.out_dir)
     if ceiling is None and cuda():
         report.note("no measured ceiling (environment stage missing): mfu_measured left empty")
