@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -302,12 +303,19 @@ class EngineRuns:
     started: float
     finished: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def watch(self) -> None:
+        """Note each process's wall time as it exits (this process is busy with other checks meanwhile)."""
+        for name, (proc, _) in self.procs.items():
+
+            def note(name: str = name, proc: subprocess.Popen = proc) -> None:
+                proc.wait()
+                self.finished[name] = time.monotonic() - self.started
+
+            threading.Thread(target=note, daemon=True).start()
+
     def wait(self, deadline: float) -> None:
         """Until all have exited or `deadline` (monotonic) passes; then kill what still runs."""
-        while len(self.finished) < len(self.procs) and time.monotonic() < deadline:
-            for name, (proc, _) in self.procs.items():
-                if name not in self.finished and proc.poll() is not None:
-                    self.finished[name] = time.monotonic() - self.started
+        while any(p.poll() is None for p, _ in self.procs.values()) and time.monotonic() < deadline:
             time.sleep(0.2)
         for proc, _ in self.procs.values():
             if proc.poll() is None:
@@ -319,7 +327,9 @@ def start_engines(dry: bool) -> EngineRuns:
     root = Path(tempfile.mkdtemp(prefix="gpu-bench-engines-"))
     config = _run_config(root, dry)
     procs = {name: _launch(name, config, root, dry) for name in ENGINES}
-    return EngineRuns(root=root, config=config, procs=procs, started=time.monotonic())
+    runs = EngineRuns(root=root, config=config, procs=procs, started=time.monotonic())
+    runs.watch()
+    return runs
 
 
 def collect_engines(report: Report, runs: EngineRuns) -> None:
