@@ -35,42 +35,16 @@ ENGINES: dict[str, list[str]] = {
 
 
 def engine_overrides(name: str) -> list[str]:
-    """`pretrain train` overrides selecting engine `name` (a key of ENGINES) in this checkout's config."""
-    return _legacy_engine_keys(ENGINES[name])
-
-
-# TEMPORARY: delete this table and `_legacy_engine_keys` once the engine-key redesign is merged (then
-# `engine_overrides` returns ENGINES[name] as it is). Until then this branch's config knows only the
-# older spellings.
-_LEGACY_ENGINE_KEYS = {
-    "engine.backend=ddp": ["engine.backend=accelerate", "engine.accelerate.strategy=ddp"],
-    "engine.backend=fsdp": ["engine.backend=accelerate", "engine.accelerate.strategy=fsdp"],
-}
-
-
-def _legacy_engine_keys(overrides: list[str]) -> list[str]:
-    try:
-        from pretrain.config import EngineSection
-
-        redesigned = "deepspeed" in EngineSection.model_fields
-    except ImportError:
-        redesigned = True
-    if redesigned:
-        return list(overrides)
-    out: list[str] = []
-    for item in overrides:
-        out += _LEGACY_ENGINE_KEYS.get(
-            item, [item.replace("engine.deepspeed.zero_stage=", "engine.zero_stage=")]
-        )
-    return out
+    """`pretrain train` overrides selecting engine `name` (a key of ENGINES)."""
+    return list(ENGINES[name])
 
 
 def build_our_engine(model: torch.nn.Module, name: str, *, micro_batch: int, precision: str) -> Any:
     """`model` wrapped by engine `name` as `pretrain train` wraps it, for timing steps in this process.
 
     The engine is made from a run config (ENGINES' overrides on a minimal YAML) through the config's own
-    `engine_spec()` / `optimizer_spec()`, so it follows whatever the config layer maps the keys to. The
-    config's preset only satisfies the schema: the engine wraps `model` as given.
+    `engine_spec`, so it follows whatever the config layer maps the keys to. The config's preset only
+    satisfies the schema: the engine wraps `model` as given.
     """
     import tempfile
 
@@ -83,7 +57,7 @@ def build_our_engine(model: torch.nn.Module, name: str, *, micro_batch: int, pre
         overrides = [f"train.micro_batch_size={micro_batch}", f"train.precision={precision}", "train.lr=1e-4"]
         overrides += ["train.max_steps=100000", "wandb.mode=disabled", f"run.dir={tmp}/run"]
         cfg = load_config(path, overrides + engine_overrides(name))
-    return build_engine(cfg.engine_spec(), model, cfg.optimizer_spec(), init_distributed())
+    return build_engine(cfg.engine_spec, model, init_distributed())
 
 
 def stage_env() -> dict[str, str]:

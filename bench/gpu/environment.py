@@ -17,7 +17,7 @@ from bench.gpu.common import Report, cuda, median, run_stage, time_calls
 
 PACKAGES = (
     "deepspeed", "accelerate", "transformers", "tokenizers", "safetensors", "pydantic", "pydantic-core",
-    "torchdata", "datasets", "zstandard", "triton", "numpy", "wandb",
+    "datasets", "zstandard", "triton", "numpy", "wandb",
 )  # fmt: skip
 
 

@@ -4,9 +4,9 @@ call brings back). The whole call stays under `--budget-s` (at most 8 minutes): 
 share is killed and recorded as cut short, with whatever rows it had written; a stage that fails records
 its error and the next one runs.
 
-    python3 bench/gpu/run.py                       # on the GPU machine: wheels from .whl/, output to $OUT
-    python bench/gpu/run.py --dry-run --out out/gpu  # CPU: every stage at toy size, CUDA-only parts skipped
-    python3 bench/gpu/run.py --stages throughput --budget-s 240   # a rerun of one stage
+    python3 -m bench.gpu.run                       # on the GPU machine: wheels from .whl/, output to $OUT
+    python -m bench.gpu.run --dry-run --out out/gpu  # CPU: every stage at toy size, CUDA-only parts skipped
+    python3 -m bench.gpu.run --stages throughput --budget-s 240   # a rerun of one stage
 
 Stages: environment (versions, matmul and copy ceilings), correctness (parity with transformers, chunked
 vs SDPA in bf16, 20 steps per engine), attention (chunked vs SDPA vs eager at 4k-64k), throughput (ours vs
@@ -84,7 +84,6 @@ def run_stage(
 
 def record(out: Path, stage: str, outcome: dict, extra: dict | None = None) -> dict:
     """The stage's JSON with how its process ended (its own, or a stub when it wrote none); rewritten."""
-    sys.path.insert(0, str(ROOT))
     from bench.gpu.common import write_report  # stdlib + torch: imported only after the stage ran
 
     path = out / f"{stage}.json"

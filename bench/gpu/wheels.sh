@@ -19,7 +19,7 @@ LIMIT_MIB=${LIMIT_MIB:-64}
 DEEPSPEED=0.19.8
 BINARY=(
   "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types==0.8.0" "typing-inspection==0.4.5"
-  "torchdata==0.11.0" "zstandard==0.25.0" "hjson==3.1.0"
+  "zstandard==0.25.0" "hjson==3.1.0"
   "datasets==5.2.0" "dill==0.4.1" "multiprocess==0.70.19"
   "typing-extensions==4.16.0"  # pydantic needs >= 4.16; the image's version is not on record
 )

@@ -4,14 +4,13 @@ its JSON and Markdown, with numbers that say the code computed what it should (C
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.common import REPO, subprocess_env
+
 STAGES = ("environment", "correctness", "attention", "throughput")
 
 pytestmark = pytest.mark.slow
@@ -20,9 +19,9 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict]:
     out = tmp_path_factory.mktemp("gpu-dry-run")
-    env = dict(os.environ, PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    env = subprocess_env(WANDB_MODE="disabled")
     proc = subprocess.run(
-        [sys.executable, "bench/gpu/run.py", "--dry-run", "--out", str(out)],
+        [sys.executable, "-m", "bench.gpu.run", "--dry-run", "--out", str(out)],
         cwd=REPO,
         env=env,
         capture_output=True,
