@@ -11,13 +11,14 @@ import shlex
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import NoReturn
 
 from launch.external import AccelerateLaunch, DeepSpeedLaunch
 from launch.job import LaunchError, TrainJob, parse_endpoint
 from launch.slurm import SlurmJob, submit
 from launch.torchrun import SIGNAL_ENV, Torchrun, check_nnodes
 from pretrain.bundled import package_version
+from pretrain.cli import add_command
 
 EXIT_USAGE = 2
 
@@ -57,17 +58,6 @@ def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
 positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
-def _command(commands: Any, name: str, job: argparse.ArgumentParser, help: str, example: str) -> Any:
-    return commands.add_parser(
-        name,
-        parents=[job],
-        help=help,
-        description=help,
-        epilog=f"example:\n  {example}",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-
-
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launch", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -88,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
         help="overrides of the run config (dotted keys, YAML values), e.g. train.max_steps=100",
     )  # fmt: skip
 
-    local = _command(
+    local = add_command(
         commands,
         "local",
         job,
@@ -102,7 +92,7 @@ def _parser() -> argparse.ArgumentParser:
         "--max-restarts", type=non_negative, default=0, help="restart the group after a failure"
     )
 
-    multi = _command(
+    multi = add_command(
         commands,
         "torchrun",
         job,
@@ -116,7 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     multi.add_argument("--rdzv-id", default="pretrain", help="job id shared by all nodes (default: pretrain)")
     multi.add_argument("--max-restarts", type=non_negative, default=0)
 
-    slurm = _command(
+    slurm = add_command(
         commands, "slurm", job, "write an sbatch script into the run dir and submit it",
         "launch slurm --nodes 2 --gpus-per-node 8 --time 24:00:00 configs/gpt2-small.yaml",
     )  # fmt: skip
@@ -145,7 +135,7 @@ def _parser() -> argparse.ArgumentParser:
         help="extra #SBATCH line (repeatable)",
     )
 
-    ds = _command(
+    ds = add_command(
         commands,
         "deepspeed",
         job,
@@ -168,7 +158,7 @@ def _parser() -> argparse.ArgumentParser:
         "--launcher", default="pdsh", choices=["pdsh", "openmpi", "mvapich", "slurm", "mpich", "impi"]
     )
 
-    acc = _command(
+    acc = add_command(
         commands,
         "accelerate",
         job,

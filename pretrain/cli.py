@@ -57,12 +57,23 @@ _OVERRIDES_HELP = (
 )
 
 
-def _command(commands: Any, name: str, common: argparse.ArgumentParser, help: str, example: str) -> Any:
-    return commands.add_parser(
+_CONFIG_COMMANDS = (  # (name, what it does, an example): the subcommands that take CONFIG [overrides]
+    ("train", "train (or resume) the run a config describes",
+     "pretrain train gpt-tiny.yaml train.max_steps=200 run.dir=runs/first"),
+    ("check", "validate a run config (what `launch` does before starting workers)",
+     "pretrain check configs/gpt2-small.yaml engine.backend=fsdp"),
+    ("config", "print the resolved config: every key with its value, doc and default",
+     "pretrain config gpt-tiny.yaml train.lr=1e-3"),
+)  # fmt: skip
+
+
+def add_command(subparsers: Any, name: str, parent: argparse.ArgumentParser, what: str, example: str) -> Any:
+    """A subcommand whose --help says what it does and ends with an example (shared with `launch`)."""
+    return subparsers.add_parser(
         name,
-        parents=[common],
-        help=help,
-        description=help,
+        parents=[parent],
+        help=what,
+        description=what,
         epilog=f"example:\n  {example}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -88,22 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    train = _command(
-        commands, "train", common, "train (or resume) the run a config describes",
-        "pretrain train gpt-tiny.yaml train.max_steps=200 run.dir=runs/first",
-    )  # fmt: skip
-    _with_config(train)
-    check = _command(
-        commands, "check", common, "validate a run config (what `launch` does before starting workers)",
-        "pretrain check configs/gpt2-small.yaml engine.backend=fsdp",
-    )  # fmt: skip
-    _with_config(check)
-    config = _command(
-        commands, "config", common, "print the resolved config: every key with its value, doc and default",
-        "pretrain config gpt-tiny.yaml train.lr=1e-3",
-    )  # fmt: skip
-    _with_config(config)
-    export = _command(
+    for name, what, example in _CONFIG_COMMANDS:
+        _with_config(add_command(commands, name, common, what, example))
+    export = add_command(
         commands, "export", common, "write a transformers directory from a checkpoint",
         "pretrain export runs/gpt-tiny out/gpt-tiny-hf --step 200",
     )  # fmt: skip
@@ -111,11 +109,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path, help="the transformers directory to write")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
-    data = _command(
+    data = add_command(
         commands, "data", common, "data tools", "pretrain data prepare gpt-tiny.yaml prepared/gpt-tiny"
     )
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    prepare = _command(
+    prepare = add_command(
         data_commands, "prepare", common, "pre-tokenise the corpus into shards",
         "pretrain data prepare gpt-tiny.yaml prepared/gpt-tiny data.source='corpus/*.jsonl'",
     )  # fmt: skip
@@ -123,7 +121,7 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("out_dir", type=Path, help="where the shards go (then: data.source=OUT_DIR)")
     prepare.add_argument("overrides", nargs="*", metavar="key.path=value", help=_OVERRIDES_HELP)
 
-    plot = _command(
+    plot = add_command(
         commands, "plot", common, "draw loss / lr / throughput curves to a PNG", "pretrain plot runs/gpt-tiny"
     )
     plot.add_argument("run_dir", type=Path, help="the run.dir of a training run")
