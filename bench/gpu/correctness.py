@@ -255,7 +255,8 @@ def _memory_plan_gib(config: Path, engine: str) -> tuple[float | None, str]:
     from pretrain.config import load_config
 
     cfg = load_config(config, [])
-    model_cfg = models.get_config(cfg.model.preset, **cfg.model.overrides(), vocab_size=cfg.data.vocab_size)
+    # the vocabulary a run trains its tokenizer to (the run fills it from the tokenizer at start)
+    model_cfg = dataclasses.replace(cfg.model.config, vocab_size=cfg.data.vocab_size)
     with torch.device("meta"):
         n = models.build_from_config(model_cfg, init=False).num_parameters()
     state_bytes = {"zero1": 20, "zero2": 20, "zero3": 20, "fsdp": 16, "ddp": 18}[engine]
