@@ -32,6 +32,11 @@ class CheckpointError(UserError):
         super().__init__(message)
 
 
+class LaunchEnvironmentError(UserError):
+    """The environment a launcher gave this process is unusable (ranks, addresses, a launcher that started
+    the processes unconnected); met by the process that reads it, so not agreed."""
+
+
 class DivergenceError(UserError):
     """Too many steps had a non-finite loss or gradient; the last checkpoint on disk is still a good one."""
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from pretrain.config import EngineSpec
 from pretrain.engines.dist import DistInfo, ensure_process_group
 from pretrain.engines.native import NativeEngine
+from pretrain.errors import LaunchEnvironmentError
 
 _MIXED_PRECISION = {"fp32": "no", "bf16": "bf16"}
 
@@ -28,7 +29,7 @@ class DDPEngine(NativeEngine):
             kwargs_handlers=[InitProcessGroupKwargs(backend="gloo" if on_cpu else "nccl")],
         )
         if self._accelerator.num_processes != dist.world_size:
-            raise RuntimeError(
+            raise LaunchEnvironmentError(
                 f"Accelerate sees {self._accelerator.num_processes} process(es) but the job has "
                 f"{dist.world_size}: the processes would train unsynchronised (see docs/CLUSTER.md)"
             )

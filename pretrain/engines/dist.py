@@ -16,6 +16,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from pretrain.errors import LaunchEnvironmentError
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistInfo:
@@ -49,7 +51,7 @@ def _int_env(name: str) -> int | None:
     try:
         return int(value)
     except ValueError:
-        raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
+        raise LaunchEnvironmentError(f"environment variable {name}={value!r} is not an integer") from None
 
 
 def _launch_env() -> _LaunchEnv | None:
@@ -67,7 +69,7 @@ def _launch_env() -> _LaunchEnv | None:
     addr = os.environ.get("MASTER_ADDR")
     port = _int_env("MASTER_PORT")
     if not addr or port is None:
-        raise ValueError(
+        raise LaunchEnvironmentError(
             f"rank {rank} of {world_size}: MASTER_ADDR and MASTER_PORT must be set "
             "(torchrun sets them; under srun export them in the batch script)"
         )

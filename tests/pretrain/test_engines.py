@@ -14,7 +14,7 @@ from pretrain.config import DeepSpeedConfig, OptimizerConfig, TrainConfig
 from pretrain.engines import any_rank, barrier, init_distributed
 from pretrain.engines.ds_config import default_config_path, fill_device_fields, resolve_config
 from pretrain.engines.optim import build_optimizer, build_scheduler, lr_factor, param_groups
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, LaunchEnvironmentError
 from tests.pretrain import engines_worker as worker
 
 CONFIG_DIR = default_config_path(DeepSpeedConfig()).parent
@@ -163,7 +163,7 @@ def test_launcher_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SLURM_PROCID", "3")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
-    with pytest.raises(ValueError, match="rank 3 of 8: MASTER_ADDR and MASTER_PORT must be set"):
+    with pytest.raises(LaunchEnvironmentError, match="rank 3 of 8: MASTER_ADDR and MASTER_PORT must be set"):
         _launch_env()
     monkeypatch.setenv("MASTER_ADDR", "node1")
     monkeypatch.setenv("MASTER_PORT", "29400")
