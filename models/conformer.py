@@ -74,6 +74,20 @@ class RelPositionAttention(SelfAttention):
         return self._attend(q + self.pos_bias_u[:, None], k, v, key_padding_mask=key_padding_mask, bias=bias)
 
 
+class RecomputeSafeBatchNorm(nn.BatchNorm1d):
+    """BatchNorm whose running statistics move once per step under activation checkpointing too.
+
+    The recomputation in backward runs inside the autograd engine (a graph task is current); there it
+    normalises with the batch's statistics as the first pass did, but leaves the running ones alone.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.training and self.track_running_stats and torch._C._current_graph_task_id() != -1:
+            mean, var = self.running_mean.clone(), self.running_var.clone()  # updated, then dropped
+            return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum or 0.0, self.eps)
+        return super().forward(x)
+
+
 class ConvolutionModule(nn.Module):
     """LayerNorm -> pointwise conv to 2C -> GLU -> depthwise conv -> BatchNorm -> activation -> pointwise conv."""
 
@@ -85,7 +99,7 @@ class ConvolutionModule(nn.Module):
         self.depthwise = nn.Conv1d(
             d_model, d_model, kernel, padding=(kernel - 1) // 2, groups=d_model, bias=False
         )
-        self.batch_norm = nn.BatchNorm1d(d_model)
+        self.batch_norm = RecomputeSafeBatchNorm(d_model)
         self.pointwise_out = nn.Conv1d(d_model, d_model, kernel_size=1, bias=False)
         self.drop = nn.Dropout(dropout)
 
