@@ -15,16 +15,20 @@ from data.sources import check_sources
 
 if TYPE_CHECKING:
     from data.loader import DataPipeline, build_loader
+    from data.media_loader import MediaOptions, build_media_loader
     from data.tokenizer import build_tokenizer
 
 _LAZY = {"DataPipeline": "data.loader", "build_loader": "data.loader", "build_tokenizer": "data.tokenizer"}
+_LAZY.update(MediaOptions="data.media_loader", build_media_loader="data.media_loader")
 
 __all__ = [
     "DataConfig",
     "DataError",
     "DataPipeline",
+    "MediaOptions",
     "MixtureComponent",
     "build_loader",
+    "build_media_loader",
     "build_tokenizer",
     "check_sources",
 ]
