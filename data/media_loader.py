@@ -1,28 +1,27 @@
-"""The resumable loader for images and audio: media sources -> per-(rank, worker) record streams -> decode,
-augment and mask, seeded per sample -> batches.
+"""The resumable loader for images and audio: media sources -> virtual streams -> decode, augment and mask,
+seeded per sample -> micro-batches.
 
-It shares text's machinery (data/loader.py, data/sharding.py): streams = ranks x loader workers, the
-g % S sharding rule, seeded shuffle blocks, mixtures, torchdata's StatefulDataLoader and `DataPipeline`'s
-versioned, settings-checked state. There is no tokenizer and no packing: one record is one sample, and a
-worker's state is its record stream's cursor plus how many samples it has made (which seeds the next one).
+It is text's loader (data/loader.py `build_pipeline`) with another objective: the same virtual streams and
+their layout over ranks and workers (data/layout.py), sharding rule, seeded shuffle blocks, mixtures,
+per-virtual-stream state, `merge_states` / `plan_resume` for another world size, and settings-checked
+resume. There is no tokenizer and no packing: one record is one sample (`data.packing.Unpacked`), and a
+virtual stream's state is its record stream's cursor plus how many samples it has made, which seeds the
+next one's crop, flip and mask.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
-from torch.utils.data import IterableDataset, get_worker_info
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.loader import SPLITS, DataPipeline
+from data.loader import SPLITS, DataPipeline, build_pipeline
 from data.media import MediaRecord, Modality, decode_audio, decode_image, resolve_media_source
 from data.media_objectives import BestRQ, ImageAugment, ImageModel, SpeechModel, mae_noise, simmim_mask
 from data.records import SourceSpec
-from data.sharding import Part, build_stream
 
 MediaObjective = Literal["mae", "simmim", "bestrq"]
 MODALITY: dict[str, Modality] = {"mae": "image", "simmim": "image", "bestrq": "audio"}
@@ -49,13 +48,18 @@ class MediaOptions:
 
 @dataclass(frozen=True, kw_only=True)
 class MediaSampler:
-    """One record -> one sample of the objective (picklable, so loader workers may be spawned)."""
+    """One record -> one sample of the objective (picklable, so loader workers may be spawned): the
+    `data.loader.Objective` of image and audio virtual streams."""
 
     objective: MediaObjective
     model: Any  # ImageModel for mae/simmim, SpeechModel for bestrq
     options: MediaOptions
     train: bool
     _make: Any = field(init=False, repr=False, compare=False)
+    random: ClassVar[bool] = True
+    rng_per_sample: ClassVar[bool] = True  # a sample's crop and mask depend on its position alone
+    chunk_len: ClassVar[None] = None  # no packing: one record, one sample
+    sep_id: ClassVar[int] = -1
 
     def __post_init__(self) -> None:
         opts = self.options
@@ -74,7 +78,8 @@ class MediaSampler:
         )
         object.__setattr__(self, "_make", augment)
 
-    def __call__(self, record: MediaRecord, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    def __call__(self, record: MediaRecord, rng: np.random.Generator | None) -> dict[str, np.ndarray]:
+        assert rng is not None  # random: the loader always passes one
         if self.objective == "bestrq":
             sample = self._make(decode_audio(record, self.model.sample_rate), rng)
         else:
@@ -91,89 +96,9 @@ class MediaSampler:
         return sample
 
 
-@dataclass(frozen=True, kw_only=True)
-class MediaPlan:
-    specs: Sequence[tuple[SourceSpec, float]]
-    sampler: MediaSampler
-    batch_size: int
-    rank: int
-    world_size: int
-    seed: int
-    block: int
-    shuffle: bool
-    infinite: bool
-
-
 def _as_record(record: MediaRecord) -> MediaRecord:
+    """Records stay encoded in the shuffle block; they are decoded when their micro-batch is made."""
     return record
-
-
-class MediaDataset(IterableDataset):
-    """One rank's batches; inside a loader worker, that worker's share of them."""
-
-    def __init__(self, plan: MediaPlan) -> None:
-        self.plan = plan
-        self._state: dict[str, Any] = {}
-        self._resume: dict[str, Any] | None = None
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._state = self._resume = state
-
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        p = self.plan
-        start, self._resume = self._resume or {}, None
-        self._state = start
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        stream, streams = p.rank * workers + worker, p.world_size * workers
-        if start.get("streams", streams) != streams or start.get("stream", stream) != stream:
-            raise DataError(
-                f"loader state is for stream {start['stream']} of {start['streams']}, "
-                f"this is stream {stream} of {streams} (world size or num_workers changed)"
-            )
-        parts = [
-            Part(
-                spec.open(stream=stream, num_streams=streams, seed=p.seed + 7919 * i, shuffle=p.shuffle),
-                spec.name,
-                weight,
-                p.seed + 7919 * i,
-            )
-            for i, (spec, weight) in enumerate(p.specs)
-        ]
-        records = build_stream(
-            parts,
-            encode=_as_record,
-            stream=stream,
-            block=p.block,
-            shuffle=p.shuffle,
-            infinite=p.infinite,
-            state=start.get("records"),
-        )
-        made = start.get("samples", 0)
-        while True:
-            samples = []
-            for _ in range(p.batch_size):
-                try:
-                    record = records.next()
-                except StopIteration:
-                    break
-                # each sample's own generator: crops, flips and masks replay exactly after a resume
-                samples.append(p.sampler(record, np.random.default_rng([p.seed, stream, made])))
-                made += 1
-            if not samples:
-                return
-            self._state = {
-                "stream": stream,
-                "streams": streams,
-                "records": records.state_dict(),
-                "samples": made,
-            }
-            yield {k: np.stack([s[k] for s in samples]) for k in samples[0]}
-            if len(samples) < p.batch_size:
-                return
 
 
 def build_media_loader(
@@ -187,6 +112,7 @@ def build_media_loader(
     seed: int,
     options: MediaOptions | None = None,
     split: Literal["train", "validation"] = "train",
+    grad_accum: int = 1,
 ) -> DataPipeline:
     """Batches of `objective` for one rank, from `cfg.source` (`builtin`, a folder or glob of image/audio
     or parquet files, `hf:NAME[:CONFIG]`, or a mixture of them). `model` is the model's config: it gives the
@@ -194,45 +120,44 @@ def build_media_loader(
 
     mae: pixel_values (B, C, H, W), noise (B, N); simmim: pixel_values, bool_masked_pos (B, N);
     bestrq: input_values (B, S), attention_mask (B, S), mask_time_indices (B, T), labels (B, T, K).
-    Train is infinite (epochs reshuffled by seed and epoch); validation is one deterministic pass."""
+    Like `data.build_loader`: the rank draws `grad_accum` micro-batches per optimizer step (the global
+    order depends on it); train is infinite (epochs reshuffled by seed and epoch) over
+    `data.virtual_streams` virtual streams; validation is one deterministic pass."""
     if objective not in MODALITY:
         raise ValueError(f"objective: {objective!r} is not one of {', '.join(MODALITY)}")
     if split not in SPLITS:
         raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size):
+    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size and grad_accum >= 1):
         raise ValueError(
-            f"build_media_loader: need batch_size >= 1 and 0 <= rank < world_size, got "
-            f"batch_size={batch_size}, rank={rank}, world_size={world_size}"
+            f"build_media_loader: need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size, got "
+            f"batch_size={batch_size}, grad_accum={grad_accum}, rank={rank}, world_size={world_size}"
         )
     options = options or MediaOptions()
     train = split == "train"
     specs = _media_specs(cfg, MODALITY[objective], split, options)
     sampler = MediaSampler(objective=objective, model=model, options=options, train=train)
-    plan = MediaPlan(
-        specs=specs,
-        sampler=sampler,
-        batch_size=batch_size,
-        rank=rank,
-        world_size=world_size,
-        seed=seed,
-        block=cfg.shuffle_buffer,
-        shuffle=cfg.shuffle and train,
-        infinite=train,
-    )
     meta = {
         "objective": objective,
         "split": split,
         "batch_size": batch_size,
-        "rank": rank,
-        "world_size": world_size,
-        "num_workers": cfg.num_workers,
         "seed": seed,
         "sources": [[spec.name, weight] for spec, weight in specs],
+        "shuffle": cfg.shuffle,
         "shuffle_buffer": cfg.shuffle_buffer,
         "sample": _geometry(objective, model, options),
     }
-    return DataPipeline(
-        MediaDataset(plan), num_workers=cfg.num_workers, prefetch_factor=cfg.prefetch_factor, meta=meta
+    return build_pipeline(
+        cfg,
+        specs=specs,
+        objective=sampler,
+        encode=_as_record,
+        meta=meta,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        split=split,
+        grad_accum=grad_accum,
     )
 
 

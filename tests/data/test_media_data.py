@@ -321,3 +321,89 @@ def test_validation_is_deterministic_and_unaugmented() -> None:
     a = _take(_loader("mae", Image16(), 0, split="validation"), 2)
     b = _take(_loader("mae", Image16(), 0, split="validation"), 2)
     assert all(np.array_equal(x["pixel_values"], y["pixel_values"]) for x, y in zip(a, b))
+
+
+# --- another world size: the text loader's virtual streams, merge_states and plan_resume -----------------
+
+
+@pytest.fixture(scope="module")
+def solid_colours(tmp_path_factory) -> Path:
+    """96 solid 8x8 images, image i of red level 2i: any crop of it is that colour, so the red channel of a
+    sample's pixels names its record whatever the augmentation."""
+    root = tmp_path_factory.mktemp("solid")
+    for i in range(96):
+        (root / f"{i:02d}.png").write_bytes(_png(np.full((8, 8, 3), (2 * i, 128, 7), np.uint8)))
+    return root
+
+
+def _media_ranks(root: Path, *, world: int, accum: int, states=None) -> list:
+    cfg = DataConfig(
+        source=str(root), num_workers=2, shuffle_buffer=8, virtual_streams=8, validation_fraction=0.0
+    )
+    loaders = []
+    for rank in range(world):
+        loader = build_media_loader(
+            cfg,
+            objective="simmim",
+            model=Image16(image_size=8, patch_size=2),
+            batch_size=2,
+            rank=rank,
+            world_size=world,
+            seed=4,
+            options=MediaOptions(mask_patch_size=4),
+            grad_accum=accum,
+        )
+        if states is not None:
+            loader.load_state_dict(states)
+        loaders.append(loader)
+    return loaders
+
+
+def _steps(iterators: list, accum: int, count: int) -> list[dict]:
+    """Global micro-batches k = step x B + rank x accum + a, as numpy arrays."""
+    return [
+        {k: v.numpy().copy() for k, v in next(it).items()}
+        for _ in range(count)
+        for it in iterators
+        for _ in range(accum)
+    ]
+
+
+def _record_ids(batch: dict) -> list[int]:
+    """The record behind each sample: red level 2i, normalised with ImageNet's mean and std."""
+    red = batch["pixel_values"][:, 0].mean((1, 2)) * 0.229 + 0.485
+    return [round(r * 255 / 2) for r in red]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("world", "accum"), [(1, 4), (4, 1)])
+def test_media_resume_at_another_world_size_continues_exactly(
+    solid_colours: Path, world: int, accum: int
+) -> None:
+    """2 ranks x 2 accumulation steps x 2 workers save after 3 steps; every rank's state merged, 1 or 4 ranks
+    continue with the uninterrupted run's micro-batches byte for byte (pixels and masks: the augmentation
+    is seeded by virtual stream and sample number, not by rank or worker), and no record is lost or
+    repeated: each virtual stream's records are its own and distinct."""
+    from data import merge_states, plan_resume
+
+    loaders = _media_ranks(solid_colours, world=2, accum=2)
+    its = [iter(loader) for loader in loaders]
+    before = _steps(its, 2, 3)
+    states = [loader.state_dict() for loader in loaders]
+    after = _steps(its, 2, 4)
+
+    assert plan_resume(states[0], world_size=world, num_workers=2, micro_batch_size=2) == accum
+    merged = merge_states(states)
+    resumed = _steps(
+        [iter(x) for x in _media_ranks(solid_colours, world=world, accum=accum, states=merged)], accum, 4
+    )
+    assert len(resumed) == len(after) == 16
+    for a, b in zip(after, resumed):
+        assert a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+
+    per_stream: dict[int, list[int]] = {}
+    for k, batch in enumerate(before + resumed):  # micro-batch k is virtual stream k % 8's
+        per_stream.setdefault(k % 8, []).extend(_record_ids(batch))
+    ids = [i for stream in per_stream.values() for i in stream]
+    assert len(ids) == len(set(ids)) == 56 and set(ids) <= set(range(96))  # 28 micro-batches of 2, no repeat
+    assert [merged["streams"][str(v)]["batches"] for v in range(8)] == [2, 2, 2, 2, 1, 1, 1, 1]
