@@ -175,11 +175,11 @@ class _ImageConfig(ModelConfig):
     )  # fmt: skip
     vocab_size: int = field(default=0, init=False)
     max_seq_len: int | None = field(default=None, init=False)
-    image_size: int = 224
-    patch_size: int = 16
-    num_channels: int = 3
-    activation: str = "gelu"
-    layer_norm_eps: float = 1e-6
+    image_size: int = _doc("side of the square input images, in pixels (the data layer crops to it)", 224)
+    patch_size: int = _doc("side of the square patches, in pixels (one token each)", 16)
+    num_channels: int = _doc("image channels: 3 (RGB) or 1 (gray)", 3)
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "gelu")
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-6)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -218,12 +218,12 @@ class ViTMAEConfig(_ViTConfig):
     positive_fields: ClassVar[tuple[str, ...]] = _ImageConfig.positive_fields + (
         "decoder_d_model", "decoder_n_layers", "decoder_n_heads", "decoder_d_ff",
     )  # fmt: skip
-    decoder_d_model: int = 512
-    decoder_n_layers: int = 8
-    decoder_n_heads: int = 16
-    decoder_d_ff: int = 2048
-    mask_ratio: float = 0.75
-    norm_pix_loss: bool = True
+    decoder_d_model: int = _doc("width of the pixel decoder (divisible by 4: 2-D sin-cos positions)", 512)
+    decoder_n_layers: int = _doc("blocks of the pixel decoder", 8)
+    decoder_n_heads: int = _doc("attention heads of the pixel decoder", 16)
+    decoder_d_ff: int = _doc("feed-forward inner width of the pixel decoder", 2048)
+    mask_ratio: float = _doc("share of the patches hidden from the encoder (at least one is kept)", 0.75)
+    norm_pix_loss: bool = _doc("targets are each patch's pixels normalised by its own mean and std", True)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -259,14 +259,14 @@ class SwinConfig(_ImageConfig):
     n_layers: int = field(default=0, init=False)
     n_heads: int = field(default=0, init=False)
     d_ff: int = field(default=0, init=False)
-    patch_size: int = 4
-    layer_norm_eps: float = 1e-5
-    depths: tuple[int, ...] = (2, 2, 6, 2)
-    stage_heads: tuple[int, ...] = (3, 6, 12, 24)
-    window_size: int = 7
-    mlp_ratio: float = 4.0
-    absolute_positions: bool = False
-    drop_path: float = 0.0  # stochastic depth of the last block, linearly from 0 at the first
+    patch_size: int = _doc("side of the square patches, in pixels (one token each at the first stage)", 4)
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-5)
+    depths: tuple[int, ...] = _doc("blocks per stage (stage s is d_model * 2**s wide)", (2, 2, 6, 2))
+    stage_heads: tuple[int, ...] = _doc("attention heads per stage (one entry per stage)", (3, 6, 12, 24))
+    window_size: int = _doc("side of the attention windows, in patches (no stage may be smaller)", 7)
+    mlp_ratio: float = _doc("feed-forward inner width / block width (d_ff = mlp_ratio * d_model)", 4.0)
+    absolute_positions: bool = _doc("also add learned absolute positions to the patch embeddings", False)
+    drop_path: float = _doc("stochastic depth of the last block, linearly from 0 at the first", 0.0)
 
     def __post_init__(self) -> None:
         self.depths, self.stage_heads = tuple(self.depths), tuple(self.stage_heads)
@@ -321,24 +321,33 @@ class ConformerConfig(ModelConfig):
     positive_fields: ClassVar[tuple[str, ...]] = ModelConfig.positive_fields + (
         "num_codebooks", "codebook_dim", "n_mels", "sample_rate", "depthwise_kernel", "mask_time_length",
     )  # fmt: skip
-    vocab_size: int = 8192
-    max_seq_len: int | None = None
-    activation: str = "silu"
-    layer_norm_eps: float = 1e-5
-    conv_dim: tuple[int, ...] = (512, 512, 512, 512, 512, 512, 512)
-    conv_kernel: tuple[int, ...] = (10, 3, 3, 3, 3, 2, 2)
-    conv_stride: tuple[int, ...] = (5, 2, 2, 2, 2, 2, 2)
-    conv_bias: bool = False
-    feature_norm: Literal["group", "layer"] = "group"
-    feature_activation: str = "gelu"
-    depthwise_kernel: int = 31
-    mask_time_prob: float = 0.05
-    mask_time_length: int = 10
-    num_codebooks: int = 1
-    codebook_dim: int = 16
-    n_mels: int = 80
-    quantizer_seed: int = 0
-    sample_rate: int = 16000
+    vocab_size: int = _doc("entries per codebook of the BEST-RQ quantizer (the head's classes)", 8192)
+    max_seq_len: int | None = _doc("frames the model can take; null = any (relative positions)", None)
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "silu")
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-5)
+    conv_dim: tuple[int, ...] = _doc(
+        "channels of each feature-encoder convolution (wav2vec 2.0's)", (512, 512, 512, 512, 512, 512, 512)
+    )
+    conv_kernel: tuple[int, ...] = _doc("kernel of each feature-encoder convolution", (10, 3, 3, 3, 3, 2, 2))
+    conv_stride: tuple[int, ...] = _doc(
+        "stride of each feature-encoder convolution (their product: samples per frame)", (5, 2, 2, 2, 2, 2, 2)
+    )
+    conv_bias: bool = _doc("feature-encoder convolutions have a bias", False)
+    feature_norm: Literal["group", "layer"] = _doc(
+        "feature-encoder norm: group (first convolution only) or layer (after every one)", "group"
+    )
+    feature_activation: str = _doc(f"feature-encoder activation: {', '.join(ACTIVATIONS)}", "gelu")
+    depthwise_kernel: int = _doc("kernel of the convolution module's depthwise convolution (odd)", 31)
+    mask_time_prob: float = _doc(
+        "share of the frames masked, in spans of mask_time_length (wav2vec 2.0's rule; the data layer masks)",
+        0.05,
+    )
+    mask_time_length: int = _doc("frames per masked span", 10)
+    num_codebooks: int = _doc("codebooks of the quantizer: labels per masked frame", 1)
+    codebook_dim: int = _doc("dimension the quantizer projects log-mel features to", 16)
+    n_mels: int = _doc("log-mel features per frame that the quantizer reads", 80)
+    quantizer_seed: int = _doc("seed of the frozen random projection and codebooks", 0)
+    sample_rate: int = _doc("audio samples per second (the data layer resamples to it)", 16000)
 
     def __post_init__(self) -> None:
         super().__post_init__()
