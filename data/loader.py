@@ -7,6 +7,7 @@ every micro-batch travels with its virtual stream's state after it, so the rank'
 per virtual stream, where its next micro-batch starts: a few integers and cursors (no tokens, no RNG
 state), small, JSON-serialisable, loaded by re-reading one shuffle block, and loadable at another world
 size, grad_accum or worker count once every rank's state is merged (`data.merge_states`).
+Images and audio (data/media_loader.py) go through the same `build_pipeline` with their own `Objective`.
 """
 
 from __future__ import annotations
