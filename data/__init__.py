@@ -18,6 +18,7 @@ from data.sources import check_sources
 
 if TYPE_CHECKING:
     from data.loader import DataPipeline, build_loader
+    from data.media_loader import MediaOptions, build_media_loader
     from data.tokenizer import build_tokenizer
 
 _LAZY = {
@@ -25,14 +26,17 @@ _LAZY = {
     "build_loader": "data.loader",
     "build_tokenizer": "data.tokenizer",
 }
+_LAZY.update(MediaOptions="data.media_loader", build_media_loader="data.media_loader")
 
 __all__ = [
     "DataConfig",
     "DataError",
     "DataPipeline",
     "Layout",
+    "MediaOptions",
     "MixtureComponent",
     "build_loader",
+    "build_media_loader",
     "build_tokenizer",
     "check_fingerprint",
     "check_sources",

@@ -7,15 +7,16 @@ every micro-batch travels with its virtual stream's state after it, so the rank'
 per virtual stream, where its next micro-batch starts: a few integers and cursors (no tokens, no RNG
 state), small, JSON-serialisable, loaded by re-reading one shuffle block, and loadable at another world
 size, grad_accum or worker count once every rank's state is merged (`data.merge_states`).
+Images and audio (data/media_loader.py) go through the same `build_pipeline` with their own `Objective`.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -34,16 +35,40 @@ from data.layout import (
     position_of,
 )
 from data.objectives import CausalLM, MaskedLM, SpanCorruption
-from data.packing import Packer
+from data.packing import Packer, Unpacked
 from data.records import SourceSpec
 from data.sharding import DocStream, Mixture, Part, build_stream
 from data.shards import PreparedSpec
 from data.sources import resolve_source
 from data.tokenizer import SENTINELS, Encoder, fingerprint
 
-Objective = CausalLM | MaskedLM | SpanCorruption
+TextObjective = CausalLM | MaskedLM | SpanCorruption
 SPLITS = ("train", "validation")
 StreamState = dict[str, Any]  # {"batches": micro-batches delivered, "state": the packer's state or None}
+
+
+class Objective(Protocol):
+    """What a virtual stream turns its items into samples with: text's objectives (items: packed chunks) or
+    data/media_loader.py's samplers (items: whole records, one sample each)."""
+
+    @property
+    def random(self) -> bool:
+        """Whether samples draw from the generator (else it is None)."""
+
+    @property
+    def chunk_len(self) -> int | None:
+        """Documents are packed into chunks of this many tokens; None: each document is one item."""
+
+    @property
+    def sep_id(self) -> int:
+        """The token between packed documents (unused when chunk_len is None)."""
+
+    @property
+    def rng_per_sample(self) -> bool:
+        """A generator per sample, seeded by its item number; else one per micro-batch, seeded by the
+        number of its first item (text: MLM masks and span noise)."""
+
+    def __call__(self, item: Any, rng: np.random.Generator | None) -> dict[str, np.ndarray]: ...
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -52,7 +77,7 @@ class Plan:
 
     specs: Sequence[tuple[SourceSpec, float]]
     objective: Objective
-    encode: Encoder
+    encode: Callable[[Any], Any]  # a document as read -> what the stream holds (text: its token ids)
     batch_size: int
     rank: int
     layout: Layout
@@ -73,7 +98,8 @@ class Start:
 
 
 class VirtualStream:
-    """One virtual stream's micro-batches: its documents, packed, turned into samples of the objective."""
+    """One virtual stream's micro-batches: its documents, packed (or one per sample), turned into samples
+    of the objective."""
 
     def __init__(self, plan: Plan, stream: int, saved: StreamState | None) -> None:
         self.plan, self.stream = plan, stream
@@ -100,11 +126,12 @@ class VirtualStream:
                 state=state,
             )
 
-        self.packer = Packer(
-            open_docs,
-            length=plan.objective.chunk_len,
-            sep_id=plan.objective.sep_id,
-            state=saved["state"] if saved else None,
+        state = saved["state"] if saved else None
+        length = plan.objective.chunk_len
+        self.packer: Packer | Unpacked = (
+            Unpacked(open_docs, state=state)
+            if length is None
+            else Packer(open_docs, length=length, sep_id=plan.objective.sep_id, state=state)
         )
         self.done = False
 
@@ -114,10 +141,12 @@ class VirtualStream:
     def next_batch(self) -> dict[str, np.ndarray] | None:
         """The next micro-batch (the last of a finite stream may be smaller); None once it has run out."""
         p = self.plan
-        # one generator per micro-batch, keyed by position: resuming at a micro-batch re-creates it
-        rng = np.random.default_rng([p.seed, self.stream, self.packer.chunks]) if p.objective.random else None
-        samples = []
-        for _ in range(p.batch_size):
+        # generators keyed by position (per micro-batch or per sample): resuming at a micro-batch re-creates
+        # them, and a micro-batch is where a saved state always points
+        rng, samples = None, []
+        for i in range(p.batch_size):
+            if p.objective.random and (i == 0 or p.objective.rng_per_sample):
+                rng = np.random.default_rng([p.seed, self.stream, self.packer.chunks])
             try:
                 chunk = self.packer.next()
             except StopIteration:
@@ -290,6 +319,48 @@ def build_loader(
     specs = _specs(cfg, split)
     for spec, _ in specs:
         _check_prepared(spec, tokenizer)
+    meta = {
+        "objective": objective,
+        "split": split,
+        "seq_len": cfg.seq_len,
+        "batch_size": batch_size,
+        "seed": seed,
+        "sources": [[spec.name, weight] for spec, weight in specs],
+        "shuffle": cfg.shuffle,
+        "shuffle_buffer": cfg.shuffle_buffer,
+    }
+    return build_pipeline(
+        cfg,
+        specs=specs,
+        objective=make_objective(objective, cfg, tokenizer),
+        encode=Encoder(tokenizer),
+        meta=meta,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        split=split,
+        grad_accum=grad_accum,
+    )
+
+
+def build_pipeline(
+    cfg: DataConfig,
+    *,
+    specs: Sequence[tuple[SourceSpec, float]],
+    objective: Objective,
+    encode: Callable[[Any], Any],
+    meta: dict[str, Any],
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    seed: int,
+    split: str,
+    grad_accum: int,
+) -> DataPipeline:
+    """The virtual streams, layout and loader shared by text (`build_loader`) and images and audio
+    (data/media_loader.py): `objective` turns each stream's items into samples, `meta` holds the settings
+    a saved state must match."""
     train = split == "train"
     workers = cfg.num_workers
     if train:
@@ -301,8 +372,8 @@ def build_loader(
     layout.check()
     plan = Plan(
         specs=specs,
-        objective=make_objective(objective, cfg, tokenizer),
-        encode=Encoder(tokenizer),
+        objective=objective,
+        encode=encode,
         batch_size=batch_size,
         rank=rank,
         layout=layout,
@@ -311,22 +382,12 @@ def build_loader(
         shuffle=cfg.shuffle and train,
         infinite=train,
     )
-    meta = {
-        "objective": objective,
-        "split": split,
-        "seq_len": cfg.seq_len,
-        "batch_size": batch_size,
-        "seed": seed,
-        "sources": [[spec.name, weight] for spec, weight in specs],
-        "shuffle": cfg.shuffle,
-        "shuffle_buffer": cfg.shuffle_buffer,
-    }
     return DataPipeline(
         PipelineDataset(plan, Start()), prefetch_factor=cfg.prefetch_factor, meta=meta, fixed_streams=fixed
     )
 
 
-def make_objective(objective: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> Objective:
+def make_objective(objective: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerFast) -> TextObjective:
     def token_id(attr: str) -> int:
         value = getattr(tokenizer, attr, None)
         if value is None:

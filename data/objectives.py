@@ -24,6 +24,7 @@ class CausalLM:
     seq_len: int
     eos_id: int
     random: ClassVar[bool] = False
+    rng_per_sample: ClassVar[bool] = False  # one generator per micro-batch
 
     @property
     def chunk_len(self) -> int:
@@ -50,6 +51,7 @@ class MaskedLM:
     vocab_size: int
     probability: float = 0.15
     random: ClassVar[bool] = True
+    rng_per_sample: ClassVar[bool] = False  # one generator per micro-batch
     _normal_ids: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -143,6 +145,7 @@ class SpanCorruption:
     noise_density: float = 0.15
     mean_span: float = 3.0
     random: ClassVar[bool] = True
+    rng_per_sample: ClassVar[bool] = False  # one generator per micro-batch
     tokens_length: int = field(init=False)
     targets_length: int = field(init=False)
 

@@ -57,3 +57,23 @@ class Packer:
             need -= take
         self.chunks += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+
+
+class Unpacked:
+    """Packer's interface for samples that are whole documents (images, audio clips): one item per document.
+
+    The state is the document stream's state after the last item and the items taken (which seeds the next
+    sample's randomness), so nothing is re-read beyond the shuffle block."""
+
+    def __init__(self, open_docs: Callable[[State | None], Any], *, state: State | None = None) -> None:
+        self._docs = open_docs(state["doc"] if state else None)
+        self.chunks = state["chunks"] if state else 0
+
+    def state_dict(self) -> State:
+        return {"doc": self._docs.state_dict(), "chunks": self.chunks}
+
+    def next(self) -> Any:
+        """The next document as the stream holds it; StopIteration when a finite stream runs out."""
+        item = self._docs.next()
+        self.chunks += 1
+        return item

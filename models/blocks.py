@@ -19,7 +19,12 @@ from models.attention import CrossAttention, SelfAttention
 from models.config import ModelConfig
 from models.kernels.bias import RelativeBias
 
-ACTIVATIONS = {"gelu": F.gelu, "gelu_tanh": partial(F.gelu, approximate="tanh"), "relu": F.relu}
+ACTIVATIONS = {
+    "gelu": F.gelu,
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),
+    "relu": F.relu,
+    "silu": F.silu,
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,12 +113,15 @@ def _self_attention(cfg: BlockConfig) -> SelfAttention:
 
 
 class PreNormBlock(nn.Module):
-    """x + f(norm(x)) for self attention, optional cross attention, and the feed-forward (GPT-2, T5)."""
+    """x + f(norm(x)) for self attention, optional cross attention, and the feed-forward (GPT-2, T5).
 
-    def __init__(self, cfg: BlockConfig) -> None:
+    `attention` replaces the plain self attention (Swin's window attention); it is called as one.
+    """
+
+    def __init__(self, cfg: BlockConfig, attention: nn.Module | None = None) -> None:
         super().__init__()
         self.attn_norm = make_norm(cfg)
-        self.attn = _self_attention(cfg)
+        self.attn = attention if attention is not None else _self_attention(cfg)
         # None in a block without cross attention (no parameters, so the state dict has no such names).
         self.cross_norm: nn.Module | None = None
         self.cross_attn: CrossAttention | None = None

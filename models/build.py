@@ -12,10 +12,15 @@ from models.config import ModelConfig, get_config
 
 def model_class(family: str) -> type[LanguageModel]:
     from models.bert import BERT
+    from models.conformer import Conformer
     from models.gpt import GPT
+    from models.swin import Swin
     from models.t5 import T5
+    from models.vit import ViTMAE, ViTSimMIM
 
-    return {"gpt": GPT, "bert": BERT, "t5": T5}[family]
+    classes = {"gpt": GPT, "bert": BERT, "t5": T5}
+    classes.update(vit_mae=ViTMAE, vit_simmim=ViTSimMIM, swin=Swin, conformer=Conformer)
+    return classes[family]
 
 
 def build_from_config(config: ModelConfig, *, init: bool = True) -> LanguageModel:

@@ -8,13 +8,14 @@ impossible shape fails at start-up with a one-line message naming the field.
 from __future__ import annotations
 
 import dataclasses
+import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 AttentionBackend = Literal["auto", "eager", "sdpa", "chunked"]
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
-ACTIVATIONS = ("gelu", "gelu_tanh", "relu")
+ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
 
 def _doc(text: str, default: Any = dataclasses.MISSING) -> Any:
@@ -51,9 +52,10 @@ class ModelConfig:
     attention_dropout: float = _doc("dropout on attention probabilities (not with the chunked kernel)", 0.0)
     pad_token_id: int = _doc("padding token (a run fills it from its tokenizer)", 0)
     init_std: float = _doc("standard deviation of the normal weight initialisation", 0.02)
+    positive_fields: ClassVar[tuple[str, ...]] = ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff")
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff"):
+        for name in self.positive_fields:
             if getattr(self, name) < 1:
                 raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
         if self.attention not in ATTENTION_BACKENDS:
@@ -161,7 +163,238 @@ class T5Config(ModelConfig):
         return self.d_kv
 
 
+# --- images and speech: same blocks, other inputs -----------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class _ImageConfig(ModelConfig):
+    """Pixels in, pixels out: no vocabulary, and the sequence is the patch grid (`max_seq_len` is derived)."""
+
+    positive_fields: ClassVar[tuple[str, ...]] = (
+        "d_model", "n_layers", "n_heads", "d_ff", "image_size", "patch_size", "num_channels",
+    )  # fmt: skip
+    vocab_size: int = field(default=0, init=False)
+    max_seq_len: int | None = field(default=None, init=False)
+    image_size: int = _doc("side of the square input images, in pixels (the data layer crops to it)", 224)
+    patch_size: int = _doc("side of the square patches, in pixels (one token each)", 16)
+    num_channels: int = _doc("image channels: 3 (RGB) or 1 (gray)", 3)
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "gelu")
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-6)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"model config: image_size={self.image_size} is not divisible by patch_size={self.patch_size}"
+            )
+
+    @property
+    def grid_size(self) -> int:
+        """Patches per side (square images)."""
+        return self.image_size // self.patch_size
+
+
+@dataclass(kw_only=True)
+class _ViTConfig(_ImageConfig):
+    """ViT: patch embedding, [CLS], absolute positions, pre-norm encoder (the GPT-2 block, not causal)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_heads("d_model", self.d_model, "n_heads", self.n_heads)
+        self.max_seq_len = self.grid_size**2 + 1
+
+
+def _check_heads(width_name: str, width: int, heads_name: str, heads: int) -> None:
+    if heads < 1 or width % heads:
+        raise ValueError(f"model config: {width_name}={width} is not divisible by {heads_name}={heads}")
+
+
+@dataclass(kw_only=True)
+class ViTMAEConfig(_ViTConfig):
+    """MAE: the encoder sees only the kept (1 - mask_ratio) patches; a light decoder predicts the pixels of
+    the masked ones (normalised per patch with `norm_pix_loss`). Positions are fixed 2-D sin-cos tables."""
+
+    family: str = field(default="vit_mae", init=False)
+    positive_fields: ClassVar[tuple[str, ...]] = _ImageConfig.positive_fields + (
+        "decoder_d_model", "decoder_n_layers", "decoder_n_heads", "decoder_d_ff",
+    )  # fmt: skip
+    decoder_d_model: int = _doc("width of the pixel decoder (divisible by 4: 2-D sin-cos positions)", 512)
+    decoder_n_layers: int = _doc("blocks of the pixel decoder", 8)
+    decoder_n_heads: int = _doc("attention heads of the pixel decoder", 16)
+    decoder_d_ff: int = _doc("feed-forward inner width of the pixel decoder", 2048)
+    mask_ratio: float = _doc("share of the patches hidden from the encoder (at least one is kept)", 0.75)
+    norm_pix_loss: bool = _doc("targets are each patch's pixels normalised by its own mean and std", True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_heads("decoder_d_model", self.decoder_d_model, "decoder_n_heads", self.decoder_n_heads)
+        for name in ("d_model", "decoder_d_model"):
+            if getattr(self, name) % 4:
+                raise ValueError(f"model config: {name} must be divisible by 4 (2-D sin-cos positions)")
+        if not 0.0 <= self.mask_ratio < 1.0 or self.num_kept < 1:
+            raise ValueError(f"model config: mask_ratio={self.mask_ratio} must leave at least one patch")
+
+    @property
+    def num_kept(self) -> int:
+        """Patches the encoder sees (transformers' `len_keep`)."""
+        return int(self.grid_size**2 * (1 - self.mask_ratio))
+
+
+@dataclass(kw_only=True)
+class ViTSimMIMConfig(_ViTConfig):
+    """SimMIM on ViT: learned positions, masked patches replaced by a learned [MASK] embedding, and a 1x1
+    convolution + pixel shuffle that reconstructs every patch (L1 loss on the masked ones)."""
+
+    family: str = field(default="vit_simmim", init=False)
+
+
+@dataclass(kw_only=True)
+class SwinConfig(_ImageConfig):
+    """Swin with a SimMIM head. Stage s has `depths[s]` blocks of width d_model * 2**s with
+    `stage_heads[s]` heads; windows of window_size**2 patches alternate with windows shifted by half a
+    window; patch merging halves the resolution between stages. `n_layers`, `n_heads`, `d_ff` are derived
+    (all blocks, the first stage's heads and feed-forward width)."""
+
+    family: str = field(default="swin", init=False)
+    n_layers: int = field(default=0, init=False)
+    n_heads: int = field(default=0, init=False)
+    d_ff: int = field(default=0, init=False)
+    patch_size: int = _doc("side of the square patches, in pixels (one token each at the first stage)", 4)
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-5)
+    depths: tuple[int, ...] = _doc("blocks per stage (stage s is d_model * 2**s wide)", (2, 2, 6, 2))
+    stage_heads: tuple[int, ...] = _doc("attention heads per stage (one entry per stage)", (3, 6, 12, 24))
+    window_size: int = _doc("side of the attention windows, in patches (no stage may be smaller)", 7)
+    mlp_ratio: float = _doc("feed-forward inner width / block width (d_ff = mlp_ratio * d_model)", 4.0)
+    absolute_positions: bool = _doc("also add learned absolute positions to the patch embeddings", False)
+    drop_path: float = _doc("stochastic depth of the last block, linearly from 0 at the first", 0.0)
+
+    def __post_init__(self) -> None:
+        self.depths, self.stage_heads = tuple(self.depths), tuple(self.stage_heads)
+        if not self.depths or len(self.depths) != len(self.stage_heads) or min(self.depths) < 1:
+            raise ValueError(
+                f"model config: depths={self.depths} and stage_heads={self.stage_heads} need one entry >= 1 per stage"
+            )
+        self.n_layers, self.n_heads = sum(self.depths), self.stage_heads[0]
+        self.d_ff = int(self.mlp_ratio * self.d_model)
+        super().__post_init__()
+        for s, heads in enumerate(self.stage_heads):
+            _check_heads(f"stage {s} width", self.d_model * 2**s, f"stage_heads[{s}]", heads)
+        side = self.grid_size
+        for s in range(len(self.depths)):
+            if side < self.window_size:
+                raise ValueError(
+                    f"model config: stage {s} is {side}x{side} patches, smaller than window_size={self.window_size}"
+                )
+            side = (side + 1) // 2
+        if self.image_size % self.stride:
+            raise ValueError(
+                f"model config: image_size={self.image_size} is not divisible by the last stage's stride {self.stride}"
+            )
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ValueError(f"model config: drop_path must be in [0, 1), got {self.drop_path}")
+        self.max_seq_len = self.grid_size**2
+
+    @property
+    def stride(self) -> int:
+        """Pixels per token side at the last stage (transformers' `encoder_stride`)."""
+        return self.patch_size * 2 ** (len(self.depths) - 1)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+@dataclass(kw_only=True)
+class ConformerConfig(ModelConfig):
+    """Conformer over raw audio, BEST-RQ objective.
+
+    wav2vec 2.0's convolutional feature encoder subsamples the waveform (`conv_*`: 20 ms frames, 25 ms
+    receptive field at 16 kHz by default); each block is macaron feed-forward (half-step) -> relative-position
+    self attention -> convolution module (GLU, depthwise conv, BatchNorm) -> feed-forward (half-step) ->
+    LayerNorm. The head predicts, for every masked frame, the codebook index (`vocab_size` entries per
+    codebook, `num_codebooks` codebooks) that a frozen random-projection quantizer assigns to that frame's
+    log-mel features (`n_mels`, `codebook_dim`, `quantizer_seed`; computed by the data layer, which also masks
+    spans of `mask_time_length` frames starting at a `mask_time_prob` share of frames).
+    """
+
+    family: str = field(default="conformer", init=False)
+    positive_fields: ClassVar[tuple[str, ...]] = ModelConfig.positive_fields + (
+        "num_codebooks", "codebook_dim", "n_mels", "sample_rate", "depthwise_kernel", "mask_time_length",
+    )  # fmt: skip
+    vocab_size: int = _doc("entries per codebook of the BEST-RQ quantizer (the head's classes)", 8192)
+    max_seq_len: int | None = _doc("frames the model can take; null = any (relative positions)", None)
+    activation: str = _doc(f"feed-forward activation: {', '.join(ACTIVATIONS)}", "silu")
+    layer_norm_eps: float = _doc("epsilon of the layer norms", 1e-5)
+    conv_dim: tuple[int, ...] = _doc(
+        "channels of each feature-encoder convolution (wav2vec 2.0's)", (512, 512, 512, 512, 512, 512, 512)
+    )
+    conv_kernel: tuple[int, ...] = _doc("kernel of each feature-encoder convolution", (10, 3, 3, 3, 3, 2, 2))
+    conv_stride: tuple[int, ...] = _doc(
+        "stride of each feature-encoder convolution (their product: samples per frame)", (5, 2, 2, 2, 2, 2, 2)
+    )
+    conv_bias: bool = _doc("feature-encoder convolutions have a bias", False)
+    feature_norm: Literal["group", "layer"] = _doc(
+        "feature-encoder norm: group (first convolution only) or layer (after every one)", "group"
+    )
+    feature_activation: str = _doc(f"feature-encoder activation: {', '.join(ACTIVATIONS)}", "gelu")
+    depthwise_kernel: int = _doc("kernel of the convolution module's depthwise convolution (odd)", 31)
+    mask_time_prob: float = _doc(
+        "share of the frames masked, in spans of mask_time_length (wav2vec 2.0's rule; the data layer masks)",
+        0.05,
+    )
+    mask_time_length: int = _doc("frames per masked span", 10)
+    num_codebooks: int = _doc("codebooks of the quantizer: labels per masked frame", 1)
+    codebook_dim: int = _doc("dimension the quantizer projects log-mel features to", 16)
+    n_mels: int = _doc("log-mel features per frame that the quantizer reads", 80)
+    quantizer_seed: int = _doc("seed of the frozen random projection and codebooks", 0)
+    sample_rate: int = _doc("audio samples per second (the data layer resamples to it)", 16000)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_heads("d_model", self.d_model, "n_heads", self.n_heads)
+        self.conv_dim, self.conv_kernel = tuple(self.conv_dim), tuple(self.conv_kernel)
+        self.conv_stride = tuple(self.conv_stride)
+        if not self.conv_dim or not len(self.conv_dim) == len(self.conv_kernel) == len(self.conv_stride):
+            raise ValueError("model config: conv_dim, conv_kernel and conv_stride need one entry per layer")
+        if min(self.conv_dim + self.conv_kernel + self.conv_stride) < 1:
+            raise ValueError("model config: conv_dim, conv_kernel and conv_stride entries must be >= 1")
+        if self.feature_norm not in ("group", "layer"):
+            raise ValueError(f"model config: feature_norm={self.feature_norm!r}; accepted: group, layer")
+        if self.feature_activation not in ACTIVATIONS:
+            raise ValueError(
+                f"model config: feature_activation={self.feature_activation!r}; accepted: {', '.join(ACTIVATIONS)}"
+            )
+        if self.depthwise_kernel % 2 == 0:
+            raise ValueError(
+                f"model config: depthwise_kernel={self.depthwise_kernel} must be odd ('same' padding)"
+            )
+        if not 0.0 <= self.mask_time_prob < 1.0:
+            raise ValueError(f"model config: mask_time_prob must be in [0, 1), got {self.mask_time_prob}")
+
+    @property
+    def frame_stride(self) -> int:
+        """Samples between consecutive frames (the product of the conv strides)."""
+        return math.prod(self.conv_stride)
+
+    @property
+    def receptive_field(self) -> int:
+        """Samples one frame sees: frame t covers samples [t * frame_stride, t * frame_stride + this)."""
+        field_, jump = 1, 1
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
+            field_, jump = field_ + (kernel - 1) * jump, jump * stride
+        return field_
+
+    def num_frames(self, num_samples: int) -> int:
+        """Frames the feature encoder makes of `num_samples` samples (0 when shorter than one frame)."""
+        for kernel, stride in zip(self.conv_kernel, self.conv_stride):
+            num_samples = max((num_samples - kernel) // stride + 1, 0)
+        return num_samples
+
+
 CONFIG_CLASSES: dict[str, type[ModelConfig]] = {"gpt": GPTConfig, "bert": BERTConfig, "t5": T5Config}
+CONFIG_CLASSES.update(
+    vit_mae=ViTMAEConfig, vit_simmim=ViTSimMIMConfig, swin=SwinConfig, conformer=ConformerConfig
+)
 
 
 def _gpt2(d_model: int, n_layers: int, n_heads: int) -> tuple[type[ModelConfig], dict[str, Any]]:
@@ -222,6 +455,51 @@ PRESETS: dict[str, tuple[type[ModelConfig], dict[str, Any]]] = {
     "t5-v1_1-base": _t5_v1_1(768, 12, 12, 2048),
     "t5-v1_1-large": _t5_v1_1(1024, 24, 16, 2816),
 }
+
+
+def _vit_mae(
+    d_model: int, n_layers: int, n_heads: int, patch_size: int = 16
+) -> tuple[type[ModelConfig], dict[str, Any]]:
+    # MAE's published encoders, all with the same 512-wide, 8-layer decoder.
+    return ViTMAEConfig, dict(
+        d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=4 * d_model, patch_size=patch_size
+    )
+
+
+# Tiny image presets: 32x32 images (the builtin image set's size), 64 patches of 4x4 pixels (Swin: 256 of
+# 2x2, windows of 4x4); speech: 64-channel feature encoder, 4 blocks of width 96; all train on 2 CPU cores.
+PRESETS.update({
+    "vit-tiny-mae": (ViTMAEConfig, dict(
+        image_size=32, patch_size=4, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+        decoder_d_model=96, decoder_n_layers=2, decoder_n_heads=4, decoder_d_ff=384,
+    )),
+    "vit-base-mae": _vit_mae(768, 12, 12),
+    "vit-large-mae": _vit_mae(1024, 24, 16),
+    "vit-huge-mae": _vit_mae(1280, 32, 16, patch_size=14),
+    "vit-tiny-simmim": (ViTSimMIMConfig, dict(
+        image_size=32, patch_size=4, d_model=128, n_layers=4, n_heads=4, d_ff=512,
+    )),
+    "vit-base-simmim": (ViTSimMIMConfig, dict(d_model=768, n_layers=12, n_heads=12, d_ff=3072)),
+    "swin-tiny-simmim": (SwinConfig, dict(
+        image_size=32, patch_size=2, d_model=48, depths=(2, 2, 2), stage_heads=(3, 6, 12), window_size=4,
+    )),
+    # SimMIM's Swin-B: 192x192 images, windows of 6 patches.
+    "swin-base-simmim": (SwinConfig, dict(
+        image_size=192, d_model=128, depths=(2, 2, 18, 2), stage_heads=(4, 8, 16, 32), window_size=6,
+    )),
+    "conformer-tiny": (ConformerConfig, dict(
+        vocab_size=512, d_model=96, n_layers=4, n_heads=4, d_ff=384, conv_dim=(64,) * 7,
+        depthwise_kernel=15, mask_time_prob=0.065,
+    )),
+    # wav2vec 2.0 base's size with Conformer blocks, and wav2vec2-conformer-rel-pos-large's geometry.
+    "conformer-base": (ConformerConfig, dict(
+        d_model=768, n_layers=12, n_heads=12, d_ff=3072, mask_time_prob=0.065, dropout=0.1,
+    )),
+    "conformer-large": (ConformerConfig, dict(
+        d_model=1024, n_layers=24, n_heads=16, d_ff=4096, feature_norm="layer", conv_bias=True,
+        mask_time_prob=0.065, dropout=0.1,
+    )),
+})  # fmt: skip
 
 
 def get_config(preset: str, **overrides: Any) -> ModelConfig:

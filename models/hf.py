@@ -1,4 +1,5 @@
-"""Conversion to and from transformers: GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration.
+"""Conversion to and from transformers: GPT2LMHeadModel, BertForMaskedLM, T5ForConditionalGeneration,
+ViTMAEForPreTraining, ViTForMaskedImageModeling, SwinForMaskedImageModeling and Wav2Vec2ConformerModel.
 
 Our models keep their own parameter names (fused QKV, fused gated FF, nn.Linear layout); a list of
 `Rule`s per family maps each of our tensors to the HF tensors it is made of, and the same rules run in
@@ -18,11 +19,22 @@ from torch import Tensor
 
 from models.base import LanguageModel
 from models.build import build_from_config
-from models.config import BERTConfig, GPTConfig, ModelConfig, T5Config
+from models.config import (
+    BERTConfig,
+    ConformerConfig,
+    GPTConfig,
+    ModelConfig,
+    SwinConfig,
+    T5Config,
+    ViTMAEConfig,
+    ViTSimMIMConfig,
+    _ViTConfig,
+)
 
 # Activation names in transformers' ACT2FN that equal one of ours (within fp32 rounding).
 _ACT_FROM_HF = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "relu": "relu"}
-_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu"}
+_ACT_FROM_HF.update(swish="silu", silu="silu")
+_ACT_TO_HF = {"gelu": "gelu", "gelu_tanh": "gelu_new", "relu": "relu", "silu": "swish"}
 
 
 @dataclass(frozen=True)
@@ -309,6 +321,324 @@ def _t5_rules(cfg: T5Config) -> list[Rule]:
     return rules
 
 
+# --- ViT (MAE, SimMIM) and Swin -----------------------------------------------------------------------
+
+
+def _square(value: Any, name: str) -> int:
+    """transformers allows (height, width) sizes; ours are square."""
+    if isinstance(value, (list, tuple)):
+        _require(len(set(value)) == 1, f"{name}={tuple(value)}: only square sizes are supported")
+        return int(value[0])
+    return int(value)
+
+
+def _image_fields(hf: Any, where: str) -> dict[str, Any]:
+    _require(hf.qkv_bias, f"{where} with qkv_bias=False is not supported")
+    return dict(
+        image_size=_square(hf.image_size, f"{where} image_size"),
+        patch_size=_square(hf.patch_size, f"{where} patch_size"),
+        num_channels=hf.num_channels,
+        activation=_activation_from_hf(hf.hidden_act, f"{where} hidden_act"),
+        layer_norm_eps=hf.layer_norm_eps,
+        dropout=hf.hidden_dropout_prob,
+        attention_dropout=hf.attention_probs_dropout_prob,
+        init_std=hf.initializer_range,
+    )
+
+
+def _image_hf_fields(cfg: Any) -> dict[str, Any]:
+    return dict(
+        image_size=cfg.image_size,
+        patch_size=cfg.patch_size,
+        num_channels=cfg.num_channels,
+        hidden_act=_ACT_TO_HF[cfg.activation],
+        layer_norm_eps=cfg.layer_norm_eps,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.attention_dropout,
+        initializer_range=cfg.init_std,
+        qkv_bias=True,
+    )
+
+
+def _vit_fields(hf: Any, where: str) -> dict[str, Any]:
+    return dict(
+        **_image_fields(hf, where),
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        d_ff=hf.intermediate_size,
+    )
+
+
+def _vit_hf_fields(cfg: _ViTConfig) -> dict[str, Any]:
+    return dict(
+        **_image_hf_fields(cfg),
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_ff,
+    )
+
+
+def _vit_mae_config(hf: Any) -> ViTMAEConfig:
+    return ViTMAEConfig(
+        **_vit_fields(hf, "ViTMAE"),
+        decoder_d_model=hf.decoder_hidden_size,
+        decoder_n_layers=hf.decoder_num_hidden_layers,
+        decoder_n_heads=hf.decoder_num_attention_heads,
+        decoder_d_ff=hf.decoder_intermediate_size,
+        mask_ratio=hf.mask_ratio,
+        norm_pix_loss=hf.norm_pix_loss,
+    )
+
+
+def _vit_mae_hf_config(cfg: ViTMAEConfig) -> Any:
+    from transformers import ViTMAEConfig as HFViTMAEConfig
+
+    return HFViTMAEConfig(
+        **_vit_hf_fields(cfg),
+        decoder_hidden_size=cfg.decoder_d_model,
+        decoder_num_hidden_layers=cfg.decoder_n_layers,
+        decoder_num_attention_heads=cfg.decoder_n_heads,
+        decoder_intermediate_size=cfg.decoder_d_ff,
+        mask_ratio=cfg.mask_ratio,
+        norm_pix_loss=cfg.norm_pix_loss,
+    )
+
+
+def _vit_simmim_config(hf: Any) -> ViTSimMIMConfig:
+    cfg = ViTSimMIMConfig(**_vit_fields(hf, "ViT"))
+    _require(
+        hf.encoder_stride == cfg.patch_size,
+        f"ViT with encoder_stride={hf.encoder_stride} != patch_size={cfg.patch_size} is not supported",
+    )
+    return cfg
+
+
+def _vit_simmim_hf_config(cfg: ViTSimMIMConfig) -> Any:
+    from transformers import ViTConfig
+
+    return ViTConfig(**_vit_hf_fields(cfg), encoder_stride=cfg.patch_size)
+
+
+def _pre_norm_block_rules(ours: str, hf: str) -> list[Rule]:
+    """ViT's, ViT-MAE's and Swin's layers, all with transformers' before/after LayerNorm names."""
+    attn = f"{hf}.attention"
+    return [
+        *_linear(f"{ours}.attn_norm", f"{hf}.layernorm_before"),
+        *_linear(f"{ours}.attn.qkv", f"{attn}.q_proj", f"{attn}.k_proj", f"{attn}.v_proj"),
+        *_linear(f"{ours}.attn.out", f"{attn}.o_proj"),
+        *_linear(f"{ours}.ff_norm", f"{hf}.layernorm_after"),
+        *_linear(f"{ours}.ff.up", f"{hf}.mlp.fc1"),
+        *_linear(f"{ours}.ff.down", f"{hf}.mlp.fc2"),
+    ]
+
+
+def _vit_encoder_rules(cfg: _ViTConfig) -> list[Rule]:
+    emb = "vit.embeddings"
+    rules = [
+        _rule("encoder.cls_token", f"{emb}.cls_token"),
+        _rule("encoder.positions", f"{emb}.position_embeddings"),
+        *_linear("encoder.patch.proj", f"{emb}.patch_embeddings.projection"),
+        *_linear("encoder.norm", "vit.layernorm"),
+    ]
+    for i in range(cfg.n_layers):
+        rules += _pre_norm_block_rules(f"encoder.blocks.{i}", f"vit.layers.{i}")
+    return rules
+
+
+def _vit_mae_rules(cfg: ViTMAEConfig) -> list[Rule]:
+    rules = _vit_encoder_rules(cfg) + [
+        *_linear("decoder.embed", "decoder.decoder_embed"),
+        _rule("decoder.mask_token", "decoder.mask_token"),
+        _rule("decoder.positions", "decoder.decoder_pos_embed"),
+        *_linear("decoder.norm", "decoder.decoder_norm"),
+        *_linear("decoder.pred", "decoder.decoder_pred"),
+    ]
+    for i in range(cfg.decoder_n_layers):
+        rules += _pre_norm_block_rules(f"decoder.blocks.{i}", f"decoder.decoder_layers.{i}")
+    return rules
+
+
+def _vit_simmim_rules(cfg: ViTSimMIMConfig) -> list[Rule]:
+    return _vit_encoder_rules(cfg) + [
+        _rule("encoder.mask_token", "vit.embeddings.mask_token"),
+        *_linear("head.proj", "decoder.0"),
+    ]
+
+
+def _swin_config(hf: Any) -> SwinConfig:
+    cfg = SwinConfig(
+        **_image_fields(hf, "Swin"),
+        d_model=hf.embed_dim,
+        depths=tuple(hf.depths),
+        stage_heads=tuple(hf.num_heads),
+        window_size=hf.window_size,
+        mlp_ratio=hf.mlp_ratio,
+        absolute_positions=hf.use_absolute_embeddings,
+        drop_path=hf.drop_path_rate,
+    )
+    _require(
+        hf.encoder_stride == cfg.stride,
+        f"Swin with encoder_stride={hf.encoder_stride} (the last stage's stride is {cfg.stride}) is not supported",
+    )
+    return cfg
+
+
+def _swin_hf_config(cfg: SwinConfig) -> Any:
+    from transformers import SwinConfig as HFSwinConfig
+
+    return HFSwinConfig(
+        **_image_hf_fields(cfg),
+        embed_dim=cfg.d_model,
+        depths=list(cfg.depths),
+        num_heads=list(cfg.stage_heads),
+        window_size=cfg.window_size,
+        mlp_ratio=cfg.mlp_ratio,
+        use_absolute_embeddings=cfg.absolute_positions,
+        drop_path_rate=cfg.drop_path,
+        encoder_stride=cfg.stride,
+    )
+
+
+def _swin_rules(cfg: SwinConfig) -> list[Rule]:
+    emb = "swin.embeddings"
+    rules = [
+        *_linear("patch.proj", f"{emb}.patch_embeddings.projection"),
+        *_linear("patch_norm", f"{emb}.norm"),
+        _rule("mask_token", f"{emb}.mask_token"),
+        *_linear("norm", "swin.layernorm"),
+        *_linear("head.proj", "decoder.0"),
+    ]
+    if cfg.absolute_positions:
+        rules.append(_rule("positions", f"{emb}.position_embeddings"))
+    for s, depth in enumerate(cfg.depths):
+        ours, hf = f"stages.{s}", f"swin.encoder.layers.{s}"
+        for i in range(depth):
+            rules += _pre_norm_block_rules(f"{ours}.blocks.{i}", f"{hf}.blocks.{i}")
+            table = f"{hf}.blocks.{i}.attention.relative_position_bias.relative_position_bias_table"
+            rules.append(_rule(f"{ours}.blocks.{i}.attn.relative_bias", table))
+        if s < len(cfg.depths) - 1:
+            rules.append(_rule(f"{ours}.merge.reduction.weight", f"{hf}.downsample.reduction.weight"))
+            rules += _linear(f"{ours}.merge.norm", f"{hf}.downsample.norm")
+    return rules
+
+
+# --- Conformer (wav2vec2-conformer's encoder) ---------------------------------------------------------
+
+
+def _conformer_config(hf: Any) -> ConformerConfig:
+    _require(
+        hf.position_embeddings_type == "relative",
+        f"Wav2Vec2Conformer position_embeddings_type={hf.position_embeddings_type!r} is not supported",
+    )
+    _require(not hf.add_adapter, "Wav2Vec2Conformer with add_adapter is not supported")
+    _require(
+        hf.mask_time_prob > 0 or hf.mask_feature_prob == 0,
+        "Wav2Vec2Conformer with feature masking only (mask_time_prob=0) is not supported",
+    )
+    return ConformerConfig(
+        d_model=hf.hidden_size,
+        n_layers=hf.num_hidden_layers,
+        n_heads=hf.num_attention_heads,
+        d_ff=hf.intermediate_size,
+        activation=_activation_from_hf(hf.hidden_act, "Wav2Vec2Conformer hidden_act"),
+        layer_norm_eps=hf.layer_norm_eps,
+        conv_dim=tuple(hf.conv_dim),
+        conv_kernel=tuple(hf.conv_kernel),
+        conv_stride=tuple(hf.conv_stride),
+        conv_bias=hf.conv_bias,
+        feature_norm=hf.feat_extract_norm,
+        feature_activation=_activation_from_hf(
+            hf.feat_extract_activation, "Wav2Vec2Conformer feat_extract_activation"
+        ),
+        depthwise_kernel=hf.conv_depthwise_kernel_size,
+        mask_time_prob=hf.mask_time_prob,
+        mask_time_length=hf.mask_time_length,
+        dropout=hf.hidden_dropout,
+        attention_dropout=hf.attention_dropout,
+        init_std=hf.initializer_range,
+    )
+
+
+def _conformer_hf_config(cfg: ConformerConfig) -> Any:
+    import math
+
+    from transformers import Wav2Vec2ConformerConfig
+
+    return Wav2Vec2ConformerConfig(
+        hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers,
+        num_attention_heads=cfg.n_heads,
+        intermediate_size=cfg.d_ff,
+        hidden_act=_ACT_TO_HF[cfg.activation],
+        layer_norm_eps=cfg.layer_norm_eps,
+        conv_dim=list(cfg.conv_dim),
+        conv_kernel=list(cfg.conv_kernel),
+        conv_stride=list(cfg.conv_stride),
+        conv_bias=cfg.conv_bias,
+        feat_extract_norm=cfg.feature_norm,
+        feat_extract_activation=_ACT_TO_HF[cfg.feature_activation],
+        conv_depthwise_kernel_size=cfg.depthwise_kernel,
+        mask_time_prob=cfg.mask_time_prob,
+        mask_time_length=cfg.mask_time_length,
+        hidden_dropout=cfg.dropout,
+        activation_dropout=cfg.dropout,
+        feat_proj_dropout=cfg.dropout,
+        conformer_conv_dropout=cfg.dropout,
+        attention_dropout=cfg.attention_dropout,
+        layerdrop=0.0,
+        initializer_range=cfg.init_std,
+        position_embeddings_type="relative",
+        # transformers builds a positional convolution the conformer encoder never runs; keep it valid.
+        num_conv_pos_embedding_groups=math.gcd(16, cfg.d_model),
+    )
+
+
+def _conformer_rules(cfg: ConformerConfig) -> list[Rule]:
+    rules = [
+        *_linear("project.norm", "feature_projection.layer_norm"),
+        *_linear("project.linear", "feature_projection.projection"),
+        *_linear("norm", "encoder.layer_norm"),
+    ]
+    if cfg.mask_time_prob > 0:
+        rules.append(_rule("mask_embedding", "masked_spec_embed"))
+    for i in range(len(cfg.conv_dim)):
+        ours, hf = f"subsample.layers.{i}", f"feature_extractor.conv_layers.{i}"
+        rules += (
+            _linear(f"{ours}.conv", f"{hf}.conv")
+            if cfg.conv_bias
+            else [_rule(f"{ours}.conv.weight", f"{hf}.conv.weight")]
+        )
+        if cfg.feature_norm == "layer" or i == 0:
+            rules += _linear(f"{ours}.norm", f"{hf}.layer_norm")
+    batch_norm = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    for i in range(cfg.n_layers):
+        ours, hf = f"blocks.{i}", f"encoder.layers.{i}"
+        attn, conv = f"{hf}.self_attn", f"{hf}.conv_module"
+        rules += [
+            *_linear(f"{ours}.ff1_norm", f"{hf}.ffn1_layer_norm"),
+            *_linear(f"{ours}.ff1.up", f"{hf}.ffn1.intermediate_dense"),
+            *_linear(f"{ours}.ff1.down", f"{hf}.ffn1.output_dense"),
+            *_linear(f"{ours}.attn_norm", f"{hf}.self_attn_layer_norm"),
+            *_linear(f"{ours}.attn.qkv", f"{attn}.linear_q", f"{attn}.linear_k", f"{attn}.linear_v"),
+            *_linear(f"{ours}.attn.out", f"{attn}.linear_out"),
+            _rule(f"{ours}.attn.pos.weight", f"{attn}.linear_pos.weight"),
+            _rule(f"{ours}.attn.pos_bias_u", f"{attn}.pos_bias_u"),
+            _rule(f"{ours}.attn.pos_bias_v", f"{attn}.pos_bias_v"),
+            *_linear(f"{ours}.conv.norm", f"{conv}.layer_norm"),
+            _rule(f"{ours}.conv.pointwise_in.weight", f"{conv}.pointwise_conv1.weight"),
+            _rule(f"{ours}.conv.depthwise.weight", f"{conv}.depthwise_conv.weight"),
+            *(_rule(f"{ours}.conv.batch_norm.{n}", f"{conv}.batch_norm.{n}") for n in batch_norm),
+            _rule(f"{ours}.conv.pointwise_out.weight", f"{conv}.pointwise_conv2.weight"),
+            *_linear(f"{ours}.ff2_norm", f"{hf}.ffn2_layer_norm"),
+            *_linear(f"{ours}.ff2.up", f"{hf}.ffn2.intermediate_dense"),
+            *_linear(f"{ours}.ff2.down", f"{hf}.ffn2.output_dense"),
+            *_linear(f"{ours}.out_norm", f"{hf}.final_layer_norm"),
+        ]
+    return rules
+
+
 # --- the generic part ---------------------------------------------------------------------------------
 
 
@@ -319,6 +649,10 @@ class _Family:
     to_hf_config: Callable[[Any], Any]
     rules: Callable[[Any], list[Rule]]
     tied: dict[str, str]  # HF alias key -> the HF key it is tied to (aliases are not read; tying fills them)
+    unused: tuple[str, ...] = ()  # HF key prefixes its forward never uses: not read, left at HF's init
+    ours_only: tuple[
+        str, ...
+    ] = ()  # our key prefixes with no HF twin (training heads): kept at init, not exported
 
 
 _FAMILIES = {
@@ -350,6 +684,20 @@ _FAMILIES = {
             "lm_head.weight": "shared.weight",  # read as our own head when the config is untied (v1.1)
         },
     ),
+    "vit_mae": _Family("ViTMAEForPreTraining", _vit_mae_config, _vit_mae_hf_config, _vit_mae_rules, {}),
+    "vit_simmim": _Family(
+        "ViTForMaskedImageModeling", _vit_simmim_config, _vit_simmim_hf_config, _vit_simmim_rules, {}
+    ),
+    "swin": _Family("SwinForMaskedImageModeling", _swin_config, _swin_hf_config, _swin_rules, {}),
+    "conformer": _Family(
+        "Wav2Vec2ConformerModel",
+        _conformer_config,
+        _conformer_hf_config,
+        _conformer_rules,
+        {},
+        unused=("encoder.pos_conv_embed.",),
+        ours_only=("head.",),
+    ),
 }
 
 
@@ -375,7 +723,9 @@ def convert_to_hf(rules: list[Rule], state: dict[str, Tensor]) -> dict[str, Tens
     """An HF state dict from ours (tied HF aliases left out)."""
     out = {}
     for r in rules:
-        for name, part in zip(r.theirs, state[r.ours].chunk(len(r.theirs), dim=0)):
+        tensor = state[r.ours]
+        parts = (tensor,) if len(r.theirs) == 1 else tensor.chunk(len(r.theirs), dim=0)  # 0-dim buffers too
+        for name, part in zip(r.theirs, parts):
             out[name] = (part.t() if r.transpose else part).contiguous()
     return out
 
@@ -389,7 +739,7 @@ def from_hf(hf_model: nn.Module, attention: str = "auto") -> LanguageModel:
     rules = spec.rules(config)
     hf_state = hf_model.state_dict()
     read = {n for r in rules for n in r.theirs}
-    unused = set(hf_state) - read - set(spec.tied)
+    unused = {k for k in set(hf_state) - read - set(spec.tied) if not k.startswith(spec.unused)}
     if unused:
         raise ValueError(
             f"from_hf: {spec.hf_class} has weights we cannot map: {', '.join(sorted(unused)[:5])}"
@@ -400,7 +750,10 @@ def from_hf(hf_model: nn.Module, attention: str = "auto") -> LanguageModel:
             raise ValueError(f"from_hf: {alias} differs from {source}; this untied variant is not supported")
     param = next(hf_model.parameters())
     model = build_from_config(config, init=False).to(device=param.device, dtype=param.dtype)
-    model.load_state_dict(convert_from_hf(rules, hf_state), strict=True)
+    missing, unexpected = model.load_state_dict(convert_from_hf(rules, hf_state), strict=False)
+    missing = [k for k in missing if not k.startswith(spec.ours_only)]
+    if missing or unexpected:
+        raise ValueError(f"from_hf: state dict mismatch: missing {missing}, unexpected {unexpected}")
     return model
 
 
@@ -426,7 +779,7 @@ def to_hf(model: LanguageModel) -> nn.Module:
     missing, unexpected = hf_model.load_state_dict(
         convert_to_hf(spec.rules(model.config), model.state_dict()), strict=False
     )
-    bad = [k for k in missing if k not in spec.tied]
+    bad = [k for k in missing if k not in spec.tied and not k.startswith(spec.unused)]
     if bad or unexpected:
         raise ValueError(f"to_hf: state dict mismatch: missing {bad}, unexpected {unexpected}")
     return hf_model.eval()

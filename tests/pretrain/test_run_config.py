@@ -125,6 +125,16 @@ BAD = {
         ["engine.fsdp.reshard_after_forward", "engine.backend=deepspeed does not use it"],
     ),
     "unknown preset": (None, ["model.preset=gpt3"], ["model.preset", "gpt3", "gpt-tiny"]),
+    "image preset": (
+        None,
+        ["model.preset=vit-tiny-mae"],
+        ["model.preset", "'vit-tiny-mae' is an image model", "gpt, bert, t5", "bench/probe.py"],
+    ),
+    "speech preset with its fields": (
+        None,
+        ["model.preset=conformer-tiny", "model.n_mels=40"],
+        ["model.preset", "'conformer-tiny' is a speech model", "bench/probe.py"],
+    ),
     "unknown attention": (None, ["model.attention=flash"], ["model.attention", "flash", "chunked"]),
     "unknown objective": (None, ["objective=lm"], ["objective", "'clm', 'mlm' or 'span'"]),
     "unknown engine": (None, ["engine.backend=megatron"], ["engine.backend", "'deepspeed', 'ddp' or 'fsdp'"]),
@@ -200,6 +210,16 @@ def test_bad_input_is_one_line_exit_2(
         assert word in err, (word, err)
     with pytest.raises(ConfigError):  # the same problem from the library API
         load_config(path, overrides)
+
+
+@pytest.mark.parametrize("command", ["check", "config"])
+def test_media_presets_are_one_line_in_check_and_config(
+    command: str, config: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main([command, str(config), "model.preset=swin-tiny-simmim"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1, err
+    assert "'swin-tiny-simmim' is an image model" in err and "bench/probe.py" in err
 
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
