@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from launch.job import Endpoint, LaunchError, TrainJob
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = [sys.executable, "-m", "launch.agent"]  # torchrun itself, ending in our own line (launch/agent.py)
 
 # torchrun relays these to its workers before it stops them; SIGUSR1 is SLURM's pre-timeout signal, which by
 # default would kill the agent and orphan the workers mid-step.
@@ -44,7 +44,7 @@ class Torchrun:
             raise LaunchError("torchrun needs nproc >= 1, max-restarts >= 0 and node-rank >= 0")
 
     def args(self) -> list[str]:
-        """torchrun's own options (after `python -m torch.distributed.run`)."""
+        """torchrun's own options (after `python -m launch.agent`, which is torchrun)."""
         out = [f"--nproc-per-node={self.nproc_per_node}", f"--max-restarts={self.max_restarts}"]
         if self.rendezvous is None:
             return ["--standalone", "--nnodes=1", *out]

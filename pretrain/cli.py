@@ -68,6 +68,16 @@ def _command(commands: Any, name: str, common: argparse.ArgumentParser, help: st
     )
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text!r}")
+    return value
+
+
 def _with_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config", type=Path, help="run config YAML (or the name of a bundled one, e.g. gpt-tiny.yaml)"
@@ -93,6 +103,13 @@ def _parser() -> argparse.ArgumentParser:
         "pretrain train gpt-tiny.yaml train.max_steps=200 run.dir=runs/first",
     )  # fmt: skip
     _with_config(train)
+    train.add_argument(
+        "--wait-lock",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="if another trainer holds the run directory, wait up to this long for it to end (default: refuse)",
+    )
     check = _command(
         commands, "check", common, "validate a run config (what `launch` does before starting workers)",
         "pretrain check configs/gpt2-small.yaml engine.backend=fsdp",
@@ -139,7 +156,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from pretrain.loop import train
 
-        train(cfg)
+        train(cfg, wait_lock_s=args.wait_lock)
     elif args.command == "check":
         print(f"ok: {args.config} (run dir {cfg.run_dir})")
     elif args.command == "config":
@@ -182,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
         _error(message, agreed=getattr(e, "agreed", False))
-        return EXIT_USAGE
+        return getattr(e, "exit_code", EXIT_USAGE)
     return 0
 
 

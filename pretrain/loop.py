@@ -34,11 +34,12 @@ from pretrain.engines import (
     init_distributed,
     shutdown,
 )
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, Interrupted
 from pretrain.faults import DivergenceGuard, PreemptionHandler
 from pretrain.logging import RunLogger
 from pretrain.metrics import Throughput, memory_gib, peak_flops
 from pretrain.rng import seed_everything
+from pretrain.runlock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -69,8 +70,11 @@ class Run:
     val_batches: list[Batch] = field(default_factory=list)
 
 
-def train(cfg: RunConfig) -> TrainerState:
-    """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes."""
+def train(cfg: RunConfig, *, wait_lock_s: float = 0.0) -> TrainerState:
+    """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes.
+
+    Rank 0 holds the run directory's lock from before anything in it changes until the end (`wait_lock_s`:
+    how long to wait for another trainer to let go)."""
     dist = init_distributed(timeout_s=cfg.engine.dist_timeout_s)
     if dist.is_main:
         for warning in cfg.warnings():
@@ -83,6 +87,11 @@ def train(cfg: RunConfig) -> TrainerState:
             )
         shutdown()
         return finished
+    try:
+        lock = take_run_lock(cfg, dist, wait_s=wait_lock_s)
+    except BaseException:
+        shutdown()
+        raise
     preemption = PreemptionHandler().install()
     try:
         run = setup(cfg, dist, preemption)
@@ -92,7 +101,22 @@ def train(cfg: RunConfig) -> TrainerState:
             run.logger.close()
     finally:
         preemption.uninstall()
+        lock.release()
         shutdown()
+
+
+def take_run_lock(cfg: RunConfig, dist: DistInfo, *, wait_s: float) -> RunLock:
+    """Rank 0 takes RUN_DIR/.lock (collective): every rank refuses alike when another trainer holds it."""
+    lock = RunLock(cfg.run_dir)
+    refusal: RunLockedError | None = None
+    if dist.is_main:
+        try:
+            lock.acquire(wait_s=wait_s)
+        except RunLockedError as e:
+            refusal = e
+    if broadcast_int(int(refusal is not None)):
+        raise refusal or RunLockedError(f"run directory {cfg.run_dir} is in use by another trainer")
+    return lock
 
 
 def finished_state(cfg: RunConfig, dist: DistInfo | None = None) -> TrainerState | None:
@@ -327,10 +351,16 @@ def save(run: Run) -> Path:
 
 
 def stop_for_preemption(run: Run) -> TrainerState:
-    """Save (unless this step is saved already), requeue the SLURM job if asked, and return."""
+    """Save (unless this step is saved already), requeue the SLURM job if asked, and return; after Ctrl-C,
+    raise `Interrupted` (exit code 130) instead, with the same checkpoint written."""
     if run.last_saved != run.state.step:
         save(run)
-    run.logger.note(f"stopped by signal at step {run.state.step}; checkpoint saved, run again to resume")
+    step = run.state.step
+    if run.preemption.interrupt_agreed:
+        raise Interrupted(
+            f"interrupted at step {step}; checkpoint saved: run the same command again to resume"
+        )
+    run.logger.note(f"stopped by signal at step {step}; checkpoint saved, run again to resume")
     if run.dist.is_main:
         run.preemption.requeue()
     return run.state

