@@ -96,6 +96,20 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return steps
 
 
+def dangling_latest(root: Path) -> str | None:
+    """The warning to give when `latest` names a checkpoint that is not there (else None)."""
+    latest_file = root / LATEST
+    if not latest_file.is_file():
+        return None
+    name = latest_file.read_text().strip()
+    if (root / name).is_dir():
+        return None
+    return (
+        f"warning: {latest_file} names {name or 'nothing'}, which does not exist; "
+        "falling back to the newest intact checkpoint"
+    )
+
+
 def verify(path: Path) -> str | None:
     """None if `path` is complete and safe to load, else what is wrong with it (manifest, pickles)."""
     from pretrain import safety
@@ -113,6 +127,8 @@ def find_checkpoint(root: Path, step: int | None = None, *, say: Callable[[str],
     candidates = checkpoint_dirs(root)
     if not candidates:
         raise CheckpointError(f"no checkpoint under {root}; train first (pretrain train CONFIG)")
+    if step is None and (warning := dangling_latest(root)):
+        say(warning)
     if step is not None:
         wanted = root / f"step_{step}"
         if wanted not in candidates:
@@ -248,6 +264,8 @@ class CheckpointManager:
     def restore(self, *, engine: EngineState, data: Stateful) -> TrainerState | None:
         """Load the newest intact checkpoint into `engine`, `data` and the RNGs; None when there is none yet."""
         candidates = checkpoint_dirs(self.root) if self.root.is_dir() else []
+        if self.root.is_dir() and (warning := dangling_latest(self.root)):
+            self._say(warning)
         if not candidates:
             return None
         step = self._from_main(lambda: _step_or_none(_first_intact(candidates, self._say)))

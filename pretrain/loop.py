@@ -137,12 +137,12 @@ def checkpoint_manager(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
 
 
 def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
-    """Run directory, tokenizer, model, engine, data; then restore the newest intact checkpoint, if any."""
+    """Tokenizer, model, engine, data; then restore the newest intact checkpoint, if any, and only then (once
+    nothing can refuse the start any more) record the config in the run directory."""
     import data
 
     checkpoints = checkpoint_manager(cfg, dist)
     checkpoints.check_world_size()  # before paying for a tokenizer, a model and an engine
-    prepare_run_dir(cfg, dist)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg.model, tokenizer)
@@ -162,6 +162,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         grad_accum=cfg.train.grad_accum,
     )
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
+    prepare_run_dir(cfg, dist)  # after every check that can refuse: a refused start changes nothing here
     guard = DivergenceGuard(cfg.train.max_skips, skips=state.skips)
     peak = peak_flops(dist.device, cfg.train.precision, cfg.log.peak_flops)
     return Run(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -67,11 +68,72 @@ def test_the_os_releases_the_lock_of_a_killed_holder(tmp_path: Path) -> None:
     RunLock(tmp_path).acquire().release()  # kill -9 left the file but not the lock
 
 
-def _train(run_dir: Path, *args: str, steps: int = 4) -> subprocess.Popen[str]:
-    cmd = [sys.executable, "-m", "pretrain", "train", *args, "configs/gpt-tiny.yaml", *TINY]
+def _train(
+    run_dir: Path, *overrides: str, steps: int = 4, options: tuple[str, ...] = ()
+) -> subprocess.Popen[str]:
+    """`pretrain train [options] gpt-tiny TINY... overrides...` in a subprocess, W&B off."""
+    cmd = [sys.executable, "-m", "pretrain", "train", *options, "configs/gpt-tiny.yaml", *TINY]
     cmd += [f"train.max_steps={steps}", "train.eval_every=0", "log.progress=false", f"run.dir={run_dir}"]
     env = {k: v for k, v in subprocess_env().items() if k not in ("RANK", "WORLD_SIZE", "WANDB_API_KEY")}
-    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [*cmd, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def _finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+    err = process.communicate(timeout=300)[1]
+    return process.returncode, err
+
+
+def _snapshot(run_dir: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A finished 4-step run with checkpoints at steps 2 and 4."""
+    run_dir = tmp_path_factory.mktemp("trained") / "run"
+    code, err = _finish(_train(run_dir, "checkpoint.every=2", "checkpoint.keep=5"))
+    assert code == 0, err[-3000:]
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step_*")) == ["step_2", "step_4"]
+    return run_dir
+
+
+@pytest.mark.slow
+def test_a_refused_start_changes_nothing_in_the_run_dir(trained: Path, tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    for step in (2, 4):  # every checkpoint damaged: the resume must refuse rather than start over
+        with open(run_dir / "checkpoints" / f"step_{step}" / "model.safetensors", "ab") as f:
+            f.write(b"torn")
+    before = _snapshot(run_dir)
+    code, err = _finish(_train(run_dir, "checkpoint.every=2", "train.lr=0.5"))  # a changed config, too
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err[-3000:]
+    assert lines[-1].startswith(f"error: no intact checkpoint under {run_dir / 'checkpoints'} "), err
+    print(f"\nrefused start: {lines[-1]}")
+    assert (
+        _snapshot(run_dir) == before
+    )  # config.yaml, metrics.jsonl, checkpoints, tokenizer, .lock: untouched
+
+
+@pytest.mark.slow
+def test_latest_naming_a_missing_checkpoint_is_one_warning_then_falls_back(
+    trained: Path, tmp_path: Path
+) -> None:
+    run_dir = tmp_path / "run"
+    shutil.copytree(trained, run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_4")  # `latest` still says step_4
+    code, err = _finish(_train(run_dir, "checkpoint.every=2"))
+    assert code == 0, err[-3000:]
+    warnings = [line for line in err.splitlines() if "warning:" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"warning: {run_dir / 'checkpoints' / 'latest'} names step_4, which does not exist; "
+        "falling back to the newest intact checkpoint"
+    ), err
+    print(f"\ndangling latest: {warnings[0]}")
+    assert "resuming at step 2, training to step 4" in err
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_4"
 
 
 @pytest.mark.slow
@@ -90,7 +152,9 @@ def test_two_trainers_on_one_run_dir(tmp_path: Path) -> None:
         assert lines[-1].startswith(f"error: run directory {run_dir} is in use by another trainer "), err
         assert f"pid {first.pid}, since " in lines[-1]
         print(f"\nsecond trainer: {lines[-1]}")
-        waiting = _train(run_dir, "--wait-lock", "300", steps=60)  # e.g. a requeued job: waits, then resumes
+        waiting = _train(
+            run_dir, steps=60, options=("--wait-lock", "300")
+        )  # e.g. a requeued job: waits, then resumes
         first_err = first.communicate(timeout=300)[1]
         assert first.returncode == 0, first_err[-3000:]
         waited_err = waiting.communicate(timeout=300)[1]
