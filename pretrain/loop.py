@@ -132,6 +132,7 @@ def checkpoint_manager(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
         dist=dist,
         barrier=barrier,
         broadcast=broadcast_int,
+        any_rank=any_rank,
         say=_say if dist.is_main else _quiet,
     )
 

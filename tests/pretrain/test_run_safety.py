@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -15,9 +16,13 @@ from pathlib import Path
 
 import pytest
 
+from pretrain import checkpoint as checkpoint_module
+from pretrain.checkpoint import CheckpointError, CheckpointManager, TrainerState
+from pretrain.engines.base import DistInfo
 from pretrain.runlock import RunLock, RunLockedError
 from tests.common import REPO, subprocess_env
 from tests.pretrain.helpers import TINY
+from tests.pretrain.pretrain_fakes import FakeData, FakeEngine
 
 
 def test_second_lock_is_refused_naming_the_holder_then_taken_once_released(tmp_path: Path) -> None:
@@ -162,3 +167,95 @@ def test_two_trainers_on_one_run_dir(tmp_path: Path) -> None:
         first.kill()
     assert waiting.returncode == 0, waited_err[-3000:]
     assert "already trained to step 60" in waited_err
+
+
+class DiskFullEngine(FakeEngine):
+    """Writes part of its state, then the disk is full (as on a shared file system another job filled)."""
+
+    def save(self, path: Path) -> None:
+        (path / "partial.bin").write_bytes(b"x" * 4096)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_a_failed_write_for_want_of_space_is_one_line_and_keeps_the_previous(tmp_path: Path) -> None:
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(root, keep=3, dist=DistInfo())
+    manager.save(engine=FakeEngine(), state=TrainerState(step=2), data=FakeData())
+    with pytest.raises(CheckpointError) as refused:
+        manager.save(engine=DiskFullEngine(), state=TrainerState(step=4), data=FakeData())
+    message = str(refused.value)
+    assert message.startswith(
+        f"no space left on device writing checkpoints/step_4 in {tmp_path} (needs ~0.0 MB, "
+    )
+    assert message.endswith(
+        "MB free); step_2 is intact: free space, then run the same command again to resume"
+    )
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_2"]  # the half-written save is gone
+    assert (root / "latest").read_text() == "step_2"
+
+
+def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path: Path, monkeypatch) -> None:
+    root = tmp_path / "checkpoints"
+    manager = CheckpointManager(root, keep=3, dist=DistInfo())
+    manager.save(engine=FakeEngine(), state=TrainerState(step=2), data=FakeData())
+    size = checkpoint_module.dir_bytes(root / "step_2")
+    monkeypatch.setattr(checkpoint_module, "free_bytes", lambda path: size // 2)
+    engine = FakeEngine()
+    with pytest.raises(CheckpointError, match=r"writing checkpoints/step_4 .*\(needs ~0.0 MB, 0.0 MB free\)"):
+        manager.save(engine=engine, state=TrainerState(step=4), data=FakeData())
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_2"]  # nothing was written
+    monkeypatch.setattr(checkpoint_module, "free_bytes", lambda path: size * 2)
+    assert manager.save(engine=engine, state=TrainerState(step=4), data=FakeData()).name == "step_4"
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """mount(size) -> a tmpfs of `size` (e.g. "1000k") at tmp_path/disk, remounted at that size if mounted."""
+    where = tmp_path / "disk"
+    where.mkdir()
+    mounted = []
+
+    def mount(size: str) -> Path:
+        options = f"remount,size={size}" if mounted else f"size={size}"
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(where)], capture_output=True, text=True
+        )
+        if done.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+        mounted.append(size)
+        return where
+
+    yield mount
+    if mounted:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+@pytest.mark.slow
+def test_disk_full_during_a_checkpoint_on_a_real_small_disk(small_disk) -> None:
+    run_dir = small_disk("1000k") / "run"  # a checkpoint of this model is ~1.3 MB
+    code, err = _finish(_train(run_dir, "checkpoint.every=2"))
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert code == 2, err[-3000:]
+    assert last.startswith(
+        f"error: no space left on device writing checkpoints/step_2 in {run_dir} (needs "
+    ), err
+    assert last.endswith(
+        "no checkpoint was written yet: free space, then run the same command again to resume"
+    )
+    assert "Traceback" not in err
+    print(f"\nwrite failed: {last}")
+    assert not list((run_dir / "checkpoints").glob(".tmp-step_*"))
+
+    small_disk("2000k")  # room for one checkpoint, not two
+    code, err = _finish(_train(run_dir, "checkpoint.every=2", "checkpoint.keep=5"))
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert code == 2, err[-3000:]
+    assert "error: no space left on device writing checkpoints/step_4" in last and "step_2 is intact" in last
+    print(f"checked before writing: {last}")
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_2"
+
+    small_disk("8m")  # space freed: the run resumes from the checkpoint that stayed intact
+    code, err = _finish(_train(run_dir, "checkpoint.every=2", "checkpoint.keep=5"))
+    assert code == 0, err[-3000:]
+    assert "resuming at step 2, training to step 4" in err
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_4"
