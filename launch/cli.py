@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from launch.external import AccelerateLaunch, DeepSpeedLaunch
 from launch.job import LaunchError, TrainJob, parse_endpoint
 from launch.slurm import SlurmJob, submit
-from launch.torchrun import SIGNAL_ENV, Torchrun, check_nnodes
+from launch.torchrun import SHUTDOWN_ENV, SIGNAL_ENV, Torchrun, check_nnodes
 from pretrain.bundled import package_version
 
 EXIT_USAGE = 2
@@ -260,7 +260,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
         job.check(world_size=args.nproc * nodes)
     sys.stdout.flush()
-    os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
+    os.execvpe(
+        command[0], command, {**SIGNAL_ENV, **SHUTDOWN_ENV, **os.environ}
+    )  # signals reach torchrun directly
 
 
 def main(argv: Sequence[str] | None = None) -> int:

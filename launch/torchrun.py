@@ -13,6 +13,9 @@ TORCHRUN = [sys.executable, "-m", "launch.agent"]  # torchrun itself, ending in 
 # torchrun relays these to its workers before it stops them; SIGUSR1 is SLURM's pre-timeout signal, which by
 # default would kill the agent and orphan the workers mid-step.
 SIGNAL_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+# After passing a signal on, torchrun waits this long for the workers (which checkpoint first) before SIGKILL; its
+# default, 30 s, is shorter than a large model's checkpoint. The SLURM script sets it from --signal-lead instead.
+SHUTDOWN_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
 
 _NNODES = re.compile(r"^[1-9][0-9]*(:[1-9][0-9]*)?$")
 

@@ -357,13 +357,17 @@ def test_no_check_submits_without_checking_the_run_config(capsys, config, tmp_pa
 
 def test_a_good_run_config_passes_the_check_and_starts_torchrun(capsys, config, monkeypatch):
     started: list[list[str]] = []
+    envs: list[dict] = []
 
     def execvpe(file: str, args: list[str], env: dict) -> None:
         started.append(args)
+        envs.append(env)
         raise SystemExit(0)  # the real one never returns
 
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.setattr(os, "execvpe", execvpe)
     with pytest.raises(SystemExit):
         main(["local", "--nproc", "2", str(config)])
     assert capsys.readouterr() == ("", "")
     assert started and started[0][:3] == TORCHRUN
+    assert envs[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"  # time for the workers' checkpoint after Ctrl-C
