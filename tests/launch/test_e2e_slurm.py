@@ -136,6 +136,8 @@ def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_lo
     text = log.read_text()
     assert "got SIGUSR1" in text
     assert "warning: W&B log failed (ConnectionResetError" in text
+    assert "Traceback" not in text  # torchrun's SignalException ends as launch/agent.py's one line instead
+    assert "launch: stopped by SIGTERM;" in text
     assert list(run.dir.glob("wandb/offline-run-*"))
     assert f"launch: job {job_id} restart 1" in text and f"launch: job {job_id} restart 2" in text
     runs = attempts()
