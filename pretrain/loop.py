@@ -359,9 +359,8 @@ def stop_for_preemption(run: Run) -> TrainerState:
         save(run)
     step = run.state.step
     if run.preemption.interrupt_agreed:
-        raise Interrupted(
-            f"interrupted at step {step}; checkpoint saved: run the same command again to resume"
-        )
+        saved = "checkpoint saved" if step else "nothing trained yet"
+        raise Interrupted(f"interrupted at step {step}; {saved}: run the same command again to resume")
     run.logger.note(f"stopped by signal at step {step}; checkpoint saved, run again to resume")
     if run.dist.is_main:
         run.preemption.requeue()
