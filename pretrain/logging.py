@@ -27,7 +27,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from pretrain.config import RunConfig
-from pretrain.console import say, stamp
+from pretrain.console import stamp
 
 METRICS_FILE = "metrics.jsonl"
 WANDB_CALL_TIMEOUT_S = 30.0  # a W&B call that takes longer is abandoned (offline calls take milliseconds)
@@ -137,7 +137,7 @@ class RunLogger:
     def _wandb_failed(self, message: str) -> None:
         """W&B is off from now on: say so on the console and in metrics.jsonl (once)."""
         self._wandb = None
-        say(f"warning: {message}")
+        self.note(f"warning: {message}")  # through the console, so a live progress bar stays intact
         if self._file is not None:
             self._write({"step": self._step, "warning": message})
 
