@@ -76,10 +76,12 @@ def test_the_os_releases_the_lock_of_a_killed_holder(tmp_path: Path) -> None:
 def _train(
     run_dir: Path, *overrides: str, steps: int = 4, options: tuple[str, ...] = ()
 ) -> subprocess.Popen[str]:
-    """`pretrain train [options] gpt-tiny TINY... overrides...` in a subprocess, W&B off."""
+    """`pretrain train [options] gpt-tiny TINY... overrides...` in a subprocess, W&B offline as users run it."""
     cmd = [sys.executable, "-m", "pretrain", "train", *options, "configs/gpt-tiny.yaml", *TINY]
     cmd += [f"train.max_steps={steps}", "train.eval_every=0", "log.progress=false", f"run.dir={run_dir}"]
+    cmd += ["wandb.mode=offline"]  # after TINY's wandb.mode=disabled: the last one wins
     env = {k: v for k, v in subprocess_env().items() if k not in ("RANK", "WORLD_SIZE", "WANDB_API_KEY")}
+    env["WANDB_MODE"] = "offline"
     return subprocess.Popen(
         [*cmd, *overrides], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
