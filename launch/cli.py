@@ -16,7 +16,7 @@ from typing import NoReturn
 from launch.external import AccelerateLaunch, DeepSpeedLaunch
 from launch.job import LaunchError, TrainJob, parse_endpoint
 from launch.slurm import SlurmJob, submit
-from launch.torchrun import SIGNAL_ENV, Torchrun, check_nnodes
+from launch.torchrun import SHUTDOWN_ENV, SIGNAL_ENV, Torchrun, check_nnodes
 from pretrain.bundled import package_version
 from pretrain.cli import add_command
 
@@ -58,6 +58,17 @@ def _checked(check: Callable[[str], object]) -> Callable[[str], str]:
 positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
+def _seconds(text: str) -> str:
+    """A number of seconds >= 0, kept as typed (it is passed on to `pretrain train --wait-lock`)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text!r}")
+    return text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="launch", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
@@ -69,6 +80,10 @@ def _parser() -> argparse.ArgumentParser:
     job.add_argument(
         "--no-check", action="store_true",
         help="skip `pretrain check` of the run config here (e.g. data only visible on the compute nodes)",
+    )  # fmt: skip
+    job.add_argument(
+        "--wait-lock", type=_seconds, default=None, metavar="SECONDS",
+        help="passed to `pretrain train`: wait this long for another trainer on the run directory to end",
     )  # fmt: skip
     job.add_argument(
         "config", type=Path, help="run config YAML (or the name of a bundled one, e.g. gpt-tiny.yaml)"
@@ -213,7 +228,8 @@ def slurm_job(args: argparse.Namespace) -> SlurmJob:
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Print (--dry-run), submit (slurm) or exec (the others); LaunchError for bad input."""
-    job = TrainJob(config=args.config, overrides=tuple(args.overrides))
+    options = ("--wait-lock", args.wait_lock) if args.wait_lock is not None else ()
+    job = TrainJob(config=args.config, overrides=tuple(args.overrides), train_options=options)
     if args.command == "slurm":
         slurm, launch_command = slurm_job(args), shlex.join(["launch", *argv])
         if args.dry_run:
@@ -234,7 +250,9 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
         job.check(world_size=args.nproc * nodes)
     sys.stdout.flush()
-    os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
+    os.execvpe(
+        command[0], command, {**SIGNAL_ENV, **SHUTDOWN_ENV, **os.environ}
+    )  # signals reach torchrun directly
 
 
 def main(argv: Sequence[str] | None = None) -> int:

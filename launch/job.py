@@ -42,6 +42,7 @@ class TrainJob:
 
     config: Path
     overrides: tuple[str, ...] = ()
+    train_options: tuple[str, ...] = ()  # `pretrain train` options, e.g. ("--wait-lock", "120")
 
     def __post_init__(self) -> None:
         found = find_config(self.config)  # a path, or the name of a config bundled with the package
@@ -54,8 +55,10 @@ class TrainJob:
                 raise LaunchError(f"override {item!r} is not key.path=value (e.g. train.max_steps=100)")
 
     def module_args(self, command: str = "train") -> list[str]:
-        """Arguments after the interpreter: `-m pretrain train CONFIG overrides...` (config made absolute)."""
-        return ["-m", "pretrain", command, str(self.config.resolve()), *self.overrides]
+        """Arguments after the interpreter: `-m pretrain train [options] CONFIG overrides...` (config made
+        absolute)."""
+        options = list(self.train_options) if command == "train" else []
+        return ["-m", "pretrain", command, *options, str(self.config.resolve()), *self.overrides]
 
     def check(self, *, world_size: int) -> None:
         """`pretrain check` for `world_size` processes; its one-line error as a LaunchError."""

@@ -8,11 +8,14 @@ from dataclasses import dataclass
 
 from launch.job import Endpoint, LaunchError, TrainJob
 
-TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
+TORCHRUN = [sys.executable, "-m", "launch.agent"]  # torchrun itself, ending in our own line (launch/agent.py)
 
 # torchrun relays these to its workers before it stops them; SIGUSR1 is SLURM's pre-timeout signal, which by
 # default would kill the agent and orphan the workers mid-step.
 SIGNAL_ENV = {"TORCHELASTIC_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+# After passing a signal on, torchrun waits this long for the workers (which checkpoint first) before SIGKILL; its
+# default, 30 s, is shorter than a large model's checkpoint. The SLURM script sets it from --signal-lead instead.
+SHUTDOWN_ENV = {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "300"}
 
 _NNODES = re.compile(r"^[1-9][0-9]*(:[1-9][0-9]*)?$")
 
@@ -44,7 +47,7 @@ class Torchrun:
             raise LaunchError("torchrun needs nproc >= 1, max-restarts >= 0 and node-rank >= 0")
 
     def args(self) -> list[str]:
-        """torchrun's own options (after `python -m torch.distributed.run`)."""
+        """torchrun's own options (after `python -m launch.agent`, which is torchrun)."""
         out = [f"--nproc-per-node={self.nproc_per_node}", f"--max-restarts={self.max_restarts}"]
         if self.rendezvous is None:
             return ["--standalone", "--nnodes=1", *out]

@@ -7,11 +7,17 @@ moment leaves `latest` on a complete checkpoint. On resume the manifest and ever
 engine reads a byte; a damaged checkpoint is reported and the previous one used, and if none is intact the run
 stops rather than silently starting over. In a job of N ranks rank 0 alone hashes and scans the (shared) files and
 tells the others which checkpoint to load, rather than N ranks reading every byte N times.
+
+A full disk is met before it can hurt: a save first checks the free space against the size of the previous
+checkpoint, and a write that fails anyway (quota, another writer) ends, on every rank alike, in one line that
+says how much was needed and how much is free; the half-written `.tmp-step_N` is removed and `latest` still names
+the previous checkpoint, so the run resumes from it once space is freed.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
@@ -96,6 +102,20 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     return steps
 
 
+def dangling_latest(root: Path) -> str | None:
+    """The warning to give when `latest` names a checkpoint that is not there (else None)."""
+    latest_file = root / LATEST
+    if not latest_file.is_file():
+        return None
+    name = latest_file.read_text().strip()
+    if (root / name).is_dir():
+        return None
+    return (
+        f"warning: {latest_file} names {name or 'nothing'}, which does not exist; "
+        "falling back to the newest intact checkpoint"
+    )
+
+
 def verify(path: Path) -> str | None:
     """None if `path` is complete and safe to load, else what is wrong with it (manifest, pickles)."""
     from pretrain import safety
@@ -113,6 +133,8 @@ def find_checkpoint(root: Path, step: int | None = None, *, say: Callable[[str],
     candidates = checkpoint_dirs(root)
     if not candidates:
         raise CheckpointError(f"no checkpoint under {root}; train first (pretrain train CONFIG)")
+    if step is None and (warning := dangling_latest(root)):
+        say(warning)
     if step is not None:
         wanted = root / f"step_{step}"
         if wanted not in candidates:
@@ -156,6 +178,32 @@ def _alone(value: int) -> int:
     return value
 
 
+def _itself(flag: bool) -> bool:
+    return flag
+
+
+_MB = 1024 * 1024
+_SPACE_MARGIN = 1.05  # the next checkpoint may be a little larger than the last (metadata, RNG state)
+
+
+def dir_bytes(path: Path) -> int:
+    """Bytes in the files under `path`."""
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def _disk_full(error: BaseException) -> bool:
+    """The write failed for want of space: ENOSPC/EDQUOT, or a library's wrapping of it (safetensors, DCP, and
+    torch.save's `unexpected pos` when a write comes up short)."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return any(marker in text for marker in ("No space left", "Disk quota exceeded", "unexpected pos"))
+
+
 def _noop() -> None:
     return None
 
@@ -174,6 +222,7 @@ class CheckpointManager:
         dist: DistInfo,
         barrier: Callable[[], None] = _noop,
         broadcast: Callable[[int], int] = _alone,
+        any_rank: Callable[[bool], bool] = _itself,
         say: Callable[[str], None] = _say,
     ) -> None:
         self.root = root
@@ -181,43 +230,103 @@ class CheckpointManager:
         self.dist = dist
         self._barrier = barrier
         self._broadcast = broadcast
+        self._any_rank = any_rank
         self._say = say
+        self._last_bytes: int | None = None  # the size of the newest checkpoint, once known
 
     # ------------------------------------------------------------------------------------------- save
 
     def save(self, *, engine: EngineState, state: TrainerState, data: Stateful) -> Path:
-        """Write step `state.step`; `latest` points at it only once every file and the manifest are on disk."""
-        from safetensors.torch import save_file
+        """Write step `state.step`; `latest` points at it only once every file and the manifest are on disk.
 
-        from pretrain.safety import write_manifest
-
+        Each phase ends in an agreement (`any_rank`) instead of a plain barrier, so a rank whose write failed
+        stops every rank with the same one-line CheckpointError rather than leaving them waiting."""
         tmp = self.root / f".tmp-step_{state.step}"
         final = self.root / f"step_{state.step}"
-        main = self.dist.is_main
-        if main:
+        self._check_space(final)
+        self._phase(final, tmp, self._make_tmp, tmp)
+        self._phase(final, tmp, self._write_files, tmp, engine=engine, state=state, data=data)
+        self._phase(final, tmp, self._publish, tmp, final)
+        return final
+
+    def _make_tmp(self, tmp: Path) -> None:
+        if self.dist.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "engine").mkdir(parents=True)
-        self._barrier()
+
+    def _write_files(self, tmp: Path, *, engine: EngineState, state: TrainerState, data: Stateful) -> None:
+        from safetensors.torch import save_file
+
         engine.save(tmp / "engine")
         weights = engine.full_state_dict()
         rank_dir = tmp / f"rank_{self.dist.rank}"
         rank_dir.mkdir(exist_ok=True)
         _write_json(rank_dir / "data_state.json", data.state_dict())
         _write_json(rank_dir / "rng.json", rng_state())
-        if main:
+        if self.dist.is_main:
             assert weights is not None, "Engine.full_state_dict returns the weights on rank 0"
             save_file(_unshared(weights), str(tmp / "model.safetensors"))
             _write_json(tmp / "trainer_state.json", dataclasses.asdict(state))
-        self._barrier()
-        if main:
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        from pretrain.safety import write_manifest
+
+        if self.dist.is_main:
             write_manifest(tmp)
             if final.exists():
                 shutil.rmtree(final)
             tmp.rename(final)
             self._point_latest_at(final)
+            self._last_bytes = dir_bytes(final)
             self._prune(final)
-        self._barrier()
-        return final
+
+    def _phase(self, final: Path, tmp: Path, write: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Run one phase of a save on every rank, then agree whether any rank failed (collective)."""
+        error: Exception | None = None
+        try:
+            write(*args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on every rank
+            error = e
+        if not self._any_rank(error is not None):
+            return
+        written = dir_bytes(tmp) if self.dist.is_main and tmp.is_dir() else 0
+        if self.dist.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None and not _disk_full(error):
+            raise error
+        if error is None:
+            raise CheckpointError(
+                f"writing {final.name} failed on another rank (its error says why)", path=final
+            )
+        needs = (
+            f"~{self._last_bytes / _MB:.1f} MB" if self._last_bytes else f"more than {written / _MB:.1f} MB"
+        )
+        raise CheckpointError(self._no_space(final, needs), path=final) from error
+
+    def _check_space(self, final: Path) -> None:
+        """Refuse (on every rank alike) a save that cannot fit: free space against the last checkpoint's size."""
+        short = 0
+        if self.dist.is_main:
+            if self._last_bytes is None:
+                newest = next(iter(checkpoint_dirs(self.root)), None) if self.root.is_dir() else None
+                self._last_bytes = dir_bytes(newest) if newest is not None else None
+            self.root.mkdir(parents=True, exist_ok=True)
+            short = int(bool(self._last_bytes) and free_bytes(self.root) < self._last_bytes * _SPACE_MARGIN)
+        if self._broadcast(short):
+            needs = f"~{(self._last_bytes or 0) / _MB:.1f} MB"
+            raise CheckpointError(
+                self._no_space(final, needs) if self.dist.is_main else "no space", path=final
+            )
+
+    def _no_space(self, final: Path, needs: str) -> str:
+        latest = self.root / LATEST
+        previous = latest.read_text().strip() if latest.is_file() else None
+        kept = f"{previous} is intact" if previous else "no checkpoint was written yet"
+        return (
+            f"no space left on device writing {self.root.name}/{final.name} in {self.root.parent} (needs {needs}, "
+            f"{free_bytes(self.root) / _MB:.1f} MB free); {kept}: free space, then run the same command again "
+            "to resume"
+        )
 
     def _point_latest_at(self, final: Path) -> None:
         tmp = self.root / f".{LATEST}.tmp"
@@ -248,6 +357,8 @@ class CheckpointManager:
     def restore(self, *, engine: EngineState, data: Stateful) -> TrainerState | None:
         """Load the newest intact checkpoint into `engine`, `data` and the RNGs; None when there is none yet."""
         candidates = checkpoint_dirs(self.root) if self.root.is_dir() else []
+        if self.root.is_dir() and (warning := dangling_latest(self.root)):
+            self._say(warning)
         if not candidates:
             return None
         step = self._from_main(lambda: _step_or_none(_first_intact(candidates, self._say)))

@@ -79,11 +79,22 @@ def add_command(subparsers: Any, name: str, parent: argparse.ArgumentParser, wha
     )
 
 
-def _with_config(parser: argparse.ArgumentParser) -> None:
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text!r}")
+    return value
+
+
+def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument(
         "config", type=Path, help="run config YAML (or the name of a bundled one, e.g. gpt-tiny.yaml)"
     )
     parser.add_argument("overrides", nargs="*", metavar="key.path=value", help=_OVERRIDES_HELP)
+    return parser
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -100,7 +111,15 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     for name, what, example in _CONFIG_COMMANDS:
-        _with_config(add_command(commands, name, common, what, example))
+        command = _with_config(add_command(commands, name, common, what, example))
+        if name == "train":
+            command.add_argument(
+                "--wait-lock",
+                type=_seconds,
+                default=0.0,
+                metavar="SECONDS",
+                help="if another trainer holds the run directory, wait up to this long for it to end (default: refuse)",
+            )
     export = add_command(
         commands, "export", common, "write a transformers directory from a checkpoint",
         "pretrain export runs/gpt-tiny out/gpt-tiny-hf --step 200",
@@ -137,7 +156,7 @@ def _run(args: argparse.Namespace) -> None:
     if args.command == "train":
         from pretrain.loop import train
 
-        train(cfg)
+        train(cfg, wait_lock_s=args.wait_lock)
     elif args.command == "check":
         print(f"ok: {args.config} (run dir {cfg.run_dir})")
     elif args.command == "config":
@@ -180,7 +199,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
         _error(message, agreed=getattr(e, "agreed", False))
-        return EXIT_USAGE
+        return getattr(e, "exit_code", EXIT_USAGE)
     return 0
 
 

@@ -14,6 +14,7 @@ class UserError(Exception):
     """Bad input (config, override, checkpoint, data, command-line argument); the message says what to do."""
 
     agreed: bool = False
+    exit_code: int = 2
 
 
 class ConfigError(UserError):
@@ -41,3 +42,10 @@ class DivergenceError(UserError):
     """Too many steps had a non-finite loss or gradient; the last checkpoint on disk is still a good one."""
 
     agreed = True
+
+
+class Interrupted(UserError):
+    """Ctrl-C stopped the run at a step boundary, after its checkpoint; the message says where to resume."""
+
+    agreed = True
+    exit_code = 130

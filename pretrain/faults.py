@@ -5,6 +5,9 @@ limit when the job asks for `--signal=B:USR1@N`). Dying inside a signal handler 
 checkpoint, and ranks that stop at different steps deadlock in the next collective. So the handler only sets a
 flag; the loop asks `should_stop(any_rank)` at each step boundary, where every rank agrees, saves a checkpoint
 and exits. After a pre-timeout signal nobody else will requeue the job, so rank 0 does it itself (`requeue()`).
+Ctrl-C (SIGINT) stops the same way; a second Ctrl-C exits at once. A terminal sends SIGINT to the whole process
+group and torchrun passes it on to its workers as well, so one Ctrl-C can arrive twice within milliseconds:
+only a SIGINT more than `REPEAT_WINDOW_S` after the first counts as the second.
 
 A NaN/inf loss or gradient makes the engine skip the update on every rank (StepOutput.skipped); the
 `DivergenceGuard` counts those skips and stops the run with a clear message once the budget is spent, before a
@@ -17,6 +20,7 @@ import math
 import os
 import signal
 import subprocess
+import time
 from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING
@@ -30,20 +34,24 @@ AnyRank = Callable[[bool], bool]
 """True on every rank when the flag is True on any rank (e.g. `pretrain.engines.any_rank`)."""
 
 
+REPEAT_WINDOW_S = 1.0
+
+
 def _local(flag: bool) -> bool:
     return flag
 
 
 class PreemptionHandler:
-    """Turns SIGTERM/SIGUSR1 into a flag that all ranks agree on at the next step boundary.
+    """Turns SIGTERM/SIGUSR1/SIGINT into a flag that all ranks agree on at the next step boundary.
 
     The handler is safe to receive any number of times (SLURM and torchrun may both deliver the same event), and
-    does no I/O, so a signal during a checkpoint write cannot corrupt it.
+    does no I/O, so a signal during a checkpoint write cannot corrupt it. The one exception is a second Ctrl-C,
+    which raises KeyboardInterrupt: the user asked to stop now, and `latest` still names a complete checkpoint.
     """
 
     def __init__(
         self,
-        signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1),
+        signals: Sequence[signal.Signals] = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT),
         *,
         requeue_signal: signal.Signals = signal.SIGUSR1,
         environ: Mapping[str, str] | None = None,
@@ -55,6 +63,8 @@ class PreemptionHandler:
         self._received: signal.Signals | None = None
         self._requeue_signal_seen = False
         self._agreed_requeue = False
+        self._first_interrupt: float | None = None
+        self._agreed_interrupt = False
 
     def install(self) -> PreemptionHandler:
         """Install the handlers (main thread only); returns self so `h = PreemptionHandler().install()` reads well."""
@@ -71,6 +81,12 @@ class PreemptionHandler:
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         sig = signal.Signals(signum)
+        if sig == signal.SIGINT:
+            now = time.monotonic()
+            if self._first_interrupt is None:
+                self._first_interrupt = now
+            elif now - self._first_interrupt > REPEAT_WINDOW_S:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now, without the checkpoint
         if self._received is None:
             self._received = sig
         if sig == self.requeue_signal:
@@ -84,13 +100,24 @@ class PreemptionHandler:
     def should_stop(self, any_rank: AnyRank = _local) -> bool:
         """Collective when `any_rank` is: call it on every rank at every step boundary.
 
-        True on all ranks once any rank got a signal. When stopping, whether the job must requeue itself is
-        agreed too, so rank 0 knows even if only another node saw the pre-timeout signal.
+        True on all ranks once any rank got a signal. When stopping, whether the job must requeue itself, and
+        whether it was Ctrl-C, are agreed too, so rank 0 knows even if only another node saw the signal.
         """
         if not any_rank(self._received is not None):
             return False
         self._agreed_requeue = any_rank(self._requeue_signal_seen)
+        self._agreed_interrupt = any_rank(self.interrupted)
         return True
+
+    @property
+    def interrupted(self) -> bool:
+        """Ctrl-C (SIGINT) reached this process."""
+        return self._first_interrupt is not None
+
+    @property
+    def interrupt_agreed(self) -> bool:
+        """After `should_stop` said True: some rank got Ctrl-C, so every rank ends as interrupted."""
+        return self._agreed_interrupt or self.interrupted
 
     @property
     def slurm_job_id(self) -> str | None:

@@ -4,6 +4,12 @@ Only rank 0 logs. Each record is appended and flushed at once, so `tail -f` work
 it logged; on resume the records after the restored step are dropped, so the file reads like one straight run.
 W&B files live under the run directory; it is imported only when enabled, and never sees or prints a key
 from us (it reads WANDB_API_KEY / netrc itself).
+
+Logging must never cost a checkpoint. W&B talks to a separate service process, and a cluster's SIGTERM reaches
+that process too: afterwards every W&B call raises (`ConnectionResetError`), and a hung service would block one.
+So each W&B call runs with a time limit and behind a fuse (`_Wandb`): the first failure or timeout is said once,
+on the console and as a `warning` record in metrics.jsonl, W&B is off for the rest of the run, and the loop goes
+on to its checkpoint; metrics.jsonl, which needs no other process, keeps every record.
 """
 
 from __future__ import annotations
@@ -12,6 +18,8 @@ import json
 import math
 import os
 import secrets
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +30,10 @@ from pretrain.config import RunConfig
 from pretrain.console import stamp
 
 METRICS_FILE = "metrics.jsonl"
+WANDB_CALL_TIMEOUT_S = 30.0  # a W&B call that takes longer is abandoned (offline calls take milliseconds)
+WANDB_FINISH_TIMEOUT_S = (
+    60.0  # finish flushes the offline files; a dead or hung service must not hold the exit
+)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -61,8 +73,9 @@ class RunLogger:
         self.cfg = cfg
         self._console = Console(stderr=True, soft_wrap=True)  # no hard wraps in SLURM/CI logs
         self._progress: Progress | None = None
-        self._wandb: Any = None
+        self._wandb: _Wandb | None = None
         self._file = None
+        self._step = start_step
         if not enabled:
             return
         path = cfg.run_dir / METRICS_FILE
@@ -81,20 +94,18 @@ class RunLogger:
                 "train", total=cfg.train.max_steps, completed=start_step, info=""
             )
             self._progress.start()
-        self._wandb = _start_wandb(cfg)
+        self._wandb = _Wandb.start(cfg, on_failure=self._wandb_failed)
 
     def log(self, record: dict[str, Any]) -> None:
         """One training (or validation) record: to the file at once, then the display and W&B."""
         if not self.enabled:
             return
         record = {k: _clean(v) for k, v in record.items()}
-        assert self._file is not None
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._step = record["step"]
+        self._write(record)
         if self._wandb is not None:
-            self._wandb.log(
-                {k: v for k, v in record.items() if k != "step" and v is not None}, step=record["step"]
-            )
+            point = {k: v for k, v in record.items() if k != "step" and v is not None}
+            self._wandb.log(point, step=record["step"])
         info = "  ".join(
             f"{k} {_short(record[k])}" for k in ("loss", "val_loss", "lr", "tokens_per_s") if k in record
         )
@@ -109,18 +120,100 @@ class RunLogger:
             self._console.print(stamp(message), markup=False, highlight=False)
 
     def close(self) -> None:
+        """Stop the display, finish W&B (bounded: it may be dead or hung), close metrics.jsonl."""
         if self._progress is not None:
             self._progress.stop()
-        if self._file is not None:
-            self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def _write(self, record: dict[str, Any]) -> None:
+        assert self._file is not None
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def _wandb_failed(self, message: str) -> None:
+        """W&B is off from now on: say so on the console and in metrics.jsonl (once)."""
+        self._wandb = None
+        self.note(f"warning: {message}")  # through the console, so a live progress bar stays intact
+        if self._file is not None:
+            self._write({"step": self._step, "warning": message})
 
 
 def _short(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+class _Wandb:
+    """A W&B run behind a fuse: every call is time-limited, and the first failure turns W&B off for good."""
+
+    def __init__(self, run: Any, on_failure: Callable[[str], None]) -> None:
+        self._run = run
+        self._on_failure = on_failure
+
+    @classmethod
+    def start(cls, cfg: RunConfig, *, on_failure: Callable[[str], None]) -> _Wandb | None:
+        """None when disabled, or when W&B cannot start (said once; the run trains without it)."""
+        try:
+            run = _start_wandb(cfg)
+        except Exception as e:  # noqa: BLE001 - any W&B failure degrades to a warning
+            on_failure(_failure("init", e))
+            return None
+        return None if run is None else cls(run, on_failure)
+
+    def log(self, data: dict[str, Any], *, step: int) -> None:
+        self._call("log", lambda: self._run.log(data, step=step), WANDB_CALL_TIMEOUT_S)
+
+    def finish(self) -> None:
+        self._call("finish", self._run.finish, WANDB_FINISH_TIMEOUT_S)
+
+    def _call(self, what: str, fn: Callable[[], object], timeout_s: float) -> None:
+        if self._run is None:
+            return
+        error = call_with_timeout(fn, timeout_s)
+        if error is not None:
+            self._run = None
+            _teardown_quietly()
+            self._on_failure(_failure(what, error))
+
+
+def call_with_timeout(fn: Callable[[], object], timeout_s: float) -> BaseException | None:
+    """Run `fn` in a daemon thread; its exception, a TimeoutError if it is still running after `timeout_s`
+    (it is then abandoned), or None."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            fn()
+            outcome.append(None)
+        except BaseException as e:  # noqa: BLE001 - reported to the caller
+            outcome.append(e)
+
+    thread = threading.Thread(target=target, name="pretrain-wandb", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if not outcome:
+        return TimeoutError(f"no answer after {timeout_s:.0f} s")
+    return outcome[0]
+
+
+def _failure(what: str, error: BaseException) -> str:
+    detail = " ".join(str(error).split()) or "no message"
+    return (
+        f"W&B {what} failed ({type(error).__name__}: {detail}); W&B is off for the rest of this run, "
+        f"metrics.jsonl keeps every record"
+    )
+
+
+def _teardown_quietly() -> None:
+    """Drop W&B's connection to its (dead) service, so its exit hook does not print a traceback at exit."""
+    import wandb
+
+    call_with_timeout(lambda: wandb.teardown(1), 5.0)
 
 
 def _start_wandb(cfg: RunConfig) -> Any:

@@ -34,11 +34,12 @@ from pretrain.engines import (
     init_distributed,
     shutdown,
 )
-from pretrain.errors import ConfigError
+from pretrain.errors import ConfigError, Interrupted
 from pretrain.faults import DivergenceGuard, PreemptionHandler
 from pretrain.logging import RunLogger
 from pretrain.metrics import Throughput, memory_gib, peak_flops
 from pretrain.rng import seed_everything
+from pretrain.runlock import RunLock, RunLockedError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
@@ -69,8 +70,11 @@ class Run:
     val_batches: list[Batch] = field(default_factory=list)
 
 
-def train(cfg: RunConfig) -> TrainerState:
-    """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes."""
+def train(cfg: RunConfig, *, wait_lock_s: float = 0.0) -> TrainerState:
+    """`pretrain train`: train (or resume, or notice it is done) the run `cfg` describes.
+
+    Rank 0 holds the run directory's lock from before anything in it changes until the end (`wait_lock_s`:
+    how long to wait for another trainer to let go)."""
     dist = init_distributed(timeout_s=cfg.engine.dist_timeout_s)
     if dist.is_main:
         for warning in cfg.warnings():
@@ -83,6 +87,11 @@ def train(cfg: RunConfig) -> TrainerState:
             )
         shutdown()
         return finished
+    try:
+        lock = take_run_lock(cfg, dist, wait_s=wait_lock_s)
+    except BaseException:
+        shutdown()
+        raise
     preemption = PreemptionHandler().install()
     try:
         run = setup(cfg, dist, preemption)
@@ -92,7 +101,22 @@ def train(cfg: RunConfig) -> TrainerState:
             run.logger.close()
     finally:
         preemption.uninstall()
+        lock.release()
         shutdown()
+
+
+def take_run_lock(cfg: RunConfig, dist: DistInfo, *, wait_s: float) -> RunLock:
+    """Rank 0 takes RUN_DIR/.lock (collective): every rank refuses alike when another trainer holds it."""
+    lock = RunLock(cfg.run_dir)
+    refusal: RunLockedError | None = None
+    if dist.is_main:
+        try:
+            lock.acquire(wait_s=wait_s)
+        except RunLockedError as e:
+            refusal = e
+    if broadcast_int(int(refusal is not None)):
+        raise refusal or RunLockedError(f"run directory {cfg.run_dir} is in use by another trainer")
+    return lock
 
 
 def finished_state(cfg: RunConfig, dist: DistInfo | None = None) -> TrainerState | None:
@@ -108,17 +132,18 @@ def checkpoint_manager(cfg: RunConfig, dist: DistInfo) -> CheckpointManager:
         dist=dist,
         barrier=barrier,
         broadcast=broadcast_int,
+        any_rank=any_rank,
         say=_say if dist.is_main else _quiet,
     )
 
 
 def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
-    """Run directory, tokenizer, model, engine, data; then restore the newest intact checkpoint, if any."""
+    """Tokenizer, model, engine, data; then restore the newest intact checkpoint, if any, and only then (once
+    nothing can refuse the start any more) record the config in the run directory."""
     import data
 
     checkpoints = checkpoint_manager(cfg, dist)
     checkpoints.check_world_size()  # before paying for a tokenizer, a model and an engine
-    prepare_run_dir(cfg, dist)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg.model, tokenizer)
@@ -138,6 +163,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         grad_accum=cfg.train.grad_accum,
     )
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
+    prepare_run_dir(cfg, dist)  # after every check that can refuse: a refused start changes nothing here
     guard = DivergenceGuard(cfg.train.max_skips, skips=state.skips)
     peak = peak_flops(dist.device, cfg.train.precision, cfg.log.peak_flops)
     return Run(
@@ -327,10 +353,15 @@ def save(run: Run) -> Path:
 
 
 def stop_for_preemption(run: Run) -> TrainerState:
-    """Save (unless this step is saved already), requeue the SLURM job if asked, and return."""
+    """Save (unless this step is saved already), requeue the SLURM job if asked, and return; after Ctrl-C,
+    raise `Interrupted` (exit code 130) instead, with the same checkpoint written."""
     if run.last_saved != run.state.step:
         save(run)
-    run.logger.note(f"stopped by signal at step {run.state.step}; checkpoint saved, run again to resume")
+    step = run.state.step
+    if run.preemption.interrupt_agreed:
+        saved = "checkpoint saved" if step else "nothing trained yet"
+        raise Interrupted(f"interrupted at step {step}; {saved}: run the same command again to resume")
+    run.logger.note(f"stopped by signal at step {step}; checkpoint saved, run again to resume")
     if run.dist.is_main:
         run.preemption.requeue()
     return run.state

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from tests.common import REPO
 
 CLUSTER_SCRIPT = REPO / "tests" / "slurm" / "local-cluster.sh"
@@ -40,7 +42,7 @@ def tiny_config(run_dir: Path, tokenizer: Path, **sections: dict[str, Any]) -> d
         "engine": {"backend": "ddp"},
         "checkpoint": {"every": 10, "keep": 10},
         "log": {"every": 1, "progress": True},  # a "step N/M" line per step
-        "wandb": {"mode": "disabled"},
+        "wandb": {"mode": "offline"},  # as users run: W&B's service process lives (and dies) with the job
         "run": {"dir": str(run_dir)},
     }
     for name, values in sections.items():
@@ -49,9 +51,9 @@ def tiny_config(run_dir: Path, tokenizer: Path, **sections: dict[str, Any]) -> d
 
 
 def train_env() -> dict[str, str]:
-    """The environment for training subprocesses: no W&B key, no network, this venv first on PATH."""
+    """The environment for training subprocesses: no W&B key, W&B offline (no network), this venv first on PATH."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
-    env.update(WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    env.update(WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 
@@ -136,6 +138,21 @@ def run_to_end(cmd: list[str], *, timeout: float, cwd: Path = REPO) -> subproces
         f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
     return done
+
+
+def wandb_services(config: Path) -> list[psutil.Process]:
+    """The W&B service processes started by the trainer(s) running `config` (found by that file's path)."""
+    target = str(config.resolve())
+    out: dict[int, psutil.Process] = {}
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = process.info["cmdline"] or []
+        if target in cmdline and "pretrain" in cmdline and "train" in cmdline:
+            try:
+                children = process.children(recursive=True)
+            except psutil.NoSuchProcess:
+                continue
+            out |= {child.pid: child for child in children if child.name().startswith("wandb-core")}
+    return list(out.values())
 
 
 def cluster_up() -> bool:

@@ -16,7 +16,7 @@ from launch.job import TrainJob
 from tests.common import REPO
 
 PY = sys.executable
-TORCHRUN = [PY, "-m", "torch.distributed.run"]
+TORCHRUN = [PY, "-m", "launch.agent"]
 
 
 @pytest.fixture
@@ -52,6 +52,13 @@ def test_local_is_standalone_torchrun(capsys, config):
         str(config),
         "train.max_steps=5",
     ]
+
+
+def test_wait_lock_is_passed_to_pretrain_train(capsys, config):
+    out = dry(capsys, "local", "--nproc", "1", "--wait-lock", "120", str(config))
+    assert out.split()[-5:] == ["pretrain", "train", "--wait-lock", "120", str(config)]
+    script = dry(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "0", "--wait-lock", "90", str(config))
+    assert f"-m pretrain train --wait-lock 90 {config}" in script
 
 
 @pytest.mark.parametrize(("rank", "is_host"), [(0, 1), (1, 0)])
@@ -254,6 +261,7 @@ def test_run_dir_resolution(tmp_path, monkeypatch):
             "--time must be a SLURM time",
         ),
         (["deepspeed", "--hostfile", "nope", "CFG"], "hostfile not found: nope"),
+        (["local", "--nproc", "1", "--wait-lock", "soon", "CFG"], "--wait-lock: must be a number of seconds"),
         (["accelerate", "--config", "nope.yaml", "CFG"], "accelerate config not found: nope.yaml"),
     ],
 )
@@ -349,13 +357,17 @@ def test_no_check_submits_without_checking_the_run_config(capsys, config, tmp_pa
 
 def test_a_good_run_config_passes_the_check_and_starts_torchrun(capsys, config, monkeypatch):
     started: list[list[str]] = []
+    envs: list[dict] = []
 
     def execvpe(file: str, args: list[str], env: dict) -> None:
         started.append(args)
+        envs.append(env)
         raise SystemExit(0)  # the real one never returns
 
+    monkeypatch.delenv("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", raising=False)
     monkeypatch.setattr(os, "execvpe", execvpe)
     with pytest.raises(SystemExit):
         main(["local", "--nproc", "2", str(config)])
     assert capsys.readouterr() == ("", "")
     assert started and started[0][:3] == TORCHRUN
+    assert envs[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"  # time for the workers' checkpoint after Ctrl-C

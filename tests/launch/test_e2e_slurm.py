@@ -1,11 +1,13 @@
 """`launch slurm` against the real local SLURM (tests/slurm/local-cluster.sh): a job trains to the end, and a job
 stopped twice mid-run (the pre-timeout USR1, then `scontrol requeue`) checkpoints, reruns, resumes and finishes with
-the losses of an uninterrupted run.
+the losses of an uninterrupted run. W&B is offline, as users run it: its service process gets the job's signals
+too, and in the second attempt the test kills it outright before the requeue.
 """
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -23,6 +25,7 @@ from tests.launch.launch_e2e import (
     losses_by_step,
     train_env,
     wait_for,
+    wandb_services,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
@@ -109,11 +112,21 @@ def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_lo
     wait_for(lambda: run.last_step() >= 5, timeout=180, what="step 5", interval=0.05)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True, timeout=30)
     release_when_pending(job_id)
-    # 2. A requeue from outside (preemption, an admin): SIGTERM to every process of the job.
+    # 2. W&B's service dies mid-run (as a cluster's signal kills it): one warning, training goes on.
     wait_for(
-        lambda: len(attempts()) == 2 and len(attempts()[1].steps) >= 3,
+        lambda: len(attempts()) == 2 and len(attempts()[1].steps) >= 1 and bool(wandb_services(config)),
         timeout=180,
-        what="3 steps after the first restart",
+        what="the first restart's W&B service",
+        interval=0.05,
+    )
+    for service in wandb_services(config):
+        service.send_signal(signal.SIGKILL)
+    killed_at = attempts()[1].steps[-1]
+    # 3. A requeue from outside (preemption, an admin): SIGTERM to every process of the job.
+    wait_for(
+        lambda: len(attempts()[1].steps) >= 3 and attempts()[1].steps[-1] >= killed_at + 2,
+        timeout=180,
+        what="2 steps after W&B's service was killed",
         interval=0.05,
     )
     subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=30)
@@ -122,6 +135,10 @@ def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_lo
 
     text = log.read_text()
     assert "got SIGUSR1" in text
+    assert "warning: W&B log failed (ConnectionResetError" in text
+    assert "Traceback" not in text  # torchrun's SignalException ends as launch/agent.py's one line instead
+    assert "launch: stopped by SIGTERM;" in text
+    assert list(run.dir.glob("wandb/offline-run-*"))
     assert f"launch: job {job_id} restart 1" in text and f"launch: job {job_id} restart 2" in text
     runs = attempts()
     assert len(runs) == 3, runs

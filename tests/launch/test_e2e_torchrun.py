@@ -1,5 +1,5 @@
-"""Real multi-process runs through `launch`: two "nodes" on loopback, a worker killed under --max-restarts, and
-the DeepSpeed and Accelerate launchers.
+"""Real multi-process runs through `launch`: two "nodes" on loopback, a worker killed under --max-restarts, Ctrl-C,
+and the DeepSpeed and Accelerate launchers.
 
 Each test's losses are compared step by step with one uninterrupted 2-process run (`reference_losses`).
 """
@@ -7,6 +7,7 @@ Each test's losses are compared step by step with one uninterrupted 2-process ru
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ from tests.launch.launch_e2e import (
     attempts_from_log,
     launch_cmd,
     losses_by_step,
+    run_to_end,
     train_env,
     wait_for,
 )
@@ -98,6 +100,42 @@ def test_killed_worker_restarts_and_resumes_from_newest_checkpoint(write_config,
     assert 0 <= redone < 10  # less than checkpoint.every
     assert second.steps == list(range(second.resumed_from + 1, MAX_STEPS + 1))
     assert losses_by_step(run.steps()) == reference_losses  # exact, before and after the resume point
+
+
+def test_ctrl_c_checkpoints_at_the_next_step_ends_in_one_line_and_resumes(write_config, reference_losses):
+    config = write_config("ctrl-c", checkpoint={"every": 1000})  # only Ctrl-C checkpoints
+    run = Run(config.parent / "ctrl-c")
+    agent = subprocess.Popen(
+        launch_cmd("local", "--nproc", "2", str(config)),
+        env=train_env(),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell's foreground job
+    )
+    try:
+        wait_for(lambda: run.last_step() >= 3, timeout=240, what="step 3")
+        signalled_after = run.last_step()
+        os.killpg(agent.pid, signal.SIGINT)  # Ctrl-C: the terminal signals the whole group
+        err = agent.communicate(timeout=120)[1]
+    finally:
+        if agent.poll() is None:
+            os.killpg(agent.pid, signal.SIGKILL)
+    assert agent.returncode == 130, err[-4000:]
+    assert "Traceback" not in err
+    last = [line for line in err.splitlines() if line.strip()][-1]
+    assert last.startswith("launch: stopped by SIGINT;"), err[-4000:]
+    said = re.findall(r"error: interrupted at step (\d+); checkpoint saved: run the same command again", err)
+    assert len(said) == 1, err[-4000:]  # rank 0 alone says it
+    stopped = int(said[0])
+    print(f"\nCtrl-C after step {signalled_after}: stopped at step {stopped}; last line: {last}")
+    assert signalled_after <= stopped <= signalled_after + 1  # the step in flight, then the checkpoint
+    assert run.checkpoints() == [stopped] and run.latest() == f"step_{stopped}"
+
+    done = run_to_end(launch_cmd("local", "--nproc", "2", str(config)), timeout=300)
+    assert f"resuming at step {stopped}" in done.stderr
+    assert losses_by_step(run.steps()) == reference_losses
 
 
 @pytest.mark.parametrize("launcher", ["deepspeed", "accelerate"])

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
+from pretrain import faults
 from pretrain.engines.base import StepOutput
 from pretrain.faults import DivergenceError, DivergenceGuard, PreemptionHandler
 
@@ -37,6 +39,31 @@ def test_signal_twice_only_sets_the_flag(handler):
     assert handler.should_stop() is True
 
 
+def test_one_ctrl_c_delivered_twice_is_one_stop(handler):
+    os.kill(os.getpid(), signal.SIGINT)  # from the terminal...
+    os.kill(
+        os.getpid(), signal.SIGINT
+    )  # ...and again from torchrun, milliseconds later: no KeyboardInterrupt
+    assert handler.received == signal.SIGINT
+    assert handler.should_stop() is True
+    assert handler.interrupt_agreed is True
+
+
+def test_second_ctrl_c_exits_at_once(handler, monkeypatch):
+    monkeypatch.setattr(faults, "REPEAT_WINDOW_S", 0.05)
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.2)
+    with pytest.raises(KeyboardInterrupt):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(1)  # the handler runs here, at the latest
+
+
+def test_sigterm_is_not_an_interrupt(handler):
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert handler.should_stop() is True
+    assert handler.interrupt_agreed is False
+
+
 def test_uninstall_restores_previous_handler():
     before = signal.getsignal(signal.SIGUSR1)
     h = PreemptionHandler().install()
@@ -58,11 +85,12 @@ class FakeRanks:
 
 
 def test_stop_agreed_when_another_rank_got_the_signal(handler):
-    ranks = FakeRanks(others=[False, True, True])
+    ranks = FakeRanks(others=[False, True, True, False])
     assert handler.should_stop(ranks) is False  # nobody yet
     assert handler.should_stop(ranks) is True  # a peer saw the pre-timeout signal; we saw nothing
-    assert ranks.calls == [False, False, False]  # stop flag, stop flag, then the requeue agreement
+    assert ranks.calls == [False, False, False, False]  # stop, stop, then the requeue and Ctrl-C agreements
     assert handler.requeue_requested is False  # no SLURM job here
+    assert handler.interrupt_agreed is False
 
 
 def test_requeue_only_for_pre_timeout_signal_under_slurm():
