@@ -122,6 +122,10 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg.model, tokenizer)
+    if cfg.model.init_from is not None:  # weights only; a checkpoint of this run, if any, replaces them below
+        for note in components.load_init_weights(model, cfg.model):
+            if dist.is_main:
+                _say(f"note: init_from resized {note}")
     flops_per_token = objective_flops_per_token(model, cfg)  # before ZeRO-3/FSDP shard the parameters away
     if cfg.train.compile:
         model.compile_blocks()  # compiles lazily, at the first step
@@ -231,6 +235,8 @@ def run_loop(run: Run) -> TrainerState:
         run.logger.note(
             f"{cfg.run_dir}: already trained to step {state.step} (train.max_steps={cfg.train.max_steps})"
         )
+        if cfg.train.max_steps == 0:  # a fresh run asked for 0 steps: its starting weights as a checkpoint
+            save(run)
         return state
     verb = f"resuming at step {state.step}" if state.step else "starting"
     run.logger.note(f"{cfg.run_dir}: {verb}, training to step {cfg.train.max_steps}")
