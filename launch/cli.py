@@ -75,7 +75,11 @@ def _parser() -> argparse.ArgumentParser:
 
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument("--debug", action="store_true", help="show tracebacks, also for errors in the input")
-    job.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) and exit")
+    job.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, print the command (or sbatch script) and exit",
+    )
     job.add_argument(
         "--no-check", action="store_true",
         help="skip `pretrain check` of the run config here (e.g. data only visible on the compute nodes)",
@@ -226,23 +230,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     job = TrainJob(config=args.config, overrides=tuple(args.overrides))
     if args.command == "slurm":
         slurm, launch_command = slurm_job(args), shlex.join(["launch", *argv])
+        if not args.no_check:  # a dry run too: it is how a job is vetted before the queue
+            job.check(world_size=slurm.nodes * slurm.procs_per_node)
         if args.dry_run:
             print(slurm.render(job, launch_command=launch_command), end="")
             return 0
-        if not args.no_check:
-            job.check(world_size=slurm.nodes * slurm.procs_per_node)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
         print(job_id)
         return 0
     command = exec_command(args, job)
-    if args.dry_run:
-        print(shlex.join(command))
-        return 0
     if args.command in ("local", "torchrun") and not args.no_check:
         nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
         job.check(world_size=args.nproc * nodes)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
     sys.stdout.flush()
     os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
 

@@ -277,7 +277,10 @@ def test_bad_arguments_are_one_line_exit_2(capsys, config, argv, message):
 @pytest.mark.parametrize(
     ("argv", "what"),
     [
-        (["slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "BAD"], "launch slurm: config file"),
+        (
+            ["slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "--no-check", "BAD"],
+            "launch slurm: config file",
+        ),
         (["accelerate", "--config", "BAD", "CFG"], "launch accelerate: accelerate config"),
     ],
 )
@@ -331,7 +334,7 @@ def test_a_bad_run_config_is_one_line_before_any_worker_or_job(capsys, config, a
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     code, out, err = run_cli(capsys, *argv, str(config), "train.max_steps=-1")
-    problem = "train.max_steps: Input should be greater than 0 (got -1)"
+    problem = "train.max_steps: Input should be greater than or equal to 0 (got -1)"
     assert (code, out, err) == (2, "", f"error: launch {argv[0]}: run config {config}: {problem}\n")
     assert started == [] and not (tmp_path / "submitted").exists()
 
