@@ -130,7 +130,15 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the partition's)")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--account", default=None)
-    slurm.add_argument("--cpus-per-task", type=positive, default=None, help="CPUs for each node's torchrun")
+    slurm.add_argument(
+        "--cpus-per-task", type=positive, default=None,
+        help="CPUs for each node's torchrun (default: processes per node x (data.num_workers + 1))",
+    )  # fmt: skip
+    slurm.add_argument("--mem", default=None, help="memory per node, e.g. 256G (0: all of it)")
+    slurm.add_argument(
+        "--setup", type=Path, default=None,
+        help="shell lines run on every node before torchrun (module load, conda activate, NCCL variables)",
+    )  # fmt: skip
     slurm.add_argument(
         "--max-restarts", type=non_negative, default=0, help="torchrun restarts within one job"
     )
@@ -218,6 +226,8 @@ def slurm_job(args: argparse.Namespace) -> SlurmJob:
         partition=args.partition,
         account=args.account,
         cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        setup=args.setup,
         max_restarts=args.max_restarts,
         signal_lead_s=args.signal_lead,
         job_name=args.job_name,
