@@ -137,10 +137,19 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("overrides", nargs="*", metavar="key.path=value", help=_OVERRIDES_HELP)
 
     plot = _command(
-        commands, "plot", common, "draw loss / lr / throughput curves to a PNG", "pretrain plot runs/gpt-tiny"
+        commands,
+        "plot",
+        common,
+        "draw loss, lr, throughput, grad-norm and MFU curves to a PNG (several runs: overlaid)",
+        "pretrain plot runs/gpt-tiny runs/gpt-tiny-long --out compare.png",
     )
-    plot.add_argument("run_dir", type=Path, help="the run.dir of a training run")
-    plot.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    plot.add_argument(
+        "run_dirs", type=Path, nargs="+", metavar="run_dir", help="the run.dir of a training run"
+    )
+    plot.add_argument(
+        "--out", type=Path, default=None,
+        help="PNG path (default: RUN_DIR/metrics.png; several runs: ./metrics-compare.png)",
+    )  # fmt: skip
     return parser
 
 
@@ -174,9 +183,9 @@ def _run(args: argparse.Namespace) -> None:
 
         prepare(cfg, args.out_dir)
     elif args.command == "plot":
-        from pretrain.plot import plot_run
+        from pretrain.plot import plot_runs
 
-        print(f"wrote {plot_run(args.run_dir, args.out)}")
+        print(f"wrote {plot_runs(args.run_dirs, args.out)}")
 
 
 def _sample(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import secrets
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,27 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+RESUMES_FILE = "resumes.jsonl"
+
+
+def note_resume(run_dir: Path, step: int) -> None:
+    """Record that the run resumed at `step` (rank 0), for the marks `pretrain plot` draws."""
+    with open(run_dir / RESUMES_FILE, "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time()}) + "\n")
+
+
+def read_resumes(run_dir: Path) -> list[int]:
+    """The steps a run resumed at, in order (a torn last line is skipped)."""
+    path = run_dir / RESUMES_FILE
+    steps = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return steps
 
 
 def _truncate_after(path: Path, step: int) -> None:

@@ -36,7 +36,7 @@ from pretrain.engines import (
 )
 from pretrain.errors import ConfigError
 from pretrain.faults import DivergenceGuard, PreemptionHandler
-from pretrain.logging import RunLogger
+from pretrain.logging import RunLogger, note_resume
 from pretrain.metrics import Throughput, memory_gib, peak_flops
 from pretrain.rng import seed_everything
 
@@ -239,6 +239,8 @@ def run_loop(run: Run) -> TrainerState:
             save(run)
         return state
     verb = f"resuming at step {state.step}" if state.step else "starting"
+    if state.step and run.dist.is_main:
+        note_resume(cfg.run_dir, state.step)
     run.logger.note(f"{cfg.run_dir}: {verb}, training to step {cfg.train.max_steps}")
     while state.step < cfg.train.max_steps:
         if run.preemption.should_stop(any_rank):
