@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DeepSpeedConfig",
     "EngineConfig",
+    "EvalConfig",
     "EngineSpec",
     "FSDPConfig",
     "LogConfig",
@@ -167,6 +168,18 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    __pydantic_config__ = _STRICT
+
+    samples: tuple[str, ...] = doc(
+        "prompts sampled greedily at every evaluation (train.eval_every) into RUN_DIR/samples.jsonl and W&B: "
+        "GPT continues them, T5 fills their <extra_id_N> sentinels, BERT its [MASK]s; empty = none",
+        (),
+    )
+    max_new_tokens: PositiveInt = doc("tokens generated per sample (GPT, T5)", 32)
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     __pydantic_config__ = _STRICT
 
@@ -287,6 +300,7 @@ class RunConfig:
     )
     train: TrainConfig = doc("steps, batch, optimizer, precision", factory=TrainConfig)
     engine: EngineConfig = doc("how the model is distributed", factory=EngineConfig)
+    eval: EvalConfig = doc("what evaluation steps write besides the validation loss", factory=EvalConfig)
     checkpoint: CheckpointConfig = doc("how often, how many", factory=CheckpointConfig)
     log: LogConfig = doc("metrics.jsonl, console, MFU", factory=LogConfig)
     wandb: WandbConfig = doc("Weights & Biases", factory=WandbConfig)
@@ -308,6 +322,9 @@ class RunConfig:
                 )
             tokenizer = self.model.source_tokenizer  # the weights' own vocabulary, never a new one
             object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer=tokenizer))
+        for i, prompt in enumerate(self.eval.samples):
+            if self.model.family == "bert" and "[MASK]" not in prompt:
+                raise ConfigError(f"eval.samples[{i}]: a BERT prompt needs [MASK] where tokens are filled")
         positions = self.model.config.max_seq_len
         if positions is not None and self.data.seq_len > positions:
             raise ConfigError(

@@ -40,6 +40,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 RESUMES_FILE = "resumes.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 
 
 def note_resume(run_dir: Path, step: int) -> None:
@@ -124,6 +125,19 @@ class RunLogger:
             self._progress.update(self._task, completed=record["step"], info=info)
         elif self.cfg.log.progress:
             print(stamp(f"step {record['step']}/{self.cfg.train.max_steps}  {info}"), flush=True)
+
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Generated samples at an evaluation step: appended to RUN_DIR/samples.jsonl, and a W&B table."""
+        if not self.enabled:
+            return
+        with open(self.cfg.run_dir / SAMPLES_FILE, "a") as f:
+            for prompt, output in samples:
+                f.write(json.dumps({"step": step, "prompt": prompt, "output": output}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "output"], data=[[step, p, o] for p, o in samples])
+            self._wandb.log({"samples": table}, step=step)
 
     def note(self, message: str) -> None:
         """A human-facing line (rank 0 only) that does not break the progress bar."""

@@ -247,6 +247,8 @@ def run_loop(run: Run) -> TrainerState:
             return stop_for_preemption(run)
         out = train_step(run)
         val_loss = evaluate(run) if _due(state.step, cfg.train.eval_every, cfg.train.max_steps) else None
+        if val_loss is not None and cfg.eval.samples:
+            run.logger.samples(state.step, eval_samples(run))
         if val_loss is not None or _due(state.step, cfg.log.every, cfg.train.max_steps):
             run.logger.log(metrics_record(run, out, val_loss))
         if _due(state.step, cfg.checkpoint.every, cfg.train.max_steps):
@@ -305,6 +307,29 @@ def _validation_batches(run: Run) -> list[Batch]:
             "data: the validation split is empty; set data.validation_source or train.eval_every=0"
         )
     return list(itertools.islice(itertools.cycle(batches), cfg.train.eval_batches))
+
+
+def eval_samples(run: Run) -> list[tuple[str, str]]:
+    """(prompt, output) for each `eval.samples` prompt, greedy (no RNG drawn: resume stays exact); every rank
+    runs the same forwards, so sharded engines gather their parameters alike."""
+    from pretrain.sample import generate
+
+    cfg = run.cfg
+    return [
+        (
+            prompt,
+            generate(
+                run.engine.model,
+                run.tokenizer,
+                cfg.model.family,
+                prompt,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                forward=run.engine.forward_module,
+                device=run.dist.device,
+            ),
+        )
+        for prompt in cfg.eval.samples
+    ]
 
 
 def metrics_record(run: Run, out: StepOutput, val_loss: float | None) -> dict[str, Any]:

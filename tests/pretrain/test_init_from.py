@@ -302,3 +302,33 @@ def test_pretrain_sample_is_what_transformers_generates(zero_step):
     options = ", ".join(f"{r['token_str']!r} {r['score']:.3f}" for r in found)
     expected = f"[MASK]0: {options}"
     assert _sample_cli(run_dir, "--top-k", "3") == [f"{'def main([MASK]):'!r} -> {expected!r}"]
+
+
+def test_eval_samples_for_bert_need_a_mask(sources, tmp_path):
+    config = write_run_config(tmp_path / "run.yaml", sources["bert"], steps=1)
+    with pytest.raises(ConfigError, match=r"^eval.samples\[1\]: a BERT prompt needs \[MASK\]"):
+        load_config(config, ['eval.samples=["a [MASK] b", "no mask"]'], check_files=False)
+
+
+@pytest.mark.slow
+def test_eval_samples_are_what_pretrain_sample_reads_from_the_checkpoint(sources, tmp_path):
+    """At an evaluation step the run writes samples.jsonl; the same step's checkpoint samples the same text."""
+    import json
+
+    config = write_run_config(tmp_path / "run.yaml", sources["gpt"], steps=1)
+    prompts = ["def main(", "import os\n"]
+    run_cli(
+        "train",
+        str(config),
+        f"run.dir={tmp_path / 'run'}",
+        "train.eval_every=1",
+        "train.eval_batches=1",
+        f"eval.samples={json.dumps(prompts)}",
+        "eval.max_new_tokens=6",
+    )
+    written = [json.loads(line) for line in (tmp_path / "run/samples.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["prompt"]) for r in written] == [(1, p) for p in prompts]
+    from pretrain.sample import sample_run
+
+    _, samples = sample_run(tmp_path / "run", prompts, step=1, max_new_tokens=6)
+    assert [r["output"] for r in written] == [s.output for s in samples]
