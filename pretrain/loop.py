@@ -20,7 +20,7 @@ import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import CheckpointManager, TrainerState
+from pretrain.checkpoint import CheckpointManager, TrainerState, checkpoint_dirs
 from pretrain.config import RunConfig
 from pretrain.console import say as _say
 from pretrain.engines import (
@@ -122,7 +122,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg.model, tokenizer)
-    if cfg.model.init_from is not None:  # weights only; a checkpoint of this run, if any, replaces them below
+    if cfg.model.init_from is not None and not checkpoint_dirs(checkpoints.root):  # a resume restores its own
         for note in components.load_init_weights(model, cfg.model):
             if dist.is_main:
                 _say(f"note: init_from resized {note}")

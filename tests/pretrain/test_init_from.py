@@ -332,3 +332,13 @@ def test_eval_samples_are_what_pretrain_sample_reads_from_the_checkpoint(sources
 
     _, samples = sample_run(tmp_path / "run", prompts, step=1, max_new_tokens=6)
     assert [r["output"] for r in written] == [s.output for s in samples]
+
+
+@pytest.mark.slow
+def test_a_continued_run_resumes_after_its_source_is_gone(sources, tmp_path):
+    source = shutil.copytree(sources["gpt"], tmp_path / "source")
+    config = write_run_config(tmp_path / "run.yaml", source, steps=1)
+    run_cli("train", str(config), f"run.dir={tmp_path / 'run'}")
+    shutil.rmtree(source)  # the run's config.yaml holds the architecture, its checkpoint the weights
+    notes = run_cli("train", str(tmp_path / "run/config.yaml"), "train.max_steps=2")
+    assert "resuming at step 1" in notes
