@@ -342,3 +342,25 @@ def test_a_continued_run_resumes_after_its_source_is_gone(sources, tmp_path):
     shutil.rmtree(source)  # the run's config.yaml holds the architecture, its checkpoint the weights
     notes = run_cli("train", str(tmp_path / "run/config.yaml"), "train.max_steps=2")
     assert "resuming at step 1" in notes
+
+
+@pytest.mark.slow
+def test_an_explicit_vocabulary_resize_keeps_the_source_rows_and_exports(sources, tmp_path):
+    """A tokenizer one token larger than the weights: model.vocab_size grows the tables, the source fills the first
+    rows, and the export has the new size."""
+    from tests.pretrain.hf_sources import tokenizer_for
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer_for("bert").save_pretrained(tokenizer_dir)  # + <|endoftext|> for a GPT run: VOCAB + 1 tokens
+    config = write_run_config(tmp_path / "run.yaml", sources["gpt"], steps=0)
+    overrides = [
+        f"run.dir={tmp_path / 'run'}",
+        f"data.tokenizer={tokenizer_dir}",
+        f"model.vocab_size={VOCAB + 1}",
+    ]
+    notes = run_cli("train", str(config), *overrides)
+    assert f"note: init_from resized embed.tokens.weight: {VOCAB} -> {VOCAB + 1} rows" in notes
+    run_cli("export", str(tmp_path / "run"), str(tmp_path / "export"))
+    source = load_file(sources["gpt"] / "model.safetensors")["transformer.wte.weight"]
+    exported = load_file(tmp_path / "export/model.safetensors")["transformer.wte.weight"]
+    assert exported.shape[0] == VOCAB + 1 and torch.equal(exported[:VOCAB], source)
