@@ -36,8 +36,6 @@ RUNTIME_FIELDS = frozenset(
 )
 # Filled from the run's tokenizer, as for a preset.
 TOKEN_ID_FIELDS = frozenset({"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"})
-_HF_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5"}
-_HF_CLASSES = {"gpt": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
 _WEIGHTS = "model.safetensors"
 
 
@@ -75,20 +73,22 @@ def read_source(init_from: str | Path) -> InitSource:
 
 
 def _transformers_source(path: Path) -> InitSource:
+    from models.hf import HF_CLASSES, HF_MODEL_TYPES
+
     try:
         raw = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ConfigError(f"model.init_from: {path / 'config.json'} is not readable JSON: {e}") from None
-    family = _HF_MODEL_TYPES.get(raw.get("model_type", ""))
+    family = HF_MODEL_TYPES.get(raw.get("model_type", ""))
     if family is None:
-        accepted = ", ".join(f"{t} ({_HF_CLASSES[f]})" for t, f in _HF_MODEL_TYPES.items())
+        accepted = ", ".join(f"{t} ({HF_CLASSES[f]})" for t, f in HF_MODEL_TYPES.items())
         raise ConfigError(
             f"model.init_from: {path} holds model_type {raw.get('model_type')!r}; accepted: {accepted}"
         )
-    architectures = raw.get("architectures") or [_HF_CLASSES[family]]
-    if _HF_CLASSES[family] not in architectures:
+    architectures = raw.get("architectures") or [HF_CLASSES[family]]
+    if HF_CLASSES[family] not in architectures:
         raise ConfigError(
-            f"model.init_from: {path} holds {', '.join(architectures)}; accepted: {_HF_CLASSES[family]} "
+            f"model.init_from: {path} holds {', '.join(architectures)}; accepted: {HF_CLASSES[family]} "
             "(the pretraining head's weights are needed)"
         )
     if not any((path / name).is_file() for name in (_WEIGHTS, "model.safetensors.index.json")):
@@ -192,9 +192,9 @@ def read_weights(init_from: str | Path) -> dict[str, Tensor]:
         return load_file(str(source.weights))
     import transformers
 
-    from models.hf import from_hf
+    from models.hf import HF_CLASSES, from_hf
 
-    hf_class = getattr(transformers, _HF_CLASSES[source.family])
+    hf_class = getattr(transformers, HF_CLASSES[source.family])
     hf_model = hf_class.from_pretrained(source.weights, dtype="auto")
     return from_hf(hf_model, attention="eager").state_dict()
 

@@ -67,13 +67,13 @@ def transformers_first_step_loss(config_path: Path, overrides: list[str], world_
     import transformers
 
     import data
+    from models.hf import HF_CLASSES
     from pretrain.config import load_config
-    from pretrain.init_from import _HF_CLASSES
     from pretrain.rng import seed_everything
 
     cfg = load_config(config_path, overrides, check_files=False)
     tokenizer = transformers.AutoTokenizer.from_pretrained(cfg.run_dir / "tokenizer")
-    hf_class = getattr(transformers, _HF_CLASSES[cfg.model.family])
+    hf_class = getattr(transformers, HF_CLASSES[cfg.model.family])
     hf = hf_class.from_pretrained(cfg.model.init_from, dtype=torch.float32).eval()
     losses = []
     for rank in range(world_size):

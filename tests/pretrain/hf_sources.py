@@ -15,10 +15,10 @@ from transformers import PreTrainedTokenizerFast
 from data.config import DataConfig
 from data.corpus import builtin_files
 from data.tokenizer import train_tokenizer
+from models.hf import HF_CLASSES
 
 VOCAB = 384
 POSITIONS = 64
-HF_CLASSES = {"gpt": "GPT2LMHeadModel", "bert": "BertForMaskedLM", "t5": "T5ForConditionalGeneration"}
 
 
 def gpt2_style_tokenizer() -> PreTrainedTokenizerFast:
