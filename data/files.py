@@ -271,3 +271,25 @@ class FilesSpec:
     def sample_texts(self, max_chars: int) -> Iterator[str]:
         source = self.open(stream=0, num_streams=1, seed=0, shuffle=True)
         yield from bounded_sample(source, self.name, max_chars)
+
+
+def check_first_record(spec: FilesSpec, setting: str) -> None:
+    """The first record of each file of `spec` parses with the configured format and field: a wrong
+    `data.text_field` or a binary file fails here, in the check, instead of as skipped records in training."""
+    for f in spec.files:
+        if os.path.getsize(f.path) == 0:
+            continue
+        try:
+            first = next(iter(_raw_records(f, spec.unit, spec.cfg.text_field, 0, 0)), None)
+        except (OSError, EOFError, ValueError, zlib.error) as exc:
+            if isinstance(exc, DataError):
+                raise DataError(f"{setting}: {exc}") from None
+            raise DataError(f"{setting}: cannot read {f.path}: {exc}") from None
+        if first is None:
+            continue
+        text, kind = parse_record(first[1], f, spec.cfg.text_field, spec.cfg.max_record_bytes)
+        if text is None and kind != "empty":
+            what = kind.replace("_", " ")
+            if kind == "missing_field":
+                what = f"no field {spec.cfg.text_field!r} (set data.text_field)"
+            raise DataError(f"{setting}: the first record of {f.path} is unreadable: {what}")

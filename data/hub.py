@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,4 +78,39 @@ class HFSpec:
     def sample_texts(self, max_chars: int) -> Iterator[str]:
         yield from bounded_sample(
             self.open(stream=0, num_streams=1, seed=0, shuffle=False), self.name, max_chars
+        )
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """The Hugging Face hub offline inside the block, as under HF_HUB_OFFLINE=1 (which the libraries read once, at
+    import): what this finds is what a run on a node without network finds."""
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE
+    huggingface_hub.constants.HF_HUB_OFFLINE = datasets.config.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
+
+
+def check_cached(spec: HFSpec, setting: str) -> None:
+    """`spec` loads without the network (its builder is in the local cache), and has the configured column."""
+    import datasets
+
+    try:
+        with hub_offline():
+            builder = datasets.load_dataset_builder(spec.dataset, spec.config)
+    except Exception as exc:  # the hub and loaders raise many types; one clear line is what helps
+        raise DataError(
+            f"{setting}: {spec.name!r} is not usable offline ({type(exc).__name__}): not in the local Hugging "
+            "Face cache"
+        ) from None
+    features = builder.info.features
+    if features is not None and spec.field not in features:
+        raise DataError(
+            f"{setting}: {spec.name!r} has no column {spec.field!r} (columns: {', '.join(features)}); "
+            "set data.text_field"
         )

@@ -130,10 +130,22 @@ def _set_post_processor(bpe: Tokenizer, family: str) -> None:
         )
 
 
-def _load(name: str) -> PreTrainedTokenizerFast:
+def load_tokenizer(name: str, *, offline: bool = False) -> PreTrainedTokenizerFast:
+    """A fast tokenizer from a directory or a hub name (`offline`: the local cache only); DataError in one line."""
+    return _load(name, offline=offline)
+
+
+def _load(name: str, *, offline: bool = False) -> PreTrainedTokenizerFast:
+    if _is_local_path(name) and not os.path.isdir(os.path.expanduser(name)):
+        raise DataError(f"data.tokenizer: no such directory: {name}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(name)
+        tokenizer = AutoTokenizer.from_pretrained(name, local_files_only=offline)
     except Exception as exc:  # hub/file errors come in many types; one clear line is what helps
+        if offline and not _is_local_path(name):
+            raise DataError(
+                f"data.tokenizer: {name!r} is not usable offline: not a local directory and not in the local "
+                "Hugging Face cache"
+            ) from None
         raise DataError(
             f"data.tokenizer: cannot load {name!r}: {type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''}"
@@ -143,11 +155,26 @@ def _load(name: str) -> PreTrainedTokenizerFast:
     return tokenizer
 
 
+def _is_local_path(name: str) -> bool:
+    """A filesystem path rather than a hub name (`org/name`): absolute, relative with ./ or ~, or existing."""
+    return name.startswith(("/", "./", "../", "~")) or os.path.exists(name)
+
+
+def with_family_tokens(tokenizer: PreTrainedTokenizerFast, family: str, name: str) -> PreTrainedTokenizerFast:
+    """`tokenizer` as a run of `family` will use it (missing special tokens added; GPT pads with EOS)."""
+    return _with_family_tokens(tokenizer, family, name, strict=False)
+
+
 def _with_family_tokens(
     tokenizer: PreTrainedTokenizerFast, family: str, name: str, *, strict: bool
 ) -> PreTrainedTokenizerFast:
     """Adds the family's missing special tokens (strict: they must already be there)."""
     missing = {k: v for k, v in FAMILY_TOKENS[family].items() if getattr(tokenizer, k, None) is None}
+    if family == "gpt" and tokenizer.eos_token is not None:
+        # GPT-2 style: no pad (or bos) token of its own; reuse EOS as transformers does, never grow the vocabulary
+        for key in ("pad_token", "bos_token"):
+            if missing.pop(key, None) is not None:
+                setattr(tokenizer, key, tokenizer.eos_token)
     sentinels = [s for s in SENTINELS if s not in tokenizer.get_vocab()] if family == "t5" else []
     if strict and (missing or sentinels):
         raise DataError(

@@ -76,7 +76,11 @@ def _parser() -> argparse.ArgumentParser:
 
     job = argparse.ArgumentParser(add_help=False)
     job.add_argument("--debug", action="store_true", help="show tracebacks, also for errors in the input")
-    job.add_argument("--dry-run", action="store_true", help="print the command (or sbatch script) and exit")
+    job.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check the config, print the command (or sbatch script) and exit",
+    )
     job.add_argument(
         "--no-check", action="store_true",
         help="skip `pretrain check` of the run config here (e.g. data only visible on the compute nodes)",
@@ -131,7 +135,15 @@ def _parser() -> argparse.ArgumentParser:
     slurm.add_argument("--time", default=None, help="time limit, e.g. 24:00:00 (default: the partition's)")
     slurm.add_argument("--partition", default=None)
     slurm.add_argument("--account", default=None)
-    slurm.add_argument("--cpus-per-task", type=positive, default=None, help="CPUs for each node's torchrun")
+    slurm.add_argument(
+        "--cpus-per-task", type=positive, default=None,
+        help="CPUs for each node's torchrun (default: processes per node x (data.num_workers + 1))",
+    )  # fmt: skip
+    slurm.add_argument("--mem", default=None, help="memory per node, e.g. 256G (0: all of it)")
+    slurm.add_argument(
+        "--setup", type=Path, default=None,
+        help="shell lines run on every node before torchrun (module load, conda activate, NCCL variables)",
+    )  # fmt: skip
     slurm.add_argument(
         "--max-restarts", type=non_negative, default=0, help="torchrun restarts within one job"
     )
@@ -219,6 +231,8 @@ def slurm_job(args: argparse.Namespace) -> SlurmJob:
         partition=args.partition,
         account=args.account,
         cpus_per_task=args.cpus_per_task,
+        mem=args.mem,
+        setup=args.setup,
         max_restarts=args.max_restarts,
         signal_lead_s=args.signal_lead,
         job_name=args.job_name,
@@ -232,23 +246,23 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     job = TrainJob(config=args.config, overrides=tuple(args.overrides), train_options=options)
     if args.command == "slurm":
         slurm, launch_command = slurm_job(args), shlex.join(["launch", *argv])
+        if not args.no_check:  # a dry run too: it is how a job is vetted before the queue
+            job.check(world_size=slurm.nodes * slurm.procs_per_node)
         if args.dry_run:
             print(slurm.render(job, launch_command=launch_command), end="")
             return 0
-        if not args.no_check:
-            job.check(world_size=slurm.nodes * slurm.procs_per_node)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
         print(job_id)
         return 0
     command = exec_command(args, job)
-    if args.dry_run:
-        print(shlex.join(command))
-        return 0
     if args.command in ("local", "torchrun") and not args.no_check:
         nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
         job.check(world_size=args.nproc * nodes)
+    if args.dry_run:
+        print(shlex.join(command))
+        return 0
     sys.stdout.flush()
     os.execvpe(
         command[0], command, {**SIGNAL_ENV, **SHUTDOWN_ENV, **os.environ}

@@ -75,16 +75,21 @@ class TrainJob:
 
     def run_dir(self) -> Path:
         """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""
+        return Path(self.setting("run.dir") or Path("runs") / self.config.stem).resolve()
+
+    def setting(self, dotted: str) -> object:
+        """A config value as `pretrain train` reads it (last override > YAML), or None when neither sets it."""
         value = None
         for item in self.overrides:
             key, _, text = item.partition("=")
-            if key.strip() == "run.dir":
+            if key.strip() == dotted:
                 value = yaml.safe_load(text)
-        if value is None:
-            raw = read_yaml(self.config, what="config file")
-            run = raw.get("run") if isinstance(raw, dict) else None
-            value = run.get("dir") if isinstance(run, dict) else None
-        return Path(value or Path("runs") / self.config.stem).resolve()
+        if value is not None:
+            return value
+        node = read_yaml(self.config, what="config file")
+        for part in dotted.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        return node
 
 
 @dataclass(frozen=True)

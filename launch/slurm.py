@@ -18,7 +18,11 @@ from launch.job import LaunchError, TrainJob
 from launch.torchrun import SIGNAL_ENV, TORCHRUN
 
 SCRIPT_NAME = "launch-slurm.sbatch"
+DEFAULT_NUM_WORKERS = (
+    1  # data.num_workers' default (launch reads configs as plain YAML; a test keeps them equal)
+)
 
+_MEM = re.compile(r"^\d+[KMGT]?$")
 # sbatch's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S
 _TIME = re.compile(r"^(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})$")
 
@@ -31,7 +35,11 @@ class SlurmJob:
     time: str | None = None
     partition: str | None = None
     account: str | None = None
-    cpus_per_task: int | None = None
+    cpus_per_task: int | None = None  # None: (data.num_workers + 1) per process, for each node's torchrun
+    mem: str | None = None
+    setup: Path | None = (
+        None  # shell lines run on every node before torchrun (module load, conda activate, ...)
+    )
     max_restarts: int = 0
     signal_lead_s: int = 180  # SLURM delivers it to about 30 s; a checkpoint must fit in the rest
     job_name: str | None = None
@@ -50,6 +58,10 @@ class SlurmJob:
             )
         if not 1 <= self.signal_lead_s <= 65535:
             raise LaunchError(f"--signal-lead must be 1-65535 seconds, got {self.signal_lead_s}")
+        if self.mem is not None and not _MEM.match(self.mem):
+            raise LaunchError(f"--mem must be a SLURM size such as 64G, 500000M or 0 (all), got {self.mem!r}")
+        if self.setup is not None and not Path(self.setup).is_file():
+            raise LaunchError(f"--setup: no such file: {self.setup}")
         for extra in self.sbatch_args:
             if not extra.startswith("--"):
                 raise LaunchError(f"--sbatch-arg must be a long sbatch option like --mem=64G, got {extra!r}")
@@ -57,6 +69,16 @@ class SlurmJob:
     @property
     def procs_per_node(self) -> int:
         return self.nproc_per_node or self.gpus_per_node or 1
+
+    def cpus(self, job: TrainJob) -> int:
+        """CPUs for each node's torchrun: --cpus-per-task, else each process and its data.num_workers loaders."""
+        if self.cpus_per_task is not None:
+            return self.cpus_per_task
+        workers = job.setting("data.num_workers")
+        workers = DEFAULT_NUM_WORKERS if workers is None else workers
+        if not isinstance(workers, int) or workers < 0:
+            raise LaunchError(f"data.num_workers must be an integer >= 0, got {workers!r}")
+        return self.procs_per_node * (workers + 1)
 
     def render(self, job: TrainJob, *, launch_command: str = "launch slurm") -> str:
         """The sbatch script (a pure function of the arguments; nothing is written)."""
@@ -67,6 +89,7 @@ class SlurmJob:
             f"--nproc-per-node={self.procs_per_node}",
             f"--max-restarts={self.max_restarts}",
             "--rdzv-backend=c10d",
+            "--tee=3",  # each rank's stdout and stderr to its own file (PET_LOG_DIR) and to slurm-%j.out
         ]
         env = jinja2.Environment(
             loader=jinja2.PackageLoader("launch", "templates"),
@@ -81,7 +104,11 @@ class SlurmJob:
             job_name=self.job_name or f"pretrain-{run_dir.name}",
             nodes=self.nodes,
             gpus_per_node=self.gpus_per_node,
-            cpus_per_task=self.cpus_per_task,
+            cpus_per_task=self.cpus(job),
+            mem=self.mem,
+            setup=None if self.setup is None else Path(self.setup).read_text().rstrip("\n"),
+            setup_name=None if self.setup is None else str(self.setup),
+            rank_logs=shlex.quote(str(run_dir / "logs")),
             time=self.time,
             partition=self.partition,
             account=self.account,

@@ -730,6 +730,19 @@ def convert_to_hf(rules: list[Rule], state: dict[str, Tensor]) -> dict[str, Tens
     return out
 
 
+HF_MODEL_TYPES = {"gpt2": "gpt", "bert": "bert", "t5": "t5"}  # config.json `model_type` -> our family
+HF_CLASSES = {family: spec.hf_class for family, spec in _FAMILIES.items()}
+
+
+def config_from_hf(hf_config: Any) -> ModelConfig:
+    """Our model config for a transformers config (GPT2Config, BertConfig, T5Config): ValueError if unsupported."""
+    family = HF_MODEL_TYPES.get(getattr(hf_config, "model_type", ""))
+    if family is None:
+        accepted = ", ".join(HF_MODEL_TYPES)
+        raise ValueError(f"model_type {hf_config.model_type!r} is not supported; accepted: {accepted}")
+    return _FAMILIES[family].from_hf_config(hf_config)
+
+
 def from_hf(hf_model: nn.Module, attention: str = "auto") -> LanguageModel:
     """Our model with the same architecture and weights as `hf_model` (same dtype and device)."""
     family = _family_of_hf(hf_model)

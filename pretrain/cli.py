@@ -1,4 +1,4 @@
-"""`pretrain` command line: train / check / config / export / data prepare / plot.
+"""`pretrain` command line: train / check / config / export / sample / data prepare / plot.
 
 Bad input of any kind (a `UserError`) ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows
 the traceback. Any other exception is a bug and keeps its traceback.
@@ -128,6 +128,19 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out_dir", type=Path, help="the transformers directory to write")
     export.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
 
+    sample = add_command(
+        commands, "sample", common,
+        "generate from a checkpoint, no export needed (GPT continues, T5 fills sentinels, BERT fills masks)",
+        "pretrain sample runs/gpt-tiny --prompt 'def main(' --max-new-tokens 40",
+    )  # fmt: skip
+    sample.add_argument("run_dir", type=Path, help="the run.dir of a training run")
+    sample.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    given = sample.add_mutually_exclusive_group()
+    given.add_argument("--prompt", action="append", default=None, help="a prompt (repeatable)")
+    given.add_argument("--file", type=Path, default=None, help="a text file: one prompt per line")
+    sample.add_argument("--max-new-tokens", type=int, default=32, help="tokens generated (GPT, T5)")
+    sample.add_argument("--top-k", type=int, default=5, help="candidates shown per mask (BERT)")
+
     data = add_command(
         commands, "data", common, "data tools", "pretrain data prepare gpt-tiny.yaml prepared/gpt-tiny"
     )
@@ -141,10 +154,19 @@ def _parser() -> argparse.ArgumentParser:
     prepare.add_argument("overrides", nargs="*", metavar="key.path=value", help=_OVERRIDES_HELP)
 
     plot = add_command(
-        commands, "plot", common, "draw loss / lr / throughput curves to a PNG", "pretrain plot runs/gpt-tiny"
+        commands,
+        "plot",
+        common,
+        "draw loss, lr, throughput, grad-norm and MFU curves to a PNG (several runs: overlaid)",
+        "pretrain plot runs/gpt-tiny runs/gpt-tiny-long --out compare.png",
     )
-    plot.add_argument("run_dir", type=Path, help="the run.dir of a training run")
-    plot.add_argument("--out", type=Path, default=None, help="PNG path (default: RUN_DIR/metrics.png)")
+    plot.add_argument(
+        "run_dirs", type=Path, nargs="+", metavar="run_dir", help="the run.dir of a training run"
+    )
+    plot.add_argument(
+        "--out", type=Path, default=None,
+        help="PNG path (default: RUN_DIR/metrics.png; several runs: ./metrics-compare.png)",
+    )  # fmt: skip
     return parser
 
 
@@ -158,6 +180,10 @@ def _run(args: argparse.Namespace) -> None:
 
         train(cfg, wait_lock_s=args.wait_lock)
     elif args.command == "check":
+        from pretrain.check import check_run
+
+        for note in check_run(cfg):
+            print(f"note: {note}", file=sys.stderr)
         print(f"ok: {args.config} (run dir {cfg.run_dir})")
     elif args.command == "config":
         from pretrain.describe import describe
@@ -167,14 +193,38 @@ def _run(args: argparse.Namespace) -> None:
         from pretrain.export import export
 
         export(args.run_dir, args.out_dir, step=args.step)
+    elif args.command == "sample":
+        _sample(args)
     elif args.command == "data":
         from pretrain.prepare import prepare
 
         prepare(cfg, args.out_dir)
     elif args.command == "plot":
-        from pretrain.plot import plot_run
+        from pretrain.plot import plot_runs
 
-        print(f"wrote {plot_run(args.run_dir, args.out)}")
+        print(f"wrote {plot_runs(args.run_dirs, args.out)}")
+
+
+def _sample(args: argparse.Namespace) -> None:
+    from pretrain.errors import ConfigError
+    from pretrain.sample import sample_run
+
+    prompts = args.prompt
+    if args.file is not None:
+        if not args.file.is_file():
+            raise ConfigError(f"--file: no such file: {args.file}")
+        prompts = [line for line in args.file.read_text().splitlines() if line.strip()]
+    if args.max_new_tokens < 1 or args.top_k < 1:
+        raise ConfigError("--max-new-tokens and --top-k must be >= 1")
+    try:
+        checkpoint, samples = sample_run(
+            args.run_dir, prompts, step=args.step, max_new_tokens=args.max_new_tokens, top_k=args.top_k
+        )
+    except ValueError as e:  # a prompt the family cannot use (a BERT prompt without a mask)
+        raise ConfigError(str(e)) from None
+    print(f"# {checkpoint}")
+    for item in samples:
+        print(item)
 
 
 def _user_error(error: BaseException) -> bool:

@@ -34,3 +34,14 @@ def build_model(
     import models
 
     return models.build_from_config(model.for_tokenizer(tokenizer), init=init)
+
+
+def load_init_weights(model: LanguageModel, section: ModelSection) -> list[str]:
+    """`model.init_from`'s weights copied into the freshly built model, before an engine wraps it; notes to print.
+
+    A separate step so that an engine which builds its model sharded can apply the same state dict itself.
+    """
+    from pretrain.init_from import load_weights
+
+    assert section.init_from is not None
+    return load_weights(model, section.init_from)

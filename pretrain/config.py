@@ -29,7 +29,7 @@ import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
 from data.config import DataConfig, ObjectiveName
-from models.config import PRESETS, ModelConfig
+from models.config import CONFIG_CLASSES, PRESETS, ModelConfig
 from pretrain.bundled import bundled_config_names, find_config
 from pretrain.errors import ConfigError
 
@@ -39,6 +39,7 @@ __all__ = [
     "ConfigError",
     "DeepSpeedConfig",
     "EngineConfig",
+    "EvalConfig",
     "EngineSpec",
     "FSDPConfig",
     "LogConfig",
@@ -102,7 +103,9 @@ class OptimizerConfig:
 class TrainConfig:
     __pydantic_config__ = _STRICT
 
-    max_steps: PositiveInt = doc("optimizer steps to train for (a resumed run continues up to it)", 1000)
+    max_steps: NonNegativeInt = doc(
+        "optimizer steps to train for (a resumed run continues up to it; 0 saves the starting weights)", 1000
+    )
     micro_batch_size: PositiveInt = doc("sequences per rank per forward/backward", 8)
     grad_accum: PositiveInt = doc("micro-batches per optimizer step on each rank", 1)
     lr: Annotated[float, Field(gt=0)] = doc("peak learning rate (AdamW)", 3e-4)
@@ -172,6 +175,18 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    __pydantic_config__ = _STRICT
+
+    samples: tuple[str, ...] = doc(
+        "prompts sampled greedily at every evaluation (train.eval_every) into RUN_DIR/samples.jsonl and W&B: "
+        "GPT continues them, T5 fills their <extra_id_N> sentinels, BERT its [MASK]s; empty = none",
+        (),
+    )
+    max_new_tokens: PositiveInt = doc("tokens generated per sample (GPT, T5)", 32)
+
+
+@dataclass(frozen=True, kw_only=True)
 class CheckpointConfig:
     __pydantic_config__ = _STRICT
 
@@ -209,22 +224,35 @@ class RunDirConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSection:
-    """The `model:` section resolved: the preset, the fields the run config set, and the model's own config."""
+    """The `model:` section resolved: where the architecture comes from (a preset, or `init_from`'s weights),
+    the fields the run config set, and the model's own config."""
 
-    preset: str
+    preset: str | None
     given: Mapping[str, Any]  # fields set in the run config (the tokenizer fills the ids it owns otherwise)
-    config: ModelConfig  # the preset with `given` applied, validated by the family's config class
+    config: ModelConfig  # the preset (or the source's architecture) with `given` applied, validated
+    init_from: str | None = None  # start from these weights (pretrain/init_from.py)
+    source_fields: Mapping[str, Any] = field(default_factory=dict)  # the architecture read from init_from
+    source_tokenizer: str | None = None  # init_from's tokenizer directory, when it has one
 
     @property
     def family(self) -> str:
         return self.config.family
 
+    @property
+    def origin(self) -> str:
+        """Where the architecture comes from, for messages."""
+        return f"model.init_from {self.init_from!r}" if self.init_from else f"model.preset {self.preset!r}"
+
     def for_tokenizer(self, tokenizer: Any) -> ModelConfig:
         """The model config with the tokenizer's vocabulary size and special-token ids filled in."""
-        vocab_size = self.given.get("vocab_size", len(tokenizer))
+        if self.init_from is None:
+            vocab_size = self.given.get("vocab_size", len(tokenizer))
+        else:  # the weights fix the vocabulary; only an explicit model.vocab_size grows it
+            vocab_size = self.config.vocab_size
         if vocab_size < len(tokenizer):
+            fix = " (set model.vocab_size to resize the embeddings explicitly)" if self.init_from else ""
             raise ConfigError(
-                f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens"
+                f"model.vocab_size: {vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens{fix}"
             )
         ids = {
             "vocab_size": vocab_size,
@@ -235,11 +263,17 @@ class ModelSection:
         }
         names = {f.name for f in dataclasses.fields(self.config) if f.init}
         return dataclasses.replace(
-            self.config, **{k: v for k, v in ids.items() if k in names and v is not None}
+            self.config,
+            **{k: v for k, v in ids.items() if k in names and v is not None},
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {"preset": self.preset, **self.given}
+        """What config.yaml stores; with init_from, the whole architecture too, so that the run's own config
+        still loads (for export, resume) once the source has moved."""
+        if self.init_from is None:
+            return {"preset": self.preset, **self.given}
+        fields = {**self.source_fields, **self.given}
+        return {"init_from": self.init_from, "family": self.family, **fields}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,13 +297,17 @@ class RunConfig:
 
     __pydantic_config__ = _STRICT
 
-    model: ModelSection = doc("`preset` (a name from models/config.py) plus any field of its config class")
+    model: ModelSection = doc(
+        "`preset` (a name from models/config.py) or `init_from` (a transformers directory, a run directory or "
+        "a checkpoint: its architecture and weights), plus any field of the model's config class"
+    )
     data: DataConfig = doc("where text comes from and how it becomes batches", factory=DataConfig)
     objective: ObjectiveName | None = doc(
         "clm (gpt), mlm (bert) or span (t5): the model family's, so it may be left out", None
     )
     train: TrainConfig = doc("steps, batch, optimizer, precision", factory=TrainConfig)
     engine: EngineConfig = doc("how the model is distributed", factory=EngineConfig)
+    eval: EvalConfig = doc("what evaluation steps write besides the validation loss", factory=EvalConfig)
     checkpoint: CheckpointConfig = doc("how often, how many", factory=CheckpointConfig)
     log: LogConfig = doc("metrics.jsonl, console, MFU", factory=LogConfig)
     wandb: WandbConfig = doc("Weights & Biases", factory=WandbConfig)
@@ -280,10 +318,27 @@ class RunConfig:
         objective = FAMILY_OBJECTIVE[self.model.family]
         if self.objective not in (None, objective):
             raise ConfigError(
-                f"objective: {self.objective!r} does not fit model.preset {self.model.preset!r} "
+                f"objective: {self.objective!r} does not fit {self.model.origin} "
                 f"(family {self.model.family}); accepted: {objective!r} (clm<->gpt, mlm<->bert, span<->t5)"
             )
         object.__setattr__(self, "objective", objective)
+        if self.model.init_from is not None and self.data.tokenizer is None:
+            if self.model.source_tokenizer is None:
+                raise ConfigError(
+                    f"data.tokenizer: model.init_from {self.model.init_from} has no tokenizer; name the one its "
+                    "weights were trained with"
+                )
+            tokenizer = self.model.source_tokenizer  # the weights' own vocabulary, never a new one
+            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer=tokenizer))
+        for i, prompt in enumerate(self.eval.samples):
+            if self.model.family == "bert" and "[MASK]" not in prompt:
+                raise ConfigError(f"eval.samples[{i}]: a BERT prompt needs [MASK] where tokens are filled")
+        positions = self.model.config.max_seq_len
+        if positions is not None and self.data.seq_len > positions:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds the model's {positions} positions "
+                f"(model.max_seq_len, from {self.model.origin}); accepted: <= {positions}"
+            )
         ds = self.engine.deepspeed
         if self.train.compile and (self.engine.backend == "fsdp" or (ds is not None and ds.zero_stage == 3)):
             raise ConfigError(
@@ -466,29 +521,78 @@ def _set_dotted(tree: dict[str, Any], key: str, value: Any) -> None:
 
 
 def resolve_model(section: Any) -> ModelSection:
-    """`model:` -> the preset's config class built with the given fields (validated by that class)."""
+    """`model:` -> the preset's (or init_from's) config class built with the given fields (validated by it)."""
     if not isinstance(section, dict):
         raise ConfigError(f"model: expected a section (model.preset, model.<field>), got {section!r}")
     given = dict(section)
     preset = given.pop("preset", None)
+    init_from = given.pop("init_from", None)
+    family = given.pop("family", None)
+    if init_from is not None:
+        if preset is not None:
+            raise ConfigError(
+                f"model.preset: not with model.init_from (the architecture is read from {init_from}); remove it"
+            )
+        return _resolve_init_from(str(init_from), family, given)
+    if family is not None:
+        raise ConfigError("model.family: set only with model.init_from (a preset names its family)")
     if preset is None:
-        raise ConfigError("model.preset: required key is missing")
+        raise ConfigError(
+            "model.preset: required key is missing (or model.init_from: a directory to start from)"
+        )
     if preset not in PRESETS:
         close = difflib.get_close_matches(str(preset), list(PRESETS), n=1)
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"model.preset: unknown preset {preset!r}; {hint}accepted: {', '.join(PRESETS)}")
     cls, values = PRESETS[preset]
     _check_trained(preset, cls.__dataclass_fields__["family"].default)
+    return ModelSection(preset=preset, given=given, config=_model_config(cls, values, given, "preset"))
+
+
+def _resolve_init_from(init_from: str, family: Any, given: dict[str, Any]) -> ModelSection:
+    """The architecture read from the source; given fields may change only what leaves the weights' shapes."""
+    from pretrain import init_from as sources
+
+    try:
+        source = sources.read_source(init_from)
+    except ConfigError:
+        if family not in CONFIG_CLASSES:  # a run's own saved config has it all, so it outlives its source
+            raise
+        cls = CONFIG_CLASSES[family]
+        return ModelSection(
+            preset=None, given=given, config=_model_config(cls, {}, given, "init_from"), init_from=init_from
+        )
+    if family is not None and family != source.family:
+        raise ConfigError(
+            f"model.family: {family!r}, but model.init_from {init_from} holds a {source.family} model"
+        )
+    problem = sources.conflicts(source, given)
+    if problem is not None:
+        raise ConfigError(problem)
+    cls = CONFIG_CLASSES[source.family]
+    return ModelSection(
+        preset=None,
+        given=given,
+        config=_model_config(cls, source.fields, given, "init_from"),
+        init_from=init_from,
+        source_fields=source.fields,
+        source_tokenizer=None if source.tokenizer is None else str(source.tokenizer),
+    )
+
+
+def _model_config(
+    cls: type[ModelConfig], values: Mapping[str, Any], given: dict[str, Any], origin: str
+) -> ModelConfig:
     accepted = [f.name for f in dataclasses.fields(cls) if f.init]
     for name in given:
         if name not in accepted:
             close = difflib.get_close_matches(name, accepted, n=1)
             hint = f"did you mean model.{close[0]}? " if close else ""
             raise ConfigError(
-                f"unknown config key model.{name}; {hint}accepted here: {', '.join(['preset', *accepted])}"
+                f"unknown config key model.{name}; {hint}accepted here: {', '.join([origin, *accepted])}"
             )
     try:
-        config = _model_adapter(cls).validate_python({**values, **given})
+        return _model_adapter(cls).validate_python({**values, **given})
     except ValidationError as e:
         first = e.errors()[0]
         if first["type"] == "value_error":  # the class's own check: its message names the field
@@ -496,7 +600,6 @@ def resolve_model(section: Any) -> ModelSection:
             raise ConfigError(f"model: {message}") from None
         name = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"model.{name}: {first['msg']} (got {first.get('input')!r})") from None
-    return ModelSection(preset=preset, given=given, config=config)
 
 
 def _check_trained(preset: str, family: str) -> None:

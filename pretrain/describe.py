@@ -20,10 +20,18 @@ _FROM_TOKENIZER = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id",
 def describe(cfg: RunConfig) -> str:
     """The listing: `key: value  # doc (default: X)`, sections in the order of the file."""
     lines = [f"# resolved run config (family {cfg.model.family}, objective {cfg.objective})"]
-    lines.append(_line("model.preset", cfg.model.preset, "a name from models/config.py", dataclasses.MISSING))
     model = cfg.model.config
-    # "default" for a model field is the preset's value (display only: the config itself is already resolved)
-    preset_defaults = {f.name: f.default for f in dataclasses.fields(model)} | PRESETS[cfg.model.preset][1]
+    # "default" for a model field is the preset's (or init_from's) value (display only: already resolved)
+    preset_defaults = {f.name: f.default for f in dataclasses.fields(model)}
+    if cfg.model.init_from is None:
+        lines.append(
+            _line("model.preset", cfg.model.preset, "a name from models/config.py", dataclasses.MISSING)
+        )
+        preset_defaults |= PRESETS[cfg.model.preset][1]
+    else:
+        doc = "start from these weights (a transformers directory, a run directory or a checkpoint)"
+        lines.append(_line("model.init_from", cfg.model.init_from, doc, None))
+        preset_defaults |= cfg.model.source_fields
     for f in dataclasses.fields(model):
         if not f.init:
             continue

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -18,6 +19,17 @@ from pretrain.components import TOKENIZER_DIR, build_model
 from pretrain.config import RunConfig, export_problem, load_config
 from pretrain.errors import CheckpointError, ConfigError
 
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PreTrainedTokenizerFast
+
+    from models.base import LanguageModel
+    from models.config import ModelConfig
+
+MODEL_INPUTS = {
+    "gpt": ("input_ids", "attention_mask"),
+    "bert": ("input_ids", "token_type_ids", "attention_mask"),
+    "t5": ("input_ids", "attention_mask"),
+}
 AUTO_CLASSES = {"gpt": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}
 PARITY_ATOL = 1e-4
 _SAMPLE = "The quick brown fox jumps over the lazy dog. Pretraining turns text into weights."
@@ -44,10 +56,23 @@ def read_run_config(run_dir: Path) -> RunConfig:
         raise ConfigError(f"{path} is not a valid run config: {e}") from None
 
 
+def load_run_model(
+    run_dir: Path, cfg: RunConfig, *, step: int | None = None
+) -> tuple[LanguageModel, PreTrainedTokenizerFast, Path]:
+    """A checkpoint's model (eval mode, on CPU), the run's tokenizer and the checkpoint read (newest intact)."""
+    import transformers
+    from safetensors.torch import load_file
+
+    checkpoint = find_checkpoint(run_dir / "checkpoints", step)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
+    model = build_model(cfg.model, tokenizer, init=False)
+    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=True)
+    return model.eval(), tokenizer, checkpoint
+
+
 def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportResult:
     """Write OUT_DIR (config.json, model.safetensors, tokenizer files) and check that transformers reproduces us."""
     import transformers
-    from safetensors.torch import load_file
 
     from models import to_hf
 
@@ -60,19 +85,18 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
             f"export: {run_dir} cannot be converted to transformers: {problem}; dropout does not change "
             f"trained weights, so set both to one value in {run_dir / 'config.yaml'} and export again"
         )
-    checkpoint = find_checkpoint(run_dir / "checkpoints", step)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
-    model = build_model(cfg.model, tokenizer, init=False)
-    model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=True)
-    model.eval()
+    model, tokenizer, checkpoint = load_run_model(run_dir, cfg, step=step)
     # Written beside OUT_DIR and renamed once it checks out, so a failed export leaves no half-written directory.
     staging = out_dir.with_name(f".{out_dir.name}.export-tmp")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        to_hf(model).save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
         family = cfg.model.family
+        hf_model = to_hf(model)
+        if hf_model.can_generate():
+            hf_model.generation_config = generation_config(model.config)
+        hf_model.save_pretrained(staging, safe_serialization=True)
+        complete_tokenizer(tokenizer, cfg).save_pretrained(staging)
         reloaded = getattr(transformers, AUTO_CLASSES[family]).from_pretrained(staging).eval()
         reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
         diff = logit_difference(model, reloaded, reloaded_tokenizer, family)
@@ -92,6 +116,29 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
         f"max |logit diff| {diff:.2e})"
     )
     return result
+
+
+def generation_config(config: ModelConfig) -> GenerationConfig:
+    """What `generate` and the pipelines need: the family's special ids (GPT pads with its pad token, often EOS;
+    T5 starts decoding with its decoder start token)."""
+    from transformers import GenerationConfig
+
+    ids = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+    return GenerationConfig(**{name: getattr(config, name) for name in ids if hasattr(config, name)})
+
+
+def complete_tokenizer(tokenizer: PreTrainedTokenizerFast, cfg: RunConfig) -> PreTrainedTokenizerFast:
+    """The run's tokenizer as users of the exported model need it: `model_max_length` = the model's positions
+    (T5: the trained sequence length), the inputs the model takes, and for GPT left truncation, so that a
+    prompt longer than the context keeps its end, from which generation continues."""
+    family = cfg.model.family
+    tokenizer.model_max_length = cfg.model.config.max_seq_len or cfg.data.seq_len
+    tokenizer.model_input_names = list(MODEL_INPUTS[family])
+    tokenizer.init_kwargs["model_input_names"] = list(MODEL_INPUTS[family])
+    if family == "gpt":
+        tokenizer.truncation_side = "left"
+        tokenizer.init_kwargs["truncation_side"] = "left"
+    return tokenizer
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ import math
 import os
 import secrets
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,28 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue
     return records
+
+
+RESUMES_FILE = "resumes.jsonl"
+SAMPLES_FILE = "samples.jsonl"
+
+
+def note_resume(run_dir: Path, step: int) -> None:
+    """Record that the run resumed at `step` (rank 0), for the marks `pretrain plot` draws."""
+    with open(run_dir / RESUMES_FILE, "a") as f:
+        f.write(json.dumps({"step": step, "time": time.time()}) + "\n")
+
+
+def read_resumes(run_dir: Path) -> list[int]:
+    """The steps a run resumed at, in order (a torn last line is skipped)."""
+    path = run_dir / RESUMES_FILE
+    steps = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            steps.append(int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            continue
+    return steps
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -113,6 +136,19 @@ class RunLogger:
             self._progress.update(self._task, completed=record["step"], info=info)
         elif self.cfg.log.progress:
             print(stamp(f"step {record['step']}/{self.cfg.train.max_steps}  {info}"), flush=True)
+
+    def samples(self, step: int, samples: list[tuple[str, str]]) -> None:
+        """Generated samples at an evaluation step: appended to RUN_DIR/samples.jsonl, and a W&B table."""
+        if not self.enabled:
+            return
+        with open(self.cfg.run_dir / SAMPLES_FILE, "a") as f:
+            for prompt, output in samples:
+                f.write(json.dumps({"step": step, "prompt": prompt, "output": output}) + "\n")
+        if self._wandb is not None:
+            import wandb
+
+            table = wandb.Table(columns=["step", "prompt", "output"], data=[[step, p, o] for p, o in samples])
+            self._wandb.log({"samples": table}, step=step)
 
     def note(self, message: str) -> None:
         """A human-facing line (rank 0 only) that does not break the progress bar."""

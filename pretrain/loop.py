@@ -20,7 +20,7 @@ import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import CheckpointManager, TrainerState
+from pretrain.checkpoint import CheckpointManager, TrainerState, checkpoint_dirs
 from pretrain.config import RunConfig
 from pretrain.console import say as _say
 from pretrain.engines import (
@@ -36,7 +36,7 @@ from pretrain.engines import (
 )
 from pretrain.errors import ConfigError, Interrupted
 from pretrain.faults import DivergenceGuard, PreemptionHandler
-from pretrain.logging import RunLogger
+from pretrain.logging import RunLogger, note_resume
 from pretrain.metrics import Throughput, memory_gib, peak_flops
 from pretrain.rng import seed_everything
 from pretrain.runlock import RunLock, RunLockedError
@@ -147,6 +147,10 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg.model, tokenizer)
+    if cfg.model.init_from is not None and not checkpoint_dirs(checkpoints.root):  # a resume restores its own
+        for note in components.load_init_weights(model, cfg.model):
+            if dist.is_main:
+                _say(f"note: init_from resized {note}")
     flops_per_token = objective_flops_per_token(model, cfg)  # before ZeRO-3/FSDP shard the parameters away
     if cfg.train.compile:
         model.compile_blocks()  # compiles lazily, at the first step
@@ -257,14 +261,20 @@ def run_loop(run: Run) -> TrainerState:
         run.logger.note(
             f"{cfg.run_dir}: already trained to step {state.step} (train.max_steps={cfg.train.max_steps})"
         )
+        if cfg.train.max_steps == 0:  # a fresh run asked for 0 steps: its starting weights as a checkpoint
+            save(run)
         return state
     verb = f"resuming at step {state.step}" if state.step else "starting"
+    if state.step and run.dist.is_main:
+        note_resume(cfg.run_dir, state.step)
     run.logger.note(f"{cfg.run_dir}: {verb}, training to step {cfg.train.max_steps}")
     while state.step < cfg.train.max_steps:
         if run.preemption.should_stop(any_rank):
             return stop_for_preemption(run)
         out = train_step(run)
         val_loss = evaluate(run) if _due(state.step, cfg.train.eval_every, cfg.train.max_steps) else None
+        if val_loss is not None and cfg.eval.samples:
+            run.logger.samples(state.step, eval_samples(run))
         if val_loss is not None or _due(state.step, cfg.log.every, cfg.train.max_steps):
             run.logger.log(metrics_record(run, out, val_loss))
         if _due(state.step, cfg.checkpoint.every, cfg.train.max_steps):
@@ -323,6 +333,29 @@ def _validation_batches(run: Run) -> list[Batch]:
             "data: the validation split is empty; set data.validation_source or train.eval_every=0"
         )
     return list(itertools.islice(itertools.cycle(batches), cfg.train.eval_batches))
+
+
+def eval_samples(run: Run) -> list[tuple[str, str]]:
+    """(prompt, output) for each `eval.samples` prompt, greedy (no RNG drawn: resume stays exact); every rank
+    runs the same forwards, so sharded engines gather their parameters alike."""
+    from pretrain.sample import generate
+
+    cfg = run.cfg
+    return [
+        (
+            prompt,
+            generate(
+                run.engine.model,
+                run.tokenizer,
+                cfg.model.family,
+                prompt,
+                max_new_tokens=cfg.eval.max_new_tokens,
+                forward=run.engine.forward_module,
+                device=run.dist.device,
+            ),
+        )
+        for prompt in cfg.eval.samples
+    ]
 
 
 def metrics_record(run: Run, out: StepOutput, val_loss: float | None) -> dict[str, Any]:

@@ -1,43 +1,102 @@
-"""`pretrain plot RUN_DIR`: loss, learning rate and throughput curves from metrics.jsonl, as one PNG."""
+"""`pretrain plot RUN_DIR [RUN_DIR ...]`: a run's curves from metrics.jsonl, or several runs overlaid, as one PNG.
+
+Panels: loss (each record, faint, and an exponential moving average over it, with validation points), learning rate,
+tokens/s, gradient norm and MFU (those a run logged). A dashed vertical line marks each step where a run resumed
+(RUN_DIR/resumes.jsonl), where a throughput dip or a loss bump usually comes from.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pretrain.errors import UserError
-from pretrain.logging import METRICS_FILE, read_metrics
+from pretrain.logging import METRICS_FILE, read_metrics, read_resumes
+
+SMOOTHING = 0.9  # EMA weight of the past: about the last 10 records
+_PANELS = (  # (record key, axis label); loss is drawn apart
+    ("lr", "learning rate"),
+    ("tokens_per_s", "tokens / s"),
+    ("grad_norm", "grad norm"),
+    ("mfu", "MFU"),
+)
 
 
-def plot_run(run_dir: Path, out: Path | None = None) -> Path:
-    """Draw the run's curves; returns the PNG path (default RUN_DIR/metrics.png)."""
+def smoothed(values: Sequence[float], weight: float = SMOOTHING) -> list[float]:
+    """Exponential moving average, debiased so the first points are not pulled towards 0 (as TensorBoard's)."""
+    out, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        out.append(average / (1 - weight**i))
+    return out
+
+
+def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
+    points = [(r["step"], r[key]) for r in records if r.get(key) is not None]
+    return [s for s, _ in points], [v for _, v in points]
+
+
+def build_figure(run_dirs: Sequence[Path]) -> Any:
+    """The matplotlib figure for `run_dirs` (one color per run); UserError if a run has no training records."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(run_dir)
-    train = [r for r in records if r.get("loss") is not None]
-    if not train:
-        raise UserError(f"no training records in {run_dir / METRICS_FILE}; train first")
-    val = [r for r in records if r.get("val_loss") is not None]
-    steps = [r["step"] for r in train]
-
-    fig, (ax_loss, ax_lr, ax_tps) = plt.subplots(3, 1, figsize=(8, 9), sharex=True)
-    ax_loss.plot(steps, [r["loss"] for r in train], label="train")
-    if val:
-        ax_loss.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
-    ax_loss.set_ylabel("loss")
-    ax_loss.legend()
-    ax_lr.plot(steps, [r.get("lr") for r in train])
-    ax_lr.set_ylabel("learning rate")
-    ax_tps.plot(steps, [r.get("tokens_per_s") for r in train])
-    ax_tps.set_ylabel("tokens / s")
-    ax_tps.set_xlabel("step")
-    for ax in (ax_loss, ax_lr, ax_tps):
+    runs = []
+    for run_dir in run_dirs:
+        train = [r for r in read_metrics(run_dir) if r.get("loss") is not None]
+        if not train:
+            raise UserError(f"no training records in {run_dir / METRICS_FILE}; train first")
+        runs.append((run_dir, train, read_resumes(run_dir)))
+    panels = [(k, label) for k, label in _PANELS if any(_series(t, k)[0] for _, t, _ in runs)]
+    fig, axes = plt.subplots(
+        1 + len(panels), 1, figsize=(9, 2.6 * (1 + len(panels))), sharex=True, squeeze=False
+    )
+    axes = axes[:, 0]
+    many = len(runs) > 1
+    for i, (run_dir, train, resumes) in enumerate(runs):
+        color, name = f"C{i}", run_dir.resolve().name
+        steps, loss = _series(train, "loss")
+        axes[0].plot(steps, loss, color=color, alpha=0.25, linewidth=0.8)
+        axes[0].plot(
+            steps, smoothed(loss), color=color, label=f"{name} train" if many else "train (smoothed)"
+        )
+        val_steps, val = _series(read_metrics(run_dir), "val_loss")
+        if val:
+            axes[0].plot(
+                val_steps, val, "o--", color=color, label=f"{name} validation" if many else "validation"
+            )
+        for ax, (key, _) in zip(axes[1:], panels):
+            ax.plot(*_series(train, key), color=color, label=name)
+        for step in resumes:
+            for ax in axes:
+                ax.axvline(step, color=color, linestyle=":", linewidth=1)
+    axes[0].set_ylabel("loss")
+    axes[0].legend(fontsize="small")
+    for ax, (_, label) in zip(axes[1:], panels):
+        ax.set_ylabel(label)
+    for ax in axes:
         ax.grid(alpha=0.3)
-    fig.suptitle(run_dir.resolve().name)
+    axes[-1].set_xlabel("step (dotted: resumed)" if any(r for _, _, r in runs) else "step")
+    fig.suptitle(" vs ".join(run_dir.resolve().name for run_dir in run_dirs))
     fig.tight_layout()
-    out = out or run_dir / "metrics.png"
+    return fig
+
+
+def plot_runs(run_dirs: Sequence[Path], out: Path | None = None) -> Path:
+    """Draw the runs' curves; returns the PNG path (default: RUN_DIR/metrics.png for one run, else
+    metrics-compare.png in the current directory)."""
+    import matplotlib.pyplot as plt
+
+    fig = build_figure(run_dirs)
+    out = out or (run_dirs[0] / "metrics.png" if len(run_dirs) == 1 else Path("metrics-compare.png"))
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+def plot_run(run_dir: Path, out: Path | None = None) -> Path:
+    """One run's curves (default RUN_DIR/metrics.png)."""
+    return plot_runs([run_dir], out)

@@ -62,7 +62,22 @@ def test_load_from_path_adds_the_family_tokens(tokenizers, make_cfg, tmp_path):
 
 
 def test_unknown_tokenizer_is_a_clear_error(make_cfg, tmp_path):
-    with pytest.raises(DataError, match="cannot load '/nonexistent/tok'"):
+    with pytest.raises(DataError, match="data.tokenizer: no such directory: /nonexistent/tok"):
         build_tokenizer(make_cfg(tokenizer="/nonexistent/tok"), family="gpt", out_dir=tmp_path / "t")
     with pytest.raises(ValueError, match="family: 'llama'"):
         build_tokenizer(make_cfg(), family="llama", out_dir=tmp_path / "t")
+
+
+def test_gpt2_style_tokenizer_pads_with_eos_and_keeps_its_vocabulary(make_cfg, tmp_path):
+    from tests.pretrain.hf_sources import gpt2_style_tokenizer
+
+    source = gpt2_style_tokenizer()
+    assert source.pad_token is None
+    source.save_pretrained(tmp_path / "gpt2")
+    loaded = build_tokenizer(
+        make_cfg(tokenizer=str(tmp_path / "gpt2")), family="gpt", out_dir=tmp_path / "run"
+    )
+    assert len(loaded) == len(source)  # nothing added: the embeddings of the weights still fit
+    assert loaded.pad_token == loaded.eos_token == "<|endoftext|>"
+    again = build_tokenizer(make_cfg(), family="gpt", out_dir=tmp_path / "run")  # the saved copy, strict
+    assert again.pad_token_id == source.eos_token_id

@@ -115,6 +115,7 @@ def test_slurm_script_for_multi_node_gpu_job(capsys, config, monkeypatch, tmp_pa
         "--nodes=4",
         "--ntasks-per-node=1",  # one torchrun per node
         "--gpus-per-node=8",
+        "--cpus-per-task=16",  # 8 processes x (data.num_workers=1 + 1)
         "--time=2-00:00:00",
         "--partition=gpu",
         "--account=proj",
@@ -128,7 +129,13 @@ def test_slurm_script_for_multi_node_gpu_job(capsys, config, monkeypatch, tmp_pa
     ]
     assert 'RDZV_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in lines
     srun = out[out.index("\nsrun ") + 1 : out.index(" &\n")].replace("\\\n", " ").split()
-    assert srun[:4] == ["srun", "--nodes=4", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert srun[:5] == [
+        "srun",
+        "--nodes=4",
+        "--ntasks-per-node=1",
+        "--cpus-per-task=16",
+        "--kill-on-bad-exit=1",
+    ]
     torchrun = srun[srun.index(PY) :]
     assert torchrun == [
         *TORCHRUN,
@@ -136,6 +143,7 @@ def test_slurm_script_for_multi_node_gpu_job(capsys, config, monkeypatch, tmp_pa
         "--nproc-per-node=8",
         "--max-restarts=0",
         "--rdzv-backend=c10d",
+        "--tee=3",
         '--rdzv-endpoint="$RDZV_HOST:$RDZV_PORT"',
         '--rdzv-id="$SLURM_JOB_ID"',
         "-m",
@@ -155,6 +163,35 @@ def test_slurm_script_for_multi_node_gpu_job(capsys, config, monkeypatch, tmp_pa
     assert "secret-key" not in out and "WANDB_API_KEY=" not in out
     syntax = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
     assert syntax.returncode == 0, syntax.stderr
+
+
+def test_slurm_script_fit_for_a_cluster(capsys, config, tmp_path):
+    """CPUs from data.num_workers, --mem, per-rank logs beside slurm-%j.out, --setup lines on every node."""
+    setup = tmp_path / "setup.sh"
+    setup.write_text("module load cuda/12.4\nexport NCCL_DEBUG=WARN\n")
+    argv = ["--nodes", "2", "--gpus-per-node", "4", "--mem", "256G", "--setup", str(setup)]
+    out = dry(capsys, "slurm", *argv, str(config), "data.num_workers=3")
+    assert "#SBATCH --cpus-per-task=16\n" in out and "#SBATCH --mem=256G\n" in out  # 4 x (3 + 1)
+    assert (
+        "pretrain_setup() {\nmodule load cuda/12.4\nexport NCCL_DEBUG=WARN\n}\nexport -f pretrain_setup\n"
+        in out
+    )
+    srun = out[out.index("\nsrun ") + 1 : out.index(" &\n")]
+    assert "bash -c 'pretrain_setup || exit $?; " in srun  # on every node, before torchrun
+    assert f"export PRETRAIN_RANK_LOGS={tmp_path / 'run' / 'logs'}\n" in out
+    assert 'PET_LOG_DIR="$PRETRAIN_RANK_LOGS/slurm-$SLURM_JOB_ID/node-$SLURM_NODEID"' in srun
+    assert "--tee=3" in srun
+    out = dry(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "5", str(config))
+    assert "#SBATCH --cpus-per-task=5\n" in out and "--mem" not in out and "pretrain_setup" not in out
+    syntax = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
+    assert syntax.returncode == 0, syntax.stderr
+
+
+def test_launch_default_num_workers_is_the_data_default():
+    from data.config import DataConfig
+    from launch.slurm import DEFAULT_NUM_WORKERS
+
+    assert DataConfig().num_workers == DEFAULT_NUM_WORKERS
 
 
 def test_slurm_cpu_job_has_no_gpus_and_one_process(capsys, config):
@@ -285,7 +322,10 @@ def test_bad_arguments_are_one_line_exit_2(capsys, config, argv, message):
 @pytest.mark.parametrize(
     ("argv", "what"),
     [
-        (["slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "BAD"], "launch slurm: config file"),
+        (
+            ["slurm", "--nodes", "1", "--gpus-per-node", "0", "--dry-run", "--no-check", "BAD"],
+            "launch slurm: config file",
+        ),
         (["accelerate", "--config", "BAD", "CFG"], "launch accelerate: accelerate config"),
     ],
 )
@@ -339,7 +379,7 @@ def test_a_bad_run_config_is_one_line_before_any_worker_or_job(capsys, config, a
     (bin_dir / "sbatch").chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     code, out, err = run_cli(capsys, *argv, str(config), "train.max_steps=-1")
-    problem = "train.max_steps: Input should be greater than 0 (got -1)"
+    problem = "train.max_steps: Input should be greater than or equal to 0 (got -1)"
     assert (code, out, err) == (2, "", f"error: launch {argv[0]}: run config {config}: {problem}\n")
     assert started == [] and not (tmp_path / "submitted").exists()
 

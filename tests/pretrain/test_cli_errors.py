@@ -15,7 +15,7 @@ from pretrain.cli import EXIT_USAGE, main
 from tests.common import REPO
 
 BAD_CONFIG = ["train", "configs/gpt-tiny.yaml", "train.max_steps=-1"]
-EXPECTED = "error: train.max_steps: Input should be greater than 0 (got -1)"
+EXPECTED = "error: train.max_steps: Input should be greater than or equal to 0 (got -1)"
 
 
 @pytest.mark.parametrize(

@@ -69,3 +69,53 @@ def test_plot_writes_png(tmp_path: Path) -> None:
     out = plot_run(tmp_path)
     assert out == tmp_path / "metrics.png"
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+
+
+def test_plot_overlays_runs_with_panels_smoothing_and_resume_marks(tmp_path: Path, monkeypatch) -> None:
+    from pretrain.logging import note_resume
+    from pretrain.plot import build_figure, plot_runs, smoothed
+
+    runs = []
+    for i, name in enumerate(("short", "long")):
+        run = tmp_path / name
+        run.mkdir()
+        records = [
+            {
+                "step": s,
+                "loss": 5 - s / 10 + i,
+                "lr": 1e-3,
+                "tokens_per_s": 100.0,
+                "grad_norm": 1.0 + s,
+                "mfu": None,
+            }
+            for s in range(1, 11)
+        ]
+        records[4]["val_loss"] = 4.8
+        (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
+        runs.append(run)
+    note_resume(runs[1], 6)
+    fig = build_figure(runs)
+    axes = fig.axes
+    assert [ax.get_ylabel() for ax in axes] == [
+        "loss",
+        "learning rate",
+        "tokens / s",
+        "grad norm",
+    ]  # no MFU logged
+    loss_lines = axes[0].get_lines()
+    assert len(loss_lines) == 2 * 3 + 1  # per run: raw, smoothed, validation; and the one resume mark
+    assert list(loss_lines[1].get_ydata()) == smoothed([5 - s / 10 for s in range(1, 11)])
+    marks = [line for ax in axes for line in ax.get_lines() if line.get_linestyle() == ":"]
+    assert len(marks) == 4 and all(list(m.get_xdata()) == [6, 6] for m in marks)
+    assert fig.texts[0].get_text() == "short vs long"
+    monkeypatch.chdir(tmp_path)
+    assert (
+        plot_runs(runs) == Path("metrics-compare.png") and (tmp_path / "metrics-compare.png").stat().st_size
+    )
+
+
+def test_smoothing_is_debiased() -> None:
+    from pretrain.plot import smoothed
+
+    assert smoothed([2.0, 2.0, 2.0]) == pytest.approx([2.0, 2.0, 2.0])
+    assert smoothed([0.0, 10.0], weight=0.5) == pytest.approx([0.0, 10 * 0.5 / 0.75])

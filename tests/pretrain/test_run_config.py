@@ -94,7 +94,7 @@ BAD = {
     "override into a value": (None, ["train.lr.x=1"], ["train.lr", "not a section"]),
     "wrong type": (None, ["train.max_steps=ten"], ["train.max_steps", "integer", "ten"]),
     "wrong model type": (None, ["model.n_heads=many"], ["model.n_heads", "integer"]),
-    "negative steps": (None, ["train.max_steps=-5"], ["train.max_steps", "greater than 0", "-5"]),
+    "negative steps": (None, ["train.max_steps=-5"], ["train.max_steps", "greater than or equal to 0", "-5"]),
     "zero batch": (None, ["train.micro_batch_size=0"], ["train.micro_batch_size", "greater than 0"]),
     "zero seq_len": (None, ["data.seq_len=0"], ["data.seq_len", "integer >= 8", "got 0"]),
     "zero stage": (

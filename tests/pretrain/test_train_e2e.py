@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from pretrain.cli import main
 from pretrain.export import export
-from pretrain.logging import read_metrics
+from pretrain.logging import read_metrics, read_resumes
 from tests.common import REPO
 from tests.pretrain.helpers import TINY
 
@@ -113,6 +113,7 @@ def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_facto
     resumed = interrupted_copy(straight)
     notes = train(family, resumed)
     assert "resuming at step 2" in notes
+    assert read_resumes(resumed) == [2] and read_resumes(straight) == []  # `pretrain plot` marks it
     assert_identical_runs(family, straight, resumed)
 
     again = train(family, resumed, capsys=capsys)  # finished: a re-run stops before building anything

@@ -1,0 +1,84 @@
+"""`pretrain check`: what would fail later in a run, found now, offline, in seconds, each as one line.
+
+`load_config` has already checked the keys, the source paths, `data.seq_len` against the model's positions,
+`model.init_from` (readable, compatible with the given fields), the DeepSpeed JSON and the W&B login. This adds
+what needs the files' contents: the tokenizer loads and fits the model's vocabulary, and the first record of
+every local source parses with the configured format and field.
+
+The check never uses the network, as if HF_HUB_OFFLINE=1: a hub tokenizer or an `hf:` dataset must be in the
+local Hugging Face cache. When it is not, training would download it, so the check only notes that; with
+HF_HUB_OFFLINE=1 set (a node without network, where the run would fail) it is an error.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pretrain.components import TOKENIZER_DIR
+from pretrain.config import RunConfig
+from pretrain.errors import ConfigError
+
+
+def check_run(cfg: RunConfig) -> list[str]:
+    """Raises ConfigError (one line) for the first problem; returns notes on what needs the network."""
+    from data import DataError
+
+    notes: list[str] = []
+    try:
+        _check_tokenizer(cfg, notes)
+        _check_records(cfg, notes)
+    except DataError as e:
+        raise ConfigError(" ".join(str(e).split())) from None
+    return notes
+
+
+def _offline_required() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+
+
+def _not_cached(error: Exception, notes: list[str], what: str) -> None:
+    """A hub name missing from the cache: an error where the run has no network, else a note."""
+    if _offline_required() or "not usable offline" not in str(error):
+        raise error
+    notes.append(
+        f"{str(error).split(': ', 1)[0]}: {what} will be downloaded at training start (not in the cache)"
+    )
+
+
+def _check_tokenizer(cfg: RunConfig, notes: list[str]) -> None:
+    """The tokenizer the run will use loads and fits the model (a resumed run reuses its saved copy)."""
+    from data import DataError
+    from data.tokenizer import load_tokenizer, with_family_tokens
+
+    saved = cfg.run_dir / TOKENIZER_DIR
+    name = str(saved) if (saved / "tokenizer.json").is_file() else cfg.data.tokenizer
+    if name is None:
+        return  # trained from the data at start
+    try:
+        tokenizer = load_tokenizer(name, offline=True)
+    except DataError as e:
+        _not_cached(e, notes, repr(name))
+        return
+    cfg.model.for_tokenizer(with_family_tokens(tokenizer, cfg.model.family, name))
+
+
+def _check_records(cfg: RunConfig, notes: list[str]) -> None:
+    """The first record of every local file parses; hub datasets are in the local cache."""
+    from data import DataError
+    from data.files import FilesSpec, check_first_record
+    from data.hub import HFSpec, check_cached
+    from data.sources import resolve_source
+
+    data = cfg.data
+    sources = [("data.source", c.source, "train") for c in data.components]
+    if data.validation_source is not None:
+        sources.append(("data.validation_source", data.validation_source, "validation"))
+    for setting, source, split in sources:
+        spec = resolve_source(source, data, split, held_out=False, setting=setting)
+        if isinstance(spec, FilesSpec) and source != "builtin":
+            check_first_record(spec, setting)
+        elif isinstance(spec, HFSpec):
+            try:
+                check_cached(spec, setting)
+            except DataError as e:
+                _not_cached(e, notes, repr(source))
