@@ -127,7 +127,9 @@ class Engine(ABC):
             raise FileNotFoundError(f"engine checkpoint {path} has no {SCHEDULER_FILE}")
         self.scheduler.load_state_dict(json.loads(file.read_text()))
         # The optimizer's own LR is what the next step uses; a resharded load may not have restored it.
-        for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True):
+        for group, lr in zip(
+            self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
             group["lr"] = lr
 
 
