@@ -226,11 +226,15 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     job = TrainJob(config=args.config, overrides=tuple(args.overrides))
     if args.command == "slurm":
         slurm, launch_command = slurm_job(args), shlex.join(["launch", *argv])
-        if args.dry_run:
-            print(slurm.render(job, launch_command=launch_command), end="")
+        world_size = slurm.nodes * slurm.procs_per_node
+        if args.dry_run:  # checked too: it shows what the job would do, a refusal included
+            script = slurm.render(job, launch_command=launch_command)
+            if not args.no_check:
+                job.check(world_size=world_size)
+            print(script, end="")
             return 0
         if not args.no_check:
-            job.check(world_size=slurm.nodes * slurm.procs_per_node)
+            job.check(world_size=world_size)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)

@@ -141,7 +141,7 @@ def _run(args: argparse.Namespace) -> None:
 
         train(cfg)
     elif args.command == "check":
-        print(f"ok: {args.config} (run dir {cfg.run_dir})")
+        print(f"ok: {args.config} (run dir {cfg.run_dir}){_check_resume(cfg)}")
     elif args.command == "config":
         from pretrain.describe import describe
 
@@ -158,6 +158,21 @@ def _run(args: argparse.Namespace) -> None:
         from pretrain.plot import plot_run
 
         print(f"wrote {plot_run(args.run_dir, args.out)}")
+
+
+def _check_resume(cfg: Any) -> str:
+    """What a resume of the run dir's checkpoint by `WORLD_SIZE` processes (set by `launch`) would do, checked
+    as rank 0 will (hashes included); a one-line error if it cannot. Data warnings go to stderr."""
+    from pretrain.resume import plan_resume
+
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    world_size = int(text) if text.isdigit() and int(text) > 0 else 1
+    plan = plan_resume(cfg, world_size, verify=True, say=lambda line: print(line, file=sys.stderr))
+    if plan is None:
+        return ""
+    if plan.data_warning:
+        print(plan.data_warning, file=sys.stderr)
+    return f"; {plan.note() or f'resuming at step {plan.step}'}"
 
 
 def _user_error(error: BaseException) -> bool:
