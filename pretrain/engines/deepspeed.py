@@ -150,9 +150,10 @@ class DeepSpeedEngine(Engine):
         state = self._optimizer.state
         steps = {int(state[p]["step"]) for p in self._master_partitions() if "step" in state.get(p, {})}
         self._link_optimizer_state()
+        keys = _FULL_KEYS if steps else _FULL_KEYS[:1]  # no moments before AdamW's first (unskipped) step
         tensors: dict[str, Tensor] = {}
         for name, param in self._ds.module.named_parameters():  # the same order on every rank: collective
-            for key in _FULL_KEYS:
+            for key in keys:
                 value = (
                     safe_get_full_fp32_param(param)
                     if key == "fp32"

@@ -55,13 +55,14 @@ def spec_for(engine_case: str, world_size: int) -> EngineSpec:
     """The engine's inputs at `world_size`: grad_accum keeps the global batch."""
     options = dict(ENGINES[engine_case])
     backend = options.pop("backend")
+    precision = options.pop("precision", "fp32")
     engine = EngineConfig(
         backend=backend,
         deepspeed=DeepSpeedConfig(**options) if backend == "deepspeed" else None,
         fsdp=FSDPConfig() if backend == "fsdp" else None,
     )
     train = TrainConfig(
-        micro_batch_size=4, grad_accum=GLOBAL_BATCH // world_size, lr=3e-3, max_steps=STEPS, warmup_steps=1,
+        micro_batch_size=4, grad_accum=GLOBAL_BATCH // world_size, precision=precision, lr=3e-3, max_steps=STEPS, warmup_steps=1,
         clip_grad=1.0,
     )  # fmt: skip
     return engine_spec(engine, train)
