@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from pretrain.engines import DistInfo
 from pretrain.errors import CheckpointError
 from pretrain.resume import FINGERPRINT_FILE, plan_resume
 from pretrain.safety import write_manifest
+from tests.common import REPO
 from tests.pretrain.pretrain_fakes import FakeEngine, save_steps
 
 MICRO = 2
@@ -222,3 +225,35 @@ def test_launch_refuses_an_impossible_resume_before_starting_anything(
         f"error: launch {argv[0]}: run config {path}: {step}: cannot resume at world size 3"
     )
     assert err.endswith("so the world size must divide it: 1, 2, 4\n") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_train_records_the_data_and_refuses_a_changed_file_unless_allowed(tmp_path, corpus) -> None:
+    """Through `pretrain train`: the checkpoint records the data, an edited file stops the resume in one line
+    naming it, and data.allow_changed=true resumes with a warning."""
+    corpus.write_text("\n\n".join(f"paragraph {i} " + "word " * (i % 17) for i in range(400)))
+    path, _ = config(tmp_path, corpus)
+
+    def train(*overrides: str) -> subprocess.CompletedProcess[str]:
+        tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "data.seq_len=16"]
+        tiny += ["data.vocab_size=384", "checkpoint.every=2", "wandb.mode=offline", "engine.backend=ddp"]
+        env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
+        cmd = [sys.executable, "-m", "pretrain", "train", str(path), *tiny, *overrides]
+        return subprocess.run(
+            cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
+        )
+
+    first = train("train.max_steps=2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / FINGERPRINT_FILE).is_file()
+    with corpus.open("a") as f:
+        f.write("\n\none more paragraph\n")
+    refused = train("train.max_steps=4")
+    assert refused.returncode == 2
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "the data changed since the checkpoint: data.source" in errors[0], errors
+    assert "file 'a.txt' changed size" in errors[0]
+    allowed = train("train.max_steps=4", "data.allow_changed=true")
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert "warning: the data changed since the checkpoint (" in allowed.stderr
+    assert "resuming at step 2" in allowed.stderr
