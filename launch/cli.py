@@ -221,6 +221,13 @@ def slurm_job(args: argparse.Namespace) -> SlurmJob:
     )
 
 
+def _check(job: TrainJob, world_size: int) -> None:
+    """`pretrain check` before anything starts; a resume at another world size is said here already."""
+    note = job.check(world_size=world_size)
+    if note:
+        print(f"launch: {note}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Print (--dry-run), submit (slurm) or exec (the others); LaunchError for bad input."""
     job = TrainJob(config=args.config, overrides=tuple(args.overrides))
@@ -230,11 +237,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         if args.dry_run:  # checked too: it shows what the job would do, a refusal included
             script = slurm.render(job, launch_command=launch_command)
             if not args.no_check:
-                job.check(world_size=world_size)
+                _check(job, world_size)
             print(script, end="")
             return 0
         if not args.no_check:
-            job.check(world_size=world_size)
+            _check(job, world_size)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
@@ -246,7 +253,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         return 0
     if args.command in ("local", "torchrun") and not args.no_check:
         nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
-        job.check(world_size=args.nproc * nodes)
+        _check(job, args.nproc * nodes)
     sys.stdout.flush()
     os.execvpe(command[0], command, {**SIGNAL_ENV, **os.environ})  # signals reach torchrun directly
 

@@ -129,7 +129,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     if cfg.train.compile:
         model.compile_blocks()  # compiles lazily, at the first step
     engine = build_engine(cfg.engine_spec, model, dist)
-    seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
+    seed_everything(cfg.train.seed + dist.rank)  # per-rank streams (dropout is reseeded per micro-batch)
     pipeline = data.build_loader(
         cfg.data,
         objective=cfg.objective,

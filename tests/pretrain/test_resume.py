@@ -227,6 +227,25 @@ def test_launch_refuses_an_impossible_resume_before_starting_anything(
     assert err.endswith("so the world size must divide it: 1, 2, 4\n") and err.count("\n") == 1
 
 
+def test_launch_says_how_it_will_resume_at_another_world_size(tmp_path, corpus, capsys, monkeypatch) -> None:
+    path, cfg = config(tmp_path, corpus)
+    save_checkpoint(cfg)
+    started: list[list[str]] = []
+
+    def execvpe(file: str, args: list[str], env: dict) -> None:
+        started.append(args)
+        raise SystemExit(0)  # the real one never returns
+
+    monkeypatch.setattr(os, "execvpe", execvpe)
+    with pytest.raises(SystemExit):
+        launch_main(["local", "--nproc", "4", str(path)])
+    assert len(started) == 1
+    note = (
+        "launch: resuming at step 3 at world size 4 (was 2), train.grad_accum 2 -> 1: the same global batch"
+    )
+    assert capsys.readouterr().err.startswith(note)
+
+
 @pytest.mark.slow
 def test_train_records_the_data_and_refuses_a_changed_file_unless_allowed(tmp_path, corpus) -> None:
     """Through `pretrain train`: the checkpoint records the data, an edited file stops the resume in one line
