@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from pretrain.engines.dist import DistInfo
 
 LATEST = "latest"
+FINGERPRINT_FILE = "data_fingerprint.json"  # data.data_fingerprint of the run's data when it saved
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NONE = -1  # rank 0's verdict when no checkpoint qualifies
 
@@ -186,7 +187,6 @@ class CheckpointManager:
         """Write step `state.step`; `latest` points at it only once every file and the manifest are on disk."""
         from safetensors.torch import save_file
 
-        from pretrain.resume import FINGERPRINT_FILE
         from pretrain.rng import rng_state
         from pretrain.safety import write_manifest
 

@@ -20,10 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from pretrain import checkpoint
+from pretrain.checkpoint import FINGERPRINT_FILE
 from pretrain.config import RunConfig
 from pretrain.errors import CheckpointError
-
-FINGERPRINT_FILE = "data_fingerprint.json"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -66,8 +66,6 @@ def plan_resume(
     root = cfg.run_dir / "checkpoints"
     if not root.is_dir() or not any(root.glob("step_*")):
         return None
-    from pretrain import checkpoint
-
     candidates = checkpoint.checkpoint_dirs(root)
     if verify:
         intact = checkpoint.first_intact(candidates, say or (lambda message: None))

@@ -16,12 +16,12 @@ import torch
 
 from data.layout import Layout, expected_batches
 from launch.cli import main as launch_main
-from pretrain.checkpoint import CheckpointManager
+from pretrain.checkpoint import FINGERPRINT_FILE, CheckpointManager
 from pretrain.cli import main as pretrain_main
 from pretrain.config import RunConfig, load_config
 from pretrain.engines import DistInfo
 from pretrain.errors import CheckpointError
-from pretrain.resume import FINGERPRINT_FILE, plan_resume
+from pretrain.resume import plan_resume
 from pretrain.safety import write_manifest
 from tests.common import REPO
 from tests.pretrain.pretrain_fakes import FakeEngine, save_steps
