@@ -240,17 +240,28 @@ def slurm_job(args: argparse.Namespace) -> SlurmJob:
     )
 
 
+def _check(job: TrainJob, world_size: int) -> None:
+    """`pretrain check` before anything starts; a resume at another world size is said here already."""
+    note = job.check(world_size=world_size)
+    if note:
+        print(f"launch: {note}", file=sys.stderr)
+
+
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """Print (--dry-run), submit (slurm) or exec (the others); LaunchError for bad input."""
     options = ("--wait-lock", args.wait_lock) if args.wait_lock is not None else ()
     job = TrainJob(config=args.config, overrides=tuple(args.overrides), train_options=options)
     if args.command == "slurm":
         slurm, launch_command = slurm_job(args), shlex.join(["launch", *argv])
-        if not args.no_check:  # a dry run too: it is how a job is vetted before the queue
-            job.check(world_size=slurm.nodes * slurm.procs_per_node)
-        if args.dry_run:
-            print(slurm.render(job, launch_command=launch_command), end="")
+        world_size = slurm.nodes * slurm.procs_per_node
+        if args.dry_run:  # checked too: it shows what the job would do, a refusal included
+            script = slurm.render(job, launch_command=launch_command)
+            if not args.no_check:
+                _check(job, world_size)
+            print(script, end="")
             return 0
+        if not args.no_check:
+            _check(job, world_size)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)
@@ -259,7 +270,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     command = exec_command(args, job)
     if args.command in ("local", "torchrun") and not args.no_check:
         nodes = int(args.nnodes.split(":")[-1]) if args.command == "torchrun" else 1  # elastic MIN:MAX: MAX
-        job.check(world_size=args.nproc * nodes)
+        _check(job, args.nproc * nodes)
     if args.dry_run:
         print(shlex.join(command))
         return 0

@@ -60,8 +60,9 @@ class TrainJob:
         options = list(self.train_options) if command == "train" else []
         return ["-m", "pretrain", command, *options, str(self.config.resolve()), *self.overrides]
 
-    def check(self, *, world_size: int) -> None:
-        """`pretrain check` for `world_size` processes; its one-line error as a LaunchError."""
+    def check(self, *, world_size: int) -> str | None:
+        """`pretrain check` for `world_size` processes; its one-line error as a LaunchError. Returns how the
+        job will resume the run dir's checkpoint when that changes the world size (the check's note), else None."""
         proc = subprocess.run(
             [sys.executable, *self.module_args("check")],
             env={**os.environ, "WORLD_SIZE": str(world_size)},
@@ -72,6 +73,8 @@ class TrainJob:
             said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
             problem = said[-1].removeprefix("error: ") if said else proc.stderr.strip()[-500:]
             raise LaunchError(f"run config {self.config}: {problem}")
+        _, sep, note = proc.stdout.strip().partition("; ")
+        return note if sep and " at world size " in note else None
 
     def run_dir(self) -> Path:
         """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""

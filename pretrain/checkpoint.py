@@ -1,7 +1,8 @@
 """Checkpoints that are whole or absent, verified before use, pruned to the last `keep`.
 
 Layout: `checkpoints/step_N/` holds `engine/` (Engine.save), `model.safetensors` (our names),
-`trainer_state.json`, `rank_{r}/data_state.json` + `rank_{r}/rng.json`, and `manifest.json` (written last).
+`trainer_state.json`, `data_fingerprint.json` (what data it read), `rank_{r}/data_state.json` + `rank_{r}/rng.json`,
+and `manifest.json` (written last).
 A save goes to `.tmp-step_N`, is renamed to `step_N`, and only then is `latest` replaced, so a job killed at any
 moment leaves `latest` on a complete checkpoint. On resume the manifest and every pickle are checked before the
 engine reads a byte; a damaged checkpoint is reported and the previous one used, and if none is intact the run
@@ -12,6 +13,11 @@ A full disk is met before it can hurt: a save first checks the free space agains
 checkpoint, and a write that fails anyway (quota, another writer) ends, on every rank alike, in one line that
 says how much was needed and how much is free; the half-written `.tmp-step_N` is removed and `latest` still names
 the previous checkpoint, so the run resumes from it once space is freed.
+
+At the world size it was saved with, each rank loads its own data position and RNG states: bitwise the
+uninterrupted run. At another one (pretrain/resume.py decides the grad_accum first), the engine reshards its
+state, every rank loads the merge of all saved data positions (`data.merge_states`), and the RNG states are
+left as seeded: dropout is seeded per global micro-batch, so nothing else depends on them.
 """
 
 from __future__ import annotations
@@ -25,14 +31,16 @@ import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pretrain.console import say as _say
-from pretrain.engines.dist import DistInfo
 from pretrain.errors import CheckpointError
-from pretrain.rng import rng_state, set_rng_state
+
+if TYPE_CHECKING:
+    from pretrain.engines.dist import DistInfo
 
 LATEST = "latest"
+FINGERPRINT_FILE = "data_fingerprint.json"  # data.data_fingerprint of the run's data when it saved
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NONE = -1  # rank 0's verdict when no checkpoint qualifies
 
@@ -41,7 +49,7 @@ class EngineState(Protocol):
     """What a checkpoint needs of an engine (every `pretrain.engines.Engine` has it)."""
 
     def save(self, path: Path) -> None: ...
-    def load(self, path: Path) -> None: ...
+    def load(self, path: Path, *, saved_world_size: int | None = None) -> None: ...
     def full_state_dict(self) -> dict[str, Any] | None: ...
 
 
@@ -63,18 +71,6 @@ class TrainerState:
 def read_trainer_state(path: Path) -> TrainerState:
     """The loop counters of checkpoint `path` (raises OSError/ValueError/TypeError when unreadable)."""
     return TrainerState(**json.loads((path / "trainer_state.json").read_text()))
-
-
-def _check_world_size(path: Path, state: TrainerState, world_size: int) -> None:
-    """Exact resume needs the world size the checkpoint was written with: each rank saved its own data
-    position and RNG streams, and ZeRO/FSDP shards split the optimizer by rank; none of it can be remapped
-    exactly to another number of processes, so a mismatch is refused rather than resumed approximately."""
-    if state.world_size != world_size:
-        raise CheckpointError(
-            f"{path} was saved by {state.world_size} process(es), this run has {world_size}: exact resume "
-            f"needs the same world size; run it with {state.world_size} process(es) in total "
-            f"(e.g. launch local --nproc {state.world_size}), or set a new run.dir to start over"
-        )
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -141,7 +137,7 @@ def find_checkpoint(root: Path, step: int | None = None, *, say: Callable[[str],
             have = ", ".join(str(step_of(p)) for p in sorted(candidates, key=step_of))
             raise CheckpointError(f"no checkpoint for step {step} under {root}; available steps: {have}")
         candidates = [wanted]
-    path = _first_intact(candidates, say)
+    path = first_intact(candidates, say)
     if path is None:
         raise CheckpointError(
             f"no intact checkpoint under {root} (tried {', '.join(p.name for p in candidates)})"
@@ -149,7 +145,7 @@ def find_checkpoint(root: Path, step: int | None = None, *, say: Callable[[str],
     return path
 
 
-def _first_intact(candidates: list[Path], say: Callable[[str], None]) -> Path | None:
+def first_intact(candidates: list[Path], say: Callable[[str], None]) -> Path | None:
     """The first candidate that verifies, saying what is wrong with each damaged one before it."""
     for path in candidates:
         problem = verify(path)
@@ -224,8 +220,10 @@ class CheckpointManager:
         broadcast: Callable[[int], int] = _alone,
         any_rank: Callable[[bool], bool] = _itself,
         say: Callable[[str], None] = _say,
+        fingerprint: dict[str, Any] | None = None,
     ) -> None:
         self.root = root
+        self.fingerprint = fingerprint  # the data's (data.data_fingerprint), recorded in each checkpoint
         self.keep = keep
         self.dist = dist
         self._barrier = barrier
@@ -257,6 +255,8 @@ class CheckpointManager:
     def _write_files(self, tmp: Path, *, engine: EngineState, state: TrainerState, data: Stateful) -> None:
         from safetensors.torch import save_file
 
+        from pretrain.rng import rng_state
+
         engine.save(tmp / "engine")
         weights = engine.full_state_dict()
         rank_dir = tmp / f"rank_{self.dist.rank}"
@@ -267,6 +267,8 @@ class CheckpointManager:
             assert weights is not None, "Engine.full_state_dict returns the weights on rank 0"
             save_file(_unshared(weights), str(tmp / "model.safetensors"))
             _write_json(tmp / "trainer_state.json", dataclasses.asdict(state))
+            if self.fingerprint is not None:
+                _write_json(tmp / FINGERPRINT_FILE, self.fingerprint)
 
     def _publish(self, tmp: Path, final: Path) -> None:
         from pretrain.safety import write_manifest
@@ -361,7 +363,7 @@ class CheckpointManager:
             self._say(warning)
         if not candidates:
             return None
-        step = self._from_main(lambda: _step_or_none(_first_intact(candidates, self._say)))
+        step = self._from_main(lambda: _step_or_none(first_intact(candidates, self._say)))
         if step == _NONE:
             raise CheckpointError(
                 f"no intact checkpoint under {self.root} (tried {', '.join(p.name for p in candidates)}); "
@@ -394,22 +396,25 @@ class CheckpointManager:
         """Rank 0 runs `decide` (which reads and hashes the files) and every rank gets its answer."""
         return self._broadcast(decide() if self.dist.is_main else _NONE)
 
-    def check_world_size(self) -> None:
-        """Refuse early, before any model or engine is built, a resume at a world size the newest readable
-        checkpoint was not written with (`_load` checks the checkpoint it actually loads again)."""
-        for path in checkpoint_dirs(self.root) if self.root.is_dir() else []:
-            try:
-                state = read_trainer_state(path)
-            except (OSError, ValueError, TypeError):
-                continue  # damaged: restore reports it and falls back
-            _check_world_size(path, state, self.dist.world_size)
-            return
-
     def _load(self, path: Path, *, engine: EngineState, data: Stateful) -> TrainerState:
+        """The checkpoint's state, loaded; at another world size resharded (see the module docstring)."""
+        from pretrain.rng import set_rng_state
+
         state = read_trainer_state(path)
-        _check_world_size(path, state, self.dist.world_size)
-        rank_dir = path / f"rank_{self.dist.rank}"
-        engine.load(path / "engine")
-        data.load_state_dict(json.loads((rank_dir / "data_state.json").read_text()))
-        set_rng_state(json.loads((rank_dir / "rng.json").read_text()))
+        if state.world_size == self.dist.world_size:
+            rank_dir = path / f"rank_{self.dist.rank}"
+            engine.load(path / "engine")
+            data.load_state_dict(json.loads((rank_dir / "data_state.json").read_text()))
+            set_rng_state(json.loads((rank_dir / "rng.json").read_text()))
+            return state
+        import data as data_pipeline
+
+        engine.load(path / "engine", saved_world_size=state.world_size)
+        states = [
+            json.loads((path / f"rank_{r}" / "data_state.json").read_text()) for r in range(state.world_size)
+        ]
+        try:
+            data.load_state_dict(data_pipeline.merge_states(states))
+        except data_pipeline.DataError as e:
+            raise CheckpointError(f"cannot resume {path} at world size {self.dist.world_size}: {e}") from None
         return state

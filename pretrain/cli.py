@@ -184,7 +184,7 @@ def _run(args: argparse.Namespace) -> None:
 
         for note in check_run(cfg):
             print(f"note: {note}", file=sys.stderr)
-        print(f"ok: {args.config} (run dir {cfg.run_dir})")
+        print(f"ok: {args.config} (run dir {cfg.run_dir}){_check_resume(cfg)}")
     elif args.command == "config":
         from pretrain.describe import describe
 
@@ -225,6 +225,21 @@ def _sample(args: argparse.Namespace) -> None:
     print(f"# {checkpoint}")
     for item in samples:
         print(item)
+
+
+def _check_resume(cfg: Any) -> str:
+    """What a resume of the run dir's checkpoint by `WORLD_SIZE` processes (set by `launch`) would do, checked
+    as rank 0 will (hashes included); a one-line error if it cannot. Data warnings go to stderr."""
+    from pretrain.resume import plan_resume
+
+    text = os.environ.get("WORLD_SIZE", "").strip()
+    world_size = int(text) if text.isdigit() and int(text) > 0 else 1
+    plan = plan_resume(cfg, world_size, verify=True, say=lambda line: print(line, file=sys.stderr))
+    if plan is None:
+        return ""
+    if plan.data_warning:
+        print(plan.data_warning, file=sys.stderr)
+    return f"; {plan.note() or f'resuming at step {plan.step}'}"
 
 
 def _user_error(error: BaseException) -> bool:

@@ -34,6 +34,7 @@ from pretrain.engines import (
     init_distributed,
     shutdown,
 )
+from pretrain.engines.base import dropout_seed
 from pretrain.errors import ConfigError, Interrupted
 from pretrain.faults import DivergenceGuard, PreemptionHandler
 from pretrain.logging import RunLogger, note_resume
@@ -143,7 +144,9 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     import data
 
     checkpoints = checkpoint_manager(cfg, dist)
-    checkpoints.check_world_size()  # before paying for a tokenizer, a model and an engine
+    cfg = _plan_resume(cfg, dist)  # before paying for a tokenizer, a model and an engine
+    if dist.is_main:
+        checkpoints.fingerprint = data.data_fingerprint(cfg.data)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)  # the same initial weights on every rank
     model = components.build_model(cfg.model, tokenizer)
@@ -155,7 +158,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     if cfg.train.compile:
         model.compile_blocks()  # compiles lazily, at the first step
     engine = build_engine(cfg.engine_spec, model, dist)
-    seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
+    seed_everything(cfg.train.seed + dist.rank)  # per-rank streams (dropout is reseeded per micro-batch)
     pipeline = data.build_loader(
         cfg.data,
         objective=cfg.objective,
@@ -167,6 +170,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         grad_accum=cfg.train.grad_accum,
     )
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
+    state.world_size = dist.world_size  # what the next checkpoint is written with
     prepare_run_dir(cfg, dist)  # after every check that can refuse: a refused start changes nothing here
     guard = DivergenceGuard(cfg.train.max_skips, skips=state.skips)
     peak = peak_flops(dist.device, cfg.train.precision, cfg.log.peak_flops)
@@ -188,6 +192,21 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         state=state,
         last_saved=state.step,
     )
+
+
+def _plan_resume(cfg: RunConfig, dist: DistInfo) -> RunConfig:
+    """`cfg` with the grad_accum that keeps the checkpoint's global batch at this world size (every rank
+    decides alike from the same files); rank 0 says what changed. Refuses in one line what cannot resume."""
+    from pretrain.resume import plan_resume
+
+    plan = plan_resume(cfg, dist.world_size)
+    if plan is None:
+        return cfg
+    if dist.is_main:
+        for line in (plan.data_warning, plan.note()):
+            if line:
+                _say(line)
+    return plan.apply(cfg)
 
 
 def objective_flops_per_token(model: LanguageModel, cfg: RunConfig) -> float:
@@ -292,8 +311,12 @@ def _due(step: int, every: int, last: int) -> bool:
 def train_step(run: Run) -> StepOutput:
     """One optimizer step over `grad_accum` micro-batches; counts tokens and feeds the divergence guard."""
     start = time.perf_counter()
-    micro = [next(run.batches) for _ in range(run.cfg.train.grad_accum)]
-    out = run.engine.train_step(micro)
+    grad_accum = run.cfg.train.grad_accum
+    micro = [next(run.batches) for _ in range(grad_accum)]
+    # the data's global micro-batch numbers (data/layout.py): dropout follows the micro-batch, not the rank
+    first = (run.state.step * run.dist.world_size + run.dist.rank) * grad_accum
+    seeds = [dropout_seed(run.cfg.train.seed, first + a) for a in range(grad_accum)]
+    out = run.engine.train_step(micro, seeds=seeds)
     tokens = sum(batch["input_ids"].numel() for batch in micro) * run.dist.world_size
     run.throughput.add(tokens, time.perf_counter() - start)
     run.state.step += 1

@@ -9,6 +9,7 @@ non-finite step on every rank); an engine supplies the forward/backward of one m
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
@@ -61,24 +62,31 @@ class Engine(ABC):
     def _update(self, *, skip: bool) -> tuple[float, bool]:
         """Clip and step (a no-op update when `skip`); (grad norm, whether the update was skipped)."""
 
-    def train_step(self, micro_batches: Sequence[dict[str, Tensor]]) -> StepOutput:
-        """Forward/backward over `grad_accum` micro-batches, clip, step optimizer and schedule."""
+    def train_step(
+        self, micro_batches: Sequence[dict[str, Tensor]], *, seeds: Sequence[int] | None = None
+    ) -> StepOutput:
+        """Forward/backward over `grad_accum` micro-batches, clip, step optimizer and schedule.
+
+        `seeds`: one per micro-batch, set as the RNG seed before its forward, so its dropout masks depend on
+        which micro-batch it is, not on which rank computes it (the loop passes them; see `dropout_seed`)."""
         if len(micro_batches) != self.spec.grad_accum:
             raise ValueError(
                 f"train_step got {len(micro_batches)} micro-batches, grad_accum is {self.spec.grad_accum}"
             )
+        if seeds is not None and len(seeds) != len(micro_batches):
+            raise ValueError(f"train_step got {len(seeds)} seeds for {len(micro_batches)} micro-batches")
         self.forward_module.train()
         lr = self.scheduler.get_last_lr()[0]
-        losses = [
-            self._forward_backward(
+        losses = []
+        for i, batch in enumerate(micro_batches):
+            if seeds is not None:
+                torch.manual_seed(seeds[i])  # also every CUDA device's generator
+            loss = self._forward_backward(
                 to_device(batch, self.dist.device),
                 last=i == len(micro_batches) - 1,
                 n_micro=len(micro_batches),
             )
-            .detach()
-            .float()
-            for i, batch in enumerate(micro_batches)
-        ]
+            losses.append(loss.detach().float())
         mean_loss, bad = agreed_loss(losses, self.dist.world_size)
         norm, skipped = self._update(skip=bad)
         if not skipped:
@@ -99,8 +107,11 @@ class Engine(ABC):
         """Collective: write the engine state (model, optimizer, scheduler) under `path`, which exists."""
 
     @abstractmethod
-    def load(self, path: Path) -> None:
-        """Collective: restore what `save` wrote. Pickled files under `path` were checked before this call."""
+    def load(self, path: Path, *, saved_world_size: int | None = None) -> None:
+        """Collective: restore what `save` wrote. Pickled files under `path` were checked before this call.
+
+        `saved_world_size`: the number of processes that wrote it, when not this job's: the state is then
+        resharded onto this job's processes (weights and optimizer state exactly, by parameter name)."""
 
     @abstractmethod
     def full_state_dict(self) -> dict[str, Tensor] | None:
@@ -115,6 +126,18 @@ class Engine(ABC):
         if not file.is_file():
             raise FileNotFoundError(f"engine checkpoint {path} has no {SCHEDULER_FILE}")
         self.scheduler.load_state_dict(json.loads(file.read_text()))
+        # The optimizer's own LR is what the next step uses; a resharded load may not have restored it.
+        for group, lr in zip(
+            self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr(), strict=True
+        ):
+            group["lr"] = lr
+
+
+def dropout_seed(seed: int, micro_batch: int) -> int:
+    """The RNG seed of global micro-batch `micro_batch` (data/layout.py numbers them): a hash of both, so
+    neighbouring runs' and micro-batches' dropout streams do not overlap."""
+    digest = hashlib.blake2b(f"dropout:{seed}:{micro_batch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

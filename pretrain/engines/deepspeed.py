@@ -3,7 +3,13 @@
 DeepSpeed gets our AdamW; the LR schedule stays outside it and is stepped by the shared train step, so a step
 skipped for a non-finite loss leaves optimizer, schedule and weights exactly as they were, on every ZeRO stage
 and dtype alike (DeepSpeed's own overflow handling differs between them). Checkpoints are DeepSpeed's own
-(`save_checkpoint`, each rank its shard) plus the schedule as JSON.
+(`save_checkpoint`, each rank its shard) plus the schedule as JSON, plus `full_state.safetensors`: the fp32
+master weights and AdamW moments gathered by parameter name. A resume at the same world size loads
+DeepSpeed's shards (bitwise); at another world size their partitioning no longer fits, so every rank takes
+its new partitions from the full tensors (`safe_set_full_fp32_param` / `safe_set_full_optimizer_state`),
+exact for ZeRO 0-3 and any precision. We keep this layout of our own rather than DeepSpeed's universal
+checkpoint, which needs an offline conversion step and has had reported conversion failures and loss jumps
+(see /work/shared/notes/scale-and-elastic.md). It costs one gather of the optimizer state per save, on rank 0.
 """
 
 from __future__ import annotations
@@ -17,7 +23,14 @@ from pathlib import Path
 
 import deepspeed
 import torch
-from deepspeed.utils import safe_get_full_fp32_param
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from pretrain.config import EngineSpec
@@ -28,6 +41,8 @@ from pretrain.engines.optim import build_optimizer, build_scheduler
 from pretrain.errors import ConfigError
 
 _TAG = "deepspeed"
+FULL_STATE = "full_state.safetensors"  # "{key}/{name}": fp32 weights, AdamW moments; metadata: AdamW step
+_FULL_KEYS = ("fp32", "exp_avg", "exp_avg_sq")
 
 
 @contextmanager
@@ -98,15 +113,106 @@ class DeepSpeedEngine(Engine):
 
     def save(self, path: Path) -> None:
         self._ds.save_checkpoint(str(path), tag=_TAG, save_latest=False)
+        self._save_full_state(Path(path) / FULL_STATE)
         self.save_scheduler(path)
 
-    def load(self, path: Path) -> None:
-        loaded, _ = self._ds.load_checkpoint(
-            str(path), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
-        )
-        if loaded is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
+    def load(self, path: Path, *, saved_world_size: int | None = None) -> None:
+        if saved_world_size is None or saved_world_size == self.dist.world_size or not self._partitioned():
+            loaded, _ = self._ds.load_checkpoint(
+                str(path), tag=_TAG, load_optimizer_states=True, load_lr_scheduler_states=False
+            )
+            if loaded is None:
+                raise FileNotFoundError(f"no DeepSpeed checkpoint under {path}/{_TAG}")
+        else:
+            self._load_full_state(Path(path) / FULL_STATE)
         self.load_scheduler(path)
+
+    def _partitioned(self) -> bool:
+        """Whether DeepSpeed splits the optimizer by rank (ZeRO 1-3, bf16): else its checkpoint is whole."""
+        return any(hasattr(p, "ds_id") or hasattr(p, "_hp_mapping") for p in self._ds.module.parameters())
+
+    def _master_partitions(self) -> list[Tensor]:
+        """The flat fp32 tensors AdamW updates on this rank (its partition of each group), which key its state."""
+        zero = self._ds.optimizer
+        for attr in (
+            "fp32_partitioned_groups_flat",
+            "single_partition_of_fp32_groups",
+            "fp32_groups_flat_partition",
+        ):
+            if hasattr(zero, attr):  # ZeRO-3, ZeRO 1-2, bf16 (DeepSpeed's names)
+                return list(getattr(zero, attr))
+        raise TypeError(f"unknown DeepSpeed optimizer {type(zero).__name__}: cannot reshard its state")
+
+    def _save_full_state(self, file: Path) -> None:
+        """Collective: gather the fp32 weights and AdamW moments by parameter name into `file` (rank 0)."""
+        if not self._partitioned():
+            return  # DeepSpeed's own checkpoint is whole: it loads at any world size
+        state = self._optimizer.state
+        steps = {int(state[p]["step"]) for p in self._master_partitions() if "step" in state.get(p, {})}
+        self._link_optimizer_state()
+        keys = _FULL_KEYS if steps else _FULL_KEYS[:1]  # no moments before AdamW's first (unskipped) step
+        tensors: dict[str, Tensor] = {}
+        for name, param in self._ds.module.named_parameters():  # the same order on every rank: collective
+            for key in keys:
+                value = (
+                    safe_get_full_fp32_param(param)
+                    if key == "fp32"
+                    else safe_get_full_optimizer_state(param, key)
+                )
+                if self.dist.is_main and value is not None:
+                    tensors[f"{key}/{name}"] = value.detach().float().cpu().contiguous()
+        if self.dist.is_main:
+            save_file(tensors, str(file), metadata={"step": str(max(steps, default=0))})
+
+    def _load_full_state(self, file: Path) -> None:
+        """Collective: every rank takes its partitions of `file`'s full tensors; then DeepSpeed's working
+        copies (bf16, ZeRO-3's partitioned parameters) are refreshed from the fp32 master weights."""
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"{file} is missing: the checkpoint cannot be resumed at another world size"
+            )
+        with safe_open(str(file), framework="pt") as f:
+            self._create_adam_state(int(f.metadata()["step"]))
+            names = set(f.keys())
+            for name, param in self._ds.module.named_parameters():
+                for key in _FULL_KEYS:
+                    if f"{key}/{name}" not in names:
+                        continue  # a parameter without gradients
+                    value = f.get_tensor(f"{key}/{name}").to(self.dist.device)
+                    if key == "fp32":
+                        safe_set_full_fp32_param(param, value)
+                    else:
+                        safe_set_full_optimizer_state(param, value, key)
+        self._refresh_working_params()
+
+    def _create_adam_state(self, step: int) -> None:
+        """AdamW creates its state at the first step; a resumed engine may not have taken one yet."""
+        on_device = self._optimizer.defaults.get("fused") or self._optimizer.defaults.get("capturable")
+        for p in self._master_partitions():
+            state = self._optimizer.state[p]
+            if "exp_avg" not in state:
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            device = p.device if on_device else torch.device("cpu")  # where AdamW keeps its step count
+            state["step"] = torch.tensor(float(step), dtype=torch.float32, device=device)
+        self._link_optimizer_state()
+
+    def _link_optimizer_state(self) -> None:
+        """ZeRO 1-2 and bf16 map each parameter to its slice of AdamW's state once, after the first group's
+        first step, so with several parameter groups (ours: decay / no decay) the later groups' slices stay
+        unmapped: map them again now that every group has its state."""
+        zero = self._ds.optimizer
+        if hasattr(zero, "_hp_optimizer_states_linked"):
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _refresh_working_params(self) -> None:
+        zero = self._ds.optimizer
+        if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3
+            for sub_group in range(len(zero.fp32_partitioned_groups_flat)):
+                zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        else:  # ZeRO 1-2, bf16
+            zero.update_lp_params()
 
     def full_state_dict(self) -> dict[str, Tensor] | None:
         """fp32 master weights (gathered from ZeRO partitions), under the model's own names, on rank 0."""

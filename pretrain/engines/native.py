@@ -2,7 +2,8 @@
 
 Both clip the global gradient norm and step our AdamW themselves, and checkpoint with
 torch.distributed.checkpoint (each rank writes its shard under the model's own names) plus the LR schedule as
-JSON, so a DDP checkpoint and an FSDP checkpoint have the same layout.
+JSON, so a DDP checkpoint and an FSDP checkpoint have the same layout. DCP saves each tensor with its global
+shape and reshards at load, so a checkpoint resumes at any world size.
 """
 
 from __future__ import annotations
@@ -63,7 +64,8 @@ class NativeEngine(Engine):
         dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=Path(path) / DCP_DIR)
         self.save_scheduler(path)
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, *, saved_world_size: int | None = None) -> None:
+        """DCP reshards on load: the same call serves any `saved_world_size` (weights and AdamW moments)."""
         model_state, optim_state = get_state_dict(self._model, self._optimizer)  # the layout to fill
         state = {"model": model_state, "optim": optim_state}
         dcp.load(state, checkpoint_id=Path(path) / DCP_DIR)

@@ -26,6 +26,7 @@ class FakeEngine:
         self.dist = DistInfo()
         self._model = nn.Linear(3, 3)
         self.die_during_save = die_during_save
+        self.loaded_world_size: int | None = None  # what `load` was told the checkpoint's world size was
 
     @property
     def model(self) -> nn.Module:
@@ -45,8 +46,9 @@ class FakeEngine:
         if self.die_during_save:
             os._exit(17)  # a kill -9 / node failure in the middle of a checkpoint
 
-    def load(self, path: Path) -> None:
+    def load(self, path: Path, *, saved_world_size: int | None = None) -> None:
         self._model.load_state_dict(load_file(str(path / "weights.safetensors")))
+        self.loaded_world_size = saved_world_size
 
     def full_state_dict(self) -> dict[str, Tensor]:
         return {k: v.detach().clone() for k, v in self._model.state_dict().items()}

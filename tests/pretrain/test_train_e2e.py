@@ -121,25 +121,24 @@ def test_resume_is_identical_to_an_uninterrupted_run(family: str, tmp_path_facto
     assert len(read_metrics(resumed)) == STEPS
 
 
-def test_resume_with_another_world_size_is_one_line_before_anything_starts(
+def test_resume_at_a_world_size_that_cannot_keep_the_batch_is_one_line_before_anything_starts(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
-    """A run checkpointed by 1 DeepSpeed process, resumed under torchrun with 2: every rank refuses, and the user
-    reads one line (rank 0's) naming both sizes, before a tokenizer, model or engine is built; the run directory
-    is left as it was."""
-    run_dir = straight_run("gpt", tmp_path_factory).parent / "two-ranks"
+    """A run checkpointed by 1 DeepSpeed process (global batch: 2 micro-batches), resumed under torchrun with 3:
+    every rank refuses, and the user reads one line (rank 0's) naming the world sizes that work, before a
+    tokenizer, model or engine is built; the run directory is left as it was."""
+    run_dir = straight_run("gpt", tmp_path_factory).parent / "three-ranks"
     shutil.copytree(straight_run("gpt", tmp_path_factory), run_dir)
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
     cmd += ["-m", "pretrain", "train", CONFIGS["gpt"], *TINY, "train.max_steps=6", f"run.dir={run_dir}"]
     env = subprocess_env() | {"OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     expected = (
-        f"error: {run_dir / 'checkpoints' / f'step_{STEPS}'} was saved by 1 process(es), this run has 2: "
-        "exact resume needs the same world size; run it with 1 process(es) in total (e.g. launch local "
-        "--nproc 1), or set a new run.dir to start over"
+        f"error: {run_dir / 'checkpoints' / f'step_{STEPS}'}: cannot resume at world size 3: the checkpoint's "
+        "global batch is 2 micro-batches (world 1 x grad_accum 2), so the world size must divide it: 1, 2"
     )
     assert errors == [expected], proc.stderr[-3000:]
     # torchrun's summary: the first rank to fail exited with the CLI's code (a slower one may be SIGTERMed)
