@@ -120,12 +120,10 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     checkpoints.check_world_size()  # before paying for a tokenizer, a model and an engine
     prepare_run_dir(cfg, dist)
     tokenizer = _tokenizer(cfg, dist)
-    seed_everything(cfg.train.seed)  # the same initial weights on every rank
-    model = components.build_model(cfg.model, tokenizer)
-    flops_per_token = objective_flops_per_token(model, cfg)  # before ZeRO-3/FSDP shard the parameters away
-    if cfg.train.compile:
-        model.compile_blocks()  # compiles lazily, at the first step
-    engine = build_engine(cfg.engine_spec, model, dist)
+    seed_everything(cfg.train.seed)
+    recipe = components.model_recipe(cfg, tokenizer)
+    flops_per_token = objective_flops_per_token(components.meta_model(recipe.config), cfg)
+    engine = build_engine(cfg.engine_spec, recipe, dist)  # ZeRO-3/FSDP: built sharded, never whole
     seed_everything(cfg.train.seed + dist.rank)  # then a different dropout stream per rank
     pipeline = data.build_loader(
         cfg.data,
