@@ -231,6 +231,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return 0
         if not args.no_check:
             job.check(world_size=slurm.nodes * slurm.procs_per_node)
+            if slurm.gpus_per_node > 0:
+                print(job.plan(nodes=slurm.nodes, gpus_per_node=slurm.gpus_per_node), file=sys.stderr)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)

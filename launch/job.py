@@ -70,6 +70,15 @@ class TrainJob:
             problem = said[-1].removeprefix("error: ") if said else proc.stderr.strip()[-500:]
             raise LaunchError(f"run config {self.config}: {problem}")
 
+    def plan(self, *, nodes: int, gpus_per_node: int) -> str:
+        """`pretrain plan`'s table for this job (memory per GPU per engine), or a one-line note if it failed."""
+        args = [*self.module_args("plan"), "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+            return f"(no memory plan: {said[-1] if said else proc.stderr.strip()[-300:]})"
+        return proc.stdout.rstrip()
+
     def run_dir(self) -> Path:
         """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""
         value = None

@@ -1,4 +1,4 @@
-"""`pretrain` command line: train / check / config / export / data prepare / plot.
+"""`pretrain` command line: train / check / config / plan / export / data prepare / plot.
 
 Bad input of any kind (a `UserError`) ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows
 the traceback. Any other exception is a bug and keeps its traceback.
@@ -68,6 +68,19 @@ def _command(commands: Any, name: str, common: argparse.ArgumentParser, help: st
     )
 
 
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
 def _with_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "config", type=Path, help="run config YAML (or the name of a bundled one, e.g. gpt-tiny.yaml)"
@@ -103,6 +116,16 @@ def _parser() -> argparse.ArgumentParser:
         "pretrain config gpt-tiny.yaml train.lr=1e-3",
     )  # fmt: skip
     _with_config(config)
+    plan = _command(
+        commands, "plan", common, "predicted memory per GPU for each engine, and which one to use",
+        "pretrain plan configs/gpt2-large.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80",
+    )  # fmt: skip
+    _with_config(plan)
+    plan.add_argument("--nodes", type=_positive(int), required=True, help="nodes in the job")
+    plan.add_argument("--gpus-per-node", type=_positive(int), required=True, help="GPUs (processes) per node")
+    plan.add_argument(
+        "--gpu-memory-gib", type=_positive(float), default=80.0, help="memory of one GPU (default: 80)"
+    )
     export = _command(
         commands, "export", common, "write a transformers directory from a checkpoint",
         "pretrain export runs/gpt-tiny out/gpt-tiny-hf --step 200",
@@ -132,10 +155,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.command in ("train", "check", "config", "data"):
+    if args.command in ("train", "check", "config", "data", "plan"):
         from pretrain.config import load_config
 
-        cfg = load_config(args.config, args.overrides)  # before anything expensive is imported or started
+        # before anything expensive is imported or started; a plan reads no data
+        cfg = load_config(args.config, args.overrides, check_files=args.command != "plan")
     if args.command == "train":
         from pretrain.loop import train
 
@@ -146,6 +170,10 @@ def _run(args: argparse.Namespace) -> None:
         from pretrain.describe import describe
 
         print(describe(cfg))
+    elif args.command == "plan":
+        from pretrain.plan import plan_run, render
+
+        print(render(plan_run(cfg, gpus=args.nodes * args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib)))
     elif args.command == "export":
         from pretrain.export import export
 
