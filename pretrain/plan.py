@@ -4,9 +4,8 @@ Model states follow the ZeRO paper (Rajbhandari et al.) per parameter, with what
 - DDP and FSDP (PyTorch's own step): fp32 params 4, grads 4, AdamW moments 8 bytes; bf16 is autocast / a
   mixed-precision policy over the fp32 params. FSDP shards all three (like ZeRO-3).
 - DeepSpeed: params and grads in the run's dtype (2 bytes in bf16/fp16, 4 in fp32), plus its own fp32
-  partition of the params (stages 1-2 keep it even in fp32; stage 3 in fp32 optimises its partition of
-  the params in place) and the moments; stage 1 shards those two, stage 2 also the grads, stage 3 also
-  the params. `zero3-offload` keeps params, grads and optimizer on the host.
+  partition of the params (kept even in fp32) and the moments; stage 1 shards those two, stage 2 also the
+  grads, stage 3 also the params. `zero3-offload` keeps params, grads and optimizer on the host.
 This is DeepSpeed's `estimate_zero3_model_states_mem_needs` arithmetic; transient buffers are listed apart
 (communication buckets sized as pretrain/engines/ds_config.py fills them, FSDP's unsharded blocks), as are
 activations (per block, the tensors autograd keeps, counted for a pre-norm block as torchtitan's estimator
@@ -84,11 +83,10 @@ def model_states(engine: str, n: int, world: int, precision: str) -> ModelStates
         raise ValueError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
     stage = int(engine[4])
     width = 4 if precision == "fp32" else 2
-    master = 0 if stage == 3 and precision == "fp32" else 4
     states = ModelStates(
         params=width * n / (world if stage >= 3 else 1),
         grads=width * n / (world if stage >= 2 else 1),
-        optimizer=(master + 8) * n / world,  # fp32 partition + moments (stage >= 1 shards both)
+        optimizer=(4 + 8) * n / world,  # fp32 partition + moments (stage >= 1 shards both)
     )
     if engine == "zero3-offload":
         return ModelStates(params=0.0, grads=0.0, optimizer=0.0, host=states.total)

@@ -129,6 +129,21 @@ class DeepSpeedEngine(Engine):
         grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
 
+    def model_state_bytes(self) -> dict[str, int]:
+        """As the base engine's, plus DeepSpeed's fp32 partitions of the parameters, which its ZeRO-3 optimizer
+        puts in the param groups only while it steps (ZeRO-1/2 keep them there)."""
+        held = super().model_state_bytes()
+        zero = self._ds.optimizer
+        masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+            zero, "single_partition_of_fp32_groups", []
+        )
+        known = {
+            t.untyped_storage().data_ptr() for group in self._optimizer.param_groups for t in group["params"]
+        }
+        extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in masters}
+        held["optimizer"] += sum(size for ptr, size in extra.items() if ptr not in known)
+        return held
+
     def save(self, path: Path) -> None:
         self._ds.save_checkpoint(str(path), tag=_TAG, save_latest=False)
         self.save_scheduler(path)
