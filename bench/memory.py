@@ -16,9 +16,18 @@ the model was built (also counts gloo and allocator overheads); next to them the
 fp32 AdamW (params 4, grads 4, two moments 8 bytes per parameter, divided by the world size as the stage
 says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers).
 
-    .venv/bin/python -m bench.memory                 # both tables
+Engines (`--part engines`): per engine (DDP, ZeRO-1, 2, 3, 3+offload, FSDP) and world size (1, 2, 4), one
+torchrun job builds a GPT from a recipe (ZeRO-3 / FSDP: sharded from the first byte) and trains 2 steps
+(seq 64, micro-batch 2, fp32). Each rank reads its resident set before the build (the per-process
+baseline: torch, gloo, the engine's library), its high-water mark over the build, and over the two steps;
+next to them `pretrain.plan`'s model states and activations, and the ratio step peak / (baseline +
+predicted states + activations).
+
+    .venv/bin/python -m bench.memory                 # checkpointing and ZeRO tables
     .venv/bin/python -m bench.memory --part checkpointing --quick
     .venv/bin/python -m bench.memory --part zero
+    .venv/bin/python -m bench.memory --part engines --model gpt2-small --worlds 1,2,4
+    .venv/bin/python -m bench.memory --part engines --model gpt2-medium --engines zero3,zero3-offload,fsdp --worlds 4
 """
 
 from __future__ import annotations
@@ -219,11 +228,111 @@ def run_zero(shape: Shape, world: int = 2) -> None:
     )  # fmt: skip
 
 
+# --- engines, built sharded ----------------------------------------------------------------------
+
+ENGINE_KEYS = {  # pretrain.plan's engine names -> the engine sections that select them
+    "ddp": dict(backend="ddp"),
+    "zero1": dict(backend="deepspeed", zero_stage=1),
+    "zero2": dict(backend="deepspeed", zero_stage=2),
+    "zero3": dict(backend="deepspeed", zero_stage=3),
+    "zero3-offload": dict(backend="deepspeed", zero_stage=3, offload="params"),
+    "fsdp": dict(backend="fsdp"),
+}
+ENGINE_SEQ, ENGINE_BATCH = 64, 2
+
+
+def engine_worker(engine: str, preset: str, out: Path) -> None:
+    """One rank under torchrun: baseline, build peak and step peak of `engine` on `preset` (bytes)."""
+    from models import get_config
+    from pretrain.config import DeepSpeedConfig, EngineConfig, FSDPConfig, TrainConfig, engine_spec
+    from pretrain.engines import ModelRecipe, build_engine, init_distributed, shutdown
+
+    dist = init_distributed(timeout_s=900)
+    keys = dict(ENGINE_KEYS[engine])
+    backend = keys.pop("backend")
+    section = EngineConfig(
+        backend=backend,
+        deepspeed=DeepSpeedConfig(**keys) if backend == "deepspeed" else None,
+        fsdp=FSDPConfig() if backend == "fsdp" else None,
+        dist_timeout_s=900,
+    )
+    spec = engine_spec(section, TrainConfig(micro_batch_size=ENGINE_BATCH, lr=1e-4, max_steps=10))
+    if backend == "deepspeed":
+        import deepspeed  # noqa: F401  (its import is part of the baseline, not of the build)
+    else:
+        import accelerate  # noqa: F401
+    config = get_config(preset, max_seq_len=max(ENGINE_SEQ, 64))
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    baseline = _status_kib("VmRSS") * 1024
+    engine_ = build_engine(spec, ModelRecipe(config=config, seed=0), dist)
+    build = _status_kib("VmHWM") * 1024
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    g = torch.Generator().manual_seed(dist.rank)
+    for _ in range(2):
+        ids = torch.randint(0, config.vocab_size, (ENGINE_BATCH, ENGINE_SEQ), generator=g)
+        engine_.train_step([{"input_ids": ids, "labels": ids.clone()}])
+    step = _status_kib("VmHWM") * 1024
+    n = sum(getattr(p, "ds_numel", p.numel()) for p in engine_.model.parameters())
+    result = {"n": n, "baseline": baseline, "build": build, "step": step}
+    (out / f"rank{dist.rank}.json").write_text(json.dumps(result))
+    shutdown()
+
+
+def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
+    from models import get_config
+    from pretrain.plan import ModelShape, activations_per_sample, model_states
+
+    shape = ModelShape.of(get_config(preset, max_seq_len=64))
+    acts = ENGINE_BATCH * activations_per_sample(shape, ENGINE_SEQ, "fp32", checkpointing=False)
+    rows = []
+    for engine in engines:
+        for world in worlds:
+            with tempfile.TemporaryDirectory() as tmp:
+                env = {**os.environ, **MALLOC_ENV, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+                for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+                    env.pop(name, None)
+                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+                       "-m", "bench.memory", "--engine-worker", engine, "--model", preset, "--out", tmp]  # fmt: skip
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=1800)
+                results = [json.loads(p.read_text()) for p in sorted(Path(tmp).glob("rank*.json"))]
+            if proc.returncode != 0 or len(results) != world:
+                lines = [
+                    x for x in proc.stderr.splitlines() if "Error" in x or "Killed" in x or "exitcode" in x
+                ]
+                rows.append(
+                    [engine, str(world), "failed", (lines or ["no result"])[-1][-90:], "", "", "", ""]
+                )
+                print(" | ".join(rows[-1]), flush=True)
+                continue
+            states = model_states(engine, results[0]["n"], world, "fp32")
+            base = max(r["baseline"] for r in results)
+            build, step = max(r["build"] for r in results), max(r["step"] for r in results)
+            predicted = base + states.total + acts
+            rows.append([
+                engine, str(world), f"{states.total / MIB:.0f}", f"{base / MIB:.0f}", f"{acts / MIB:.0f}",
+                f"{build / MIB:.0f}", f"{step / MIB:.0f}", f"{step / predicted:.2f}",
+            ])  # fmt: skip
+            print(" | ".join(rows[-1]), flush=True)
+    print(f"\n{preset} ({shape.params / 1e6:.0f} M), fp32, seq {ENGINE_SEQ}, micro-batch {ENGINE_BATCH}; "
+          "MiB per rank (max over ranks)")  # fmt: skip
+    print_table(
+        ["engine", "ranks", "predicted states", "baseline", "predicted activations", "peak at build",
+         "peak at step", "step / (baseline + states + activations)"],
+        rows,
+    )  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--part", choices=("all", "checkpointing", "zero"), default="all")
+    parser.add_argument("--part", choices=("all", "checkpointing", "zero", "engines"), default="all")
+    parser.add_argument("--model", default="gpt2-small", help="engines: the preset")
+    parser.add_argument("--engines", default=",".join(ENGINE_KEYS), help="engines: which")
+    parser.add_argument("--worlds", default="1,2,4", help="engines: world sizes")
+    parser.add_argument("--engine-worker", help=argparse.SUPPRESS)
     parser.add_argument("--quick", action="store_true", help="the small bench shape at 2 layers / width 128")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--step-worker", help=argparse.SUPPRESS)
@@ -237,6 +346,10 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(step_worker(args.step_worker, shape, args.checkpointing)), flush=True)
     elif args.zero_worker is not None:
         zero_worker(args.zero_worker, shape, args.out)
+    elif args.engine_worker:
+        engine_worker(args.engine_worker, args.model, args.out)
+    elif args.part == "engines":
+        run_engines(args.model, args.engines.split(","), [int(w) for w in args.worlds.split(",")])
     else:
         if args.part in ("all", "checkpointing"):
             run_checkpointing(shape, args.families.split(","))

@@ -262,6 +262,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
             return 0
         if not args.no_check:
             _check(job, world_size)
+            if slurm.gpus_per_node > 0:
+                print(job.plan(nodes=slurm.nodes, gpus_per_node=slurm.gpus_per_node), file=sys.stderr)
         script = slurm.write(job, launch_command=launch_command)
         job_id = submit(script)
         print(f"launch: submitted {script}; log: {job.run_dir() / f'slurm-{job_id}.out'}", file=sys.stderr)

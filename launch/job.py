@@ -76,6 +76,15 @@ class TrainJob:
         _, sep, note = proc.stdout.strip().partition("; ")
         return note if sep and " at world size " in note else None
 
+    def plan(self, *, nodes: int, gpus_per_node: int) -> str:
+        """`pretrain plan`'s table for this job (memory per GPU per engine), or a one-line note if it failed."""
+        args = [*self.module_args("plan"), "--nodes", str(nodes), "--gpus-per-node", str(gpus_per_node)]
+        proc = subprocess.run([sys.executable, *args], capture_output=True, text=True)
+        if proc.returncode != 0:
+            said = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+            return f"(no memory plan: {said[-1] if said else proc.stderr.strip()[-300:]})"
+        return proc.stdout.rstrip()
+
     def run_dir(self) -> Path:
         """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""
         return Path(self.setting("run.dir") or Path("runs") / self.config.stem).resolve()

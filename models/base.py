@@ -1,9 +1,13 @@
-"""What all three families have in common beyond their blocks: parameter counts, the FLOPs interface, loss."""
+"""What all three families have in common beyond their blocks: parameter counts, the FLOPs interface, loss,
+and initialisation that does not depend on how (or whether) the parameters are sharded."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -74,8 +78,87 @@ def num_weights(*modules: nn.Module) -> int:
     return sum(p.numel() for p in params.values())
 
 
+# How one parameter is initialised: fills the full (unsharded) tensor in place, drawing only from the generator.
+InitFn = Callable[[Tensor, torch.Generator], None]
+
+
+def normal(std: float) -> InitFn:
+    def fill(t: Tensor, g: torch.Generator) -> None:
+        t.normal_(0.0, std, generator=g)
+
+    return fill
+
+
+def constant(value: float) -> InitFn:
+    def fill(t: Tensor, g: torch.Generator) -> None:
+        t.fill_(value)
+
+    return fill
+
+
+def row_blocks(blocks: Sequence[tuple[int, InitFn]]) -> InitFn:
+    """Consecutive blocks of rows with their own rule (a fused projection whose parts are scaled apart)."""
+
+    def fill(t: Tensor, g: torch.Generator) -> None:
+        for part, (_, rule) in zip(t.split([rows for rows, _ in blocks]), blocks, strict=True):
+            rule(part, g)
+
+    return fill
+
+
+def zero_row(rule: InitFn, row: int) -> InitFn:
+    """`rule`, then row `row` set to zero (an embedding's padding row)."""
+
+    def fill(t: Tensor, g: torch.Generator) -> None:
+        rule(t, g)
+        t[row].zero_()
+
+    return fill
+
+
+def parameter_seed(seed: int, name: str) -> int:
+    """The seed of one parameter's generator: a function of the run's seed and the parameter's name only."""
+    digest = hashlib.sha256(f"{seed}/{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def initial_value(rule: InitFn, name: str, shape: Sequence[int], seed: int) -> Tensor:
+    """Parameter `name`'s whole initial tensor (fp32, CPU), drawn from its own generator.
+
+    Every rank computes the same tensor whatever it holds of it, so a sharded engine initialises its slice
+    with exactly the values an unsharded build has, at any world size: weights depend on (seed, name) only.
+    """
+    value = torch.empty(tuple(shape), dtype=torch.float32, device="cpu")
+    with torch.no_grad():
+        rule(value, torch.Generator(device="cpu").manual_seed(parameter_seed(seed, name)))
+    return value
+
+
+def default_rules(model: nn.Module, std: float) -> dict[str, InitFn]:
+    """The usual scheme by module type: linear and embedding weights N(0, std) (padding rows zero), biases
+    zero, norms unit gain and zero bias."""
+    rules: dict[str, InitFn] = {}
+    for prefix, module in model.named_modules():
+        at = f"{prefix}." if prefix else ""
+        if isinstance(module, nn.Linear):
+            rules[at + "weight"] = normal(std)
+        elif isinstance(module, nn.Embedding):
+            pad = module.padding_idx
+            rules[at + "weight"] = normal(std) if pad is None else zero_row(normal(std), pad)
+        elif isinstance(module, (nn.LayerNorm, nn.RMSNorm)) and module.weight is not None:
+            rules[at + "weight"] = constant(1.0)
+        if isinstance(module, (nn.Linear, nn.LayerNorm)) and module.bias is not None:
+            rules[at + "bias"] = constant(0.0)
+    return rules
+
+
+def parameter_names(model: nn.Module) -> dict[int, str]:
+    """id(parameter) -> its name (the first, for a shared one), to give a rule to a parameter in hand."""
+    return {id(p): name for name, p in model.named_parameters()}
+
+
 class LanguageModel(nn.Module):
-    """Base class: `config`, `init_weights`, block listing, parameter counts and FLOPs per token."""
+    """Base class: `config`, initialisation, block listing, parameter counts and FLOPs per token."""
 
     config: ModelConfig
 
@@ -83,8 +166,29 @@ class LanguageModel(nn.Module):
         """The per-layer blocks, encoder first, for FSDP wrapping and activation checkpointing."""
         raise NotImplementedError
 
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitFn]:
+        """Parameter name -> how its initial value is drawn (the family's published scheme)."""
         raise NotImplementedError
+
+    def init_weights(self, seed: int | None = None) -> None:
+        """Every parameter from its own generator seeded by (seed, its name): the same weights whichever
+        engine, world size or construction order is used. `seed=None` draws one from torch's global RNG.
+        Parameters on the meta device stay there (a model built only for its shapes and counts)."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+        rules = self.checked_init_rules()
+        with torch.no_grad():
+            for name, param in self.named_parameters():
+                if not param.is_meta:
+                    param.copy_(initial_value(rules[name], name, param.shape, seed))
+
+    def checked_init_rules(self) -> dict[str, InitFn]:
+        """`init_rules()`, refusing a parameter without a rule (it would keep garbage after a meta build)."""
+        rules = self.init_rules()
+        missing = [name for name, _ in self.named_parameters() if name not in rules]
+        if missing:
+            raise ValueError(f"{type(self).__name__}.init_rules() has no rule for {', '.join(missing)}")
+        return rules
 
     def compile_blocks(self) -> None:
         """`torch.compile` each transformer block in place (regional compilation).

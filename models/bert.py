@@ -8,10 +8,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import (
+    InitFn,
     LanguageModel,
     SampleShape,
     attention_flops,
+    constant,
     cross_entropy,
+    default_rules,
     key_padding,
     matmul_flops,
     num_weights,
@@ -92,15 +95,8 @@ class BERT(LanguageModel):
             + attention_flops(cfg.n_layers, width, n, n)
         ) / n
 
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitFn]:
         """BERT's scheme: N(0, init_std) for weights, zero biases (and padding row), unit LayerNorms."""
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=self.config.init_std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-                nn.init.zeros_(module.weight[module.padding_idx])
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
-        nn.init.zeros_(self.head.bias)
+        rules = default_rules(self, self.config.init_std)
+        rules["head.bias"] = constant(0.0)
+        return rules

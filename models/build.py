@@ -23,12 +23,12 @@ def model_class(family: str) -> type[LanguageModel]:
     return classes[family]
 
 
-def build_from_config(config: ModelConfig, *, init: bool = True) -> LanguageModel:
-    """The model for `config`, initialised by `init_weights()` unless `init=False` (then PyTorch's defaults).
+def build_from_config(config: ModelConfig, *, init: bool = True, seed: int | None = None) -> LanguageModel:
+    """The model for `config`, initialised by `init_weights(seed)` unless `init=False` (then PyTorch's defaults).
 
     With `init`, the modules are created on the meta device first: no time is spent on default
-    initialisation that `init_weights` overwrites, and the weights depend only on torch's seed at this
-    call, exactly as `to_empty()` + `init_weights()` after a meta-device build (as FSDP does it).
+    initialisation that `init_weights` overwrites. The weights depend only on `seed` (None: one drawn from
+    torch's global RNG), exactly as a sharded engine's meta build that initialises only its own slices.
     """
     cls = model_class(config.family)
     if not init:
@@ -36,7 +36,7 @@ def build_from_config(config: ModelConfig, *, init: bool = True) -> LanguageMode
     with torch.device("meta"):
         model = cls(config)
     model.to_empty(device=torch.get_default_device())
-    model.init_weights()
+    model.init_weights(seed)
     return model
 
 

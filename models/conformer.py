@@ -307,9 +307,11 @@ class Conformer(LanguageModel):
         )
         return 6.0 * (conv + rest) + 2 * 12.0 * cfg.n_layers * cfg.d_model * t
 
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """wav2vec2-conformer's scheme: N(0, init_std) linear layers, Kaiming-normal convolutions, Xavier u and
         v, the feature projection U(+-1/sqrt(fan-in)), the mask embedding U(0, 1)."""
+        if seed is not None:  # drawn from the global RNG (these families are not built sharded yet)
+            torch.manual_seed(seed)
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=self.config.init_std)

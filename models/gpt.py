@@ -8,7 +8,18 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.base import LanguageModel, SampleShape, attention_flops, cross_entropy, key_padding, matmul_flops
+from models.base import (
+    InitFn,
+    LanguageModel,
+    SampleShape,
+    attention_flops,
+    cross_entropy,
+    default_rules,
+    key_padding,
+    matmul_flops,
+    normal,
+    parameter_names,
+)
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import GPTConfig
 from models.outputs import ModelOutput
@@ -55,16 +66,13 @@ class GPT(LanguageModel):
         width = cfg.n_heads * cfg.head_dim
         return (matmul_flops(weights, n) + attention_flops(cfg.n_layers, width, n, n)) / n
 
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitFn]:
         """GPT-2's scheme: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 L)."""
         std = self.config.init_std
-        for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, std=std)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, nn.LayerNorm):
-                module.reset_parameters()
+        rules = default_rules(self, std)
+        names = parameter_names(self)
+        scaled = normal(std / math.sqrt(2 * self.config.n_layers))
         for block in self.blocks:
             for proj in (block.attn.out, block.ff.down):
-                nn.init.normal_(proj.weight, std=std / math.sqrt(2 * self.config.n_layers))
+                rules[names[id(proj.weight)]] = scaled
+        return rules

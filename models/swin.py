@@ -265,8 +265,10 @@ class Swin(LanguageModel):
         total += 6.0 * tokens * sum(p.numel() for m in (self.norm, self.head) for p in m.parameters())
         return total / cfg.grid_size**2
 
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """Swin's scheme: truncated N(0, 0.02) for linear layers, the bias tables, [MASK] and positions."""
+        if seed is not None:  # drawn from the global RNG (these families are not built sharded yet)
+            torch.manual_seed(seed)
         std = self.config.init_std
         init_dense_layers(self, std=std)
         extra = [*self.embedding_parameters()]

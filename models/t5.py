@@ -13,13 +13,18 @@ from torch import Tensor
 
 from models.attention import SelfAttention
 from models.base import (
+    InitFn,
     LanguageModel,
     SampleShape,
     attention_flops,
+    constant,
     cross_entropy,
     key_padding,
     matmul_flops,
+    normal,
     num_weights,
+    parameter_names,
+    row_blocks,
 )
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import T5Config
@@ -130,29 +135,30 @@ class T5(LanguageModel):
         )
         return per_sample / s
 
-    def init_weights(self) -> None:
+    def init_rules(self) -> dict[str, InitFn]:
         """Mesh TensorFlow's scheme (as in transformers): each matrix N(0, 1/sqrt(fan-in)), q also / sqrt(d_kv)."""
         cfg, f = self.config, self.config.init_std
         d_inner = cfg.n_heads * cfg.d_kv
-        nn.init.normal_(self.embed.tokens.weight, std=f)
+        names = parameter_names(self)
+        rules: dict[str, InitFn] = {names[id(self.embed.tokens.weight)]: normal(f)}
         if self.lm_head is not None:
-            nn.init.normal_(self.lm_head.weight, std=f)
+            rules[names[id(self.lm_head.weight)]] = normal(f)
         for bias in (self.encoder_bias, self.decoder_bias):
-            nn.init.normal_(bias.table.weight, std=f * cfg.d_model**-0.5)
+            rules[names[id(bias.table.weight)]] = normal(f * cfg.d_model**-0.5)
         for module in self.modules():
             if isinstance(module, nn.RMSNorm):
-                nn.init.constant_(module.weight, f)
+                rules[names[id(module.weight)]] = constant(f)
+        q, kv = normal(f * (cfg.d_model * cfg.d_kv) ** -0.5), normal(f * cfg.d_model**-0.5)
         for block in self.transformer_blocks():
             for attn in (block.attn, block.cross_attn):
                 if attn is None:  # an encoder block has no cross attention
                     continue
-                q, kv = (
-                    attn.qkv.weight.split([d_inner, 2 * d_inner])
-                    if isinstance(attn, SelfAttention)
-                    else (attn.q.weight, attn.kv.weight)
-                )
-                nn.init.normal_(q, std=f * (cfg.d_model * cfg.d_kv) ** -0.5)
-                nn.init.normal_(kv, std=f * cfg.d_model**-0.5)
-                nn.init.normal_(attn.out.weight, std=f * d_inner**-0.5)
-            nn.init.normal_(block.ff.up.weight, std=f * cfg.d_model**-0.5)
-            nn.init.normal_(block.ff.down.weight, std=f * cfg.d_ff**-0.5)
+                if isinstance(attn, SelfAttention):
+                    rules[names[id(attn.qkv.weight)]] = row_blocks([(d_inner, q), (2 * d_inner, kv)])
+                else:
+                    rules[names[id(attn.q.weight)]] = q
+                    rules[names[id(attn.kv.weight)]] = kv
+                rules[names[id(attn.out.weight)]] = normal(f * d_inner**-0.5)
+            rules[names[id(block.ff.up.weight)]] = normal(f * cfg.d_model**-0.5)
+            rules[names[id(block.ff.down.weight)]] = normal(f * cfg.d_ff**-0.5)
+        return rules

@@ -161,9 +161,11 @@ class ViTMAE(LanguageModel):
         )
         return per_image / n
 
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """MAE's scheme: Xavier-uniform linear layers and patch projection (as a matrix), N(0, 0.02) tokens,
         the fixed 2-D sin-cos positions."""
+        if seed is not None:  # drawn from the global RNG (these families are not built sharded yet)
+            torch.manual_seed(seed)
         cfg = self.config
         init_dense_layers(self, std=cfg.init_std, xavier=True)
         weight = self.encoder.patch.proj.weight
@@ -212,8 +214,10 @@ class ViTSimMIM(LanguageModel):
         per_image = (n + 1) * (6.0 * encoder + 12.0 * cfg.n_layers * cfg.d_model * (n + 1)) + n * 6.0 * head
         return per_image / n
 
-    def init_weights(self) -> None:
+    def init_weights(self, seed: int | None = None) -> None:
         """BEiT/SimMIM's scheme: truncated N(0, 0.02) for linear layers, positions and tokens."""
+        if seed is not None:  # drawn from the global RNG (these families are not built sharded yet)
+            torch.manual_seed(seed)
         std = self.config.init_std
         init_dense_layers(self, std=std)
         for p in self.encoder.additive_parameters():

@@ -1,4 +1,4 @@
-"""`pretrain` command line: train / check / config / export / sample / data prepare / plot.
+"""`pretrain` command line: train / check / config / plan / export / sample / data prepare / plot.
 
 Bad input of any kind (a `UserError`) ends as ONE line on stderr (`error: ...`) and exit code 2; `--debug` shows
 the traceback. Any other exception is a bug and keeps its traceback.
@@ -64,6 +64,8 @@ _CONFIG_COMMANDS = (  # (name, what it does, an example): the subcommands that t
      "pretrain check configs/gpt2-small.yaml engine.backend=fsdp"),
     ("config", "print the resolved config: every key with its value, doc and default",
      "pretrain config gpt-tiny.yaml train.lr=1e-3"),
+    ("plan", "predicted memory per GPU for each engine, and which one to use",
+     "pretrain plan configs/gpt2-large.yaml --nodes 2 --gpus-per-node 8 --gpu-memory-gib 80"),
 )  # fmt: skip
 
 
@@ -87,6 +89,19 @@ def _seconds(text: str) -> float:
     if not value >= 0:
         raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text!r}")
     return value
+
+
+def _positive(kind: type) -> Any:
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
 
 
 def _with_config(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -119,6 +134,17 @@ def _parser() -> argparse.ArgumentParser:
                 default=0.0,
                 metavar="SECONDS",
                 help="if another trainer holds the run directory, wait up to this long for it to end (default: refuse)",
+            )
+        elif name == "plan":
+            command.add_argument("--nodes", type=_positive(int), required=True, help="nodes in the job")
+            command.add_argument(
+                "--gpus-per-node", type=_positive(int), required=True, help="GPUs (processes) per node"
+            )
+            command.add_argument(
+                "--gpu-memory-gib",
+                type=_positive(float),
+                default=80.0,
+                help="memory of one GPU (default: 80)",
             )
     export = add_command(
         commands, "export", common, "write a transformers directory from a checkpoint",
@@ -171,10 +197,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(args: argparse.Namespace) -> None:
-    if args.command in ("train", "check", "config", "data"):
+    if args.command in ("train", "check", "config", "data", "plan"):
         from pretrain.config import load_config
 
-        cfg = load_config(args.config, args.overrides)  # before anything expensive is imported or started
+        # before anything expensive is imported or started; a plan reads no data
+        cfg = load_config(args.config, args.overrides, check_files=args.command != "plan")
     if args.command == "train":
         from pretrain.loop import train
 
@@ -189,6 +216,10 @@ def _run(args: argparse.Namespace) -> None:
         from pretrain.describe import describe
 
         print(describe(cfg))
+    elif args.command == "plan":
+        from pretrain.plan import plan_run, render
+
+        print(render(plan_run(cfg, gpus=args.nodes * args.gpus_per_node, gpu_memory_gib=args.gpu_memory_gib)))
     elif args.command == "export":
         from pretrain.export import export
 

@@ -9,13 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pretrain.config import ModelSection
+from pretrain.config import ModelSection, RunConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
     from data import DataConfig
     from models.base import LanguageModel
+    from models.config import ModelConfig
+    from pretrain.engines import ModelRecipe
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -45,3 +47,23 @@ def load_init_weights(model: LanguageModel, section: ModelSection) -> list[str]:
 
     assert section.init_from is not None
     return load_weights(model, section.init_from)
+
+
+def model_recipe(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> ModelRecipe:
+    """What the engine builds the run's model from: weights seeded by train.seed (per parameter name, so
+    they do not depend on the engine or the world size)."""
+    from pretrain.engines import ModelRecipe
+
+    return ModelRecipe(
+        config=cfg.model.for_tokenizer(tokenizer), seed=cfg.train.seed, compile=cfg.train.compile
+    )
+
+
+def meta_model(config: ModelConfig) -> LanguageModel:
+    """The model's modules on the meta device: shapes, parameter counts and FLOPs, no memory."""
+    import torch
+
+    import models
+
+    with torch.device("meta"):
+        return models.build_from_config(config, init=False)

@@ -10,24 +10,31 @@ from torch import nn
 
 from pretrain.config import EngineSpec
 from pretrain.engines.base import Engine, StepOutput
+from pretrain.engines.build import ModelRecipe, build_model, sharded
 from pretrain.engines.dist import DistInfo, any_rank, barrier, broadcast_int, init_distributed, shutdown
 
 __all__ = [
     "DistInfo",
     "Engine",
     "EngineSpec",
+    "ModelRecipe",
     "StepOutput",
     "any_rank",
     "barrier",
     "broadcast_int",
     "build_engine",
+    "build_model",
     "init_distributed",
+    "sharded",
     "shutdown",
 ]
 
 
-def build_engine(spec: EngineSpec, model: nn.Module, dist: DistInfo) -> Engine:
-    """Wrap `model` (already initialised, on CPU) for training as `spec` says."""
+def build_engine(spec: EngineSpec, model: ModelRecipe | nn.Module, dist: DistInfo) -> Engine:
+    """The engine `spec` says, holding the model a recipe describes, built as the engine keeps it (ZeRO-3 and
+    FSDP: never whole on a rank), or wrapping `model` when one is handed in whole (initialised, on CPU)."""
+    if isinstance(model, ModelRecipe):
+        model = build_model(spec, model, dist)
     if spec.backend == "deepspeed":
         from pretrain.engines.deepspeed import DeepSpeedEngine
 

@@ -13,7 +13,7 @@ import hashlib
 import json
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +102,18 @@ class Engine(ABC):
         module.train()
         return all_reduce_sum([loss])[0] / self.dist.world_size
 
+    def model_state_bytes(self) -> dict[str, int]:
+        """What this rank holds between steps, in bytes: its parameters (its shard, under ZeRO-3 / FSDP) and
+        the optimizer's tensors (moments, and DeepSpeed's fp32 partition of the parameters when it is not the
+        model's own tensor). Gradients are not counted: every engine frees them after the step. What
+        `pretrain plan` predicts (pretrain/plan.py) is checked against this."""
+        seen: set[int] = set()
+        params = _storage_bytes((getattr(p, "ds_tensor", p) for p in self.model.parameters()), seen)
+        optimizer = self._optimizer  # type: ignore[attr-defined]  # every engine builds one
+        held = [p for group in optimizer.param_groups for p in group["params"]]
+        held += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
+        return {"params": params, "optimizer": _storage_bytes(held, seen)}
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Collective: write the engine state (model, optimizer, scheduler) under `path`, which exists."""
@@ -138,6 +150,21 @@ def dropout_seed(seed: int, micro_batch: int) -> int:
     neighbouring runs' and micro-batches' dropout streams do not overlap."""
     digest = hashlib.blake2b(f"dropout:{seed}:{micro_batch}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def _storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
+    """Bytes of the tensors' storages not in `seen` (views of one flat buffer count once); a DTensor counts
+    its local shard, a scalar (AdamW's step count) nothing."""
+    total = 0
+    for t in tensors:
+        t = t.to_local() if hasattr(t, "to_local") else t
+        if t.numel() <= 1:
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total
 
 
 def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:

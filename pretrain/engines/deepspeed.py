@@ -10,10 +10,13 @@ its new partitions from the full tensors (`safe_set_full_fp32_param` / `safe_set
 exact for ZeRO 0-3 and any precision. We keep this layout of our own rather than DeepSpeed's universal
 checkpoint, which needs an offline conversion step and has had reported conversion failures and loss jumps
 (see /work/shared/notes/scale-and-elastic.md). It costs one gather of the optimizer state per save, on rank 0.
+Built from a recipe at ZeRO-3, the model is constructed inside `deepspeed.zero.Init`, so no rank ever holds
+more than one module's parameters whole.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import math
 import os
@@ -35,8 +38,9 @@ from torch import Tensor, nn
 
 from pretrain.config import EngineSpec
 from pretrain.engines.base import Engine
+from pretrain.engines.build import ModelRecipe, initial_slices
 from pretrain.engines.dist import DistInfo, ensure_process_group
-from pretrain.engines.ds_config import fill_device_fields
+from pretrain.engines.ds_config import fill_device_fields, fill_model_fields
 from pretrain.engines.optim import build_optimizer, build_scheduler
 from pretrain.errors import ConfigError
 
@@ -58,23 +62,52 @@ def _optimizer_step_disabled(optimizer: torch.optim.Optimizer, disabled: bool) -
         del optimizer.step
 
 
+def _join(spec: EngineSpec, dist: DistInfo, *, hidden_size: int) -> dict:
+    """Let DeepSpeed adopt the process group (idempotent); the config with its device and model-sized
+    fields filled."""
+    assert spec.deepspeed is not None and spec.deepspeed_json is not None, "resolved by the config"
+    cpu = dist.device.type == "cpu"
+    if spec.precision == "fp16" and cpu:
+        raise ConfigError("train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32")
+    ensure_process_group(dist)
+    # DeepSpeed reads LOCAL_RANK (also while training, ZeRO-3) even when the group exists, and a lone
+    # process or srun sets none. Only LOCAL_RANK: RANK/WORLD_SIZE left behind would make a later
+    # init_distributed() in this process believe it runs under a launcher.
+    os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
+    if cpu:
+        # On CPU DeepSpeed's comm backend JIT-compiles a shared-memory all-reduce op into
+        # ~/.cache/torch_extensions at every start, behind a file lock with no timeout (a build killed
+        # half-way blocks every later start). Without it, collectives go through the gloo group.
+        # (import_module: `import deepspeed.comm.torch as m` would bind torch itself, which deepspeed.comm re-exports)
+        importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+    deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return fill_model_fields(fill_device_fields(spec.deepspeed_json, cuda=not cpu), hidden_size=hidden_size)
+
+
+def build_partitioned(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
+    """ZeRO-3: construct inside `zero.Init` (each module's parameters partitioned as it is built), then fill
+    each rank's partition (a flat slice of the parameter) from the parameter's initial value."""
+    config = _join(spec, dist, hidden_size=recipe.config.d_model)
+    recipe.model_class()  # imports the model code first: torch._dynamo cannot be imported inside zero.Init
+    with deepspeed.zero.Init(config_dict_or_path=config):
+        model = recipe.construct()
+    with torch.no_grad():
+        for _, param, full in initial_slices(model, recipe.seed):
+            part = param.ds_tensor
+            start = part.ds_numel * torch.distributed.get_rank(group=param.ds_process_group)
+            mine = full.view(-1)[start : start + part.ds_numel]  # shorter (or empty) at the padded tail
+            part.zero_()
+            part.narrow(0, 0, mine.numel()).copy_(mine)
+    return model
+
+
 class DeepSpeedEngine(Engine):
     def __init__(self, spec: EngineSpec, model: nn.Module, dist: DistInfo) -> None:
-        assert spec.deepspeed is not None and spec.deepspeed_json is not None, "resolved by the config"
-        if spec.precision == "fp16" and dist.device.type == "cpu":
-            raise ConfigError(
-                "train.precision=fp16 needs a GPU (DeepSpeed has no fp16 on CPU); use bf16 or fp32"
-            )
-        ensure_process_group(dist)
-        # DeepSpeed reads LOCAL_RANK (also while training, ZeRO-3) even when the group exists, and a lone
-        # process or srun sets none. Only LOCAL_RANK: RANK/WORLD_SIZE left behind would make a later
-        # init_distributed() in this process believe it runs under a launcher.
-        os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
-        deepspeed.init_distributed(dist_backend="nccl" if dist.device.type == "cuda" else "gloo")
-        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        config = _join(spec, dist, hidden_size=model.config.d_model)
+        assert spec.deepspeed is not None, "resolved by the config"
         self.dist = dist
         self.spec = spec
-        config = fill_device_fields(spec.deepspeed_json, cuda=dist.device.type == "cuda")
         self._optimizer = build_optimizer(model, spec.optimizer)
         self.scheduler = build_scheduler(self._optimizer, spec.optimizer)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=config)
@@ -110,6 +143,21 @@ class DeepSpeedEngine(Engine):
     def _replicated_grad_norm(self) -> float:
         grads = [p.grad for p in self._ds.module.parameters() if p.grad is not None]
         return torch.nn.utils.get_total_norm(grads).item() if grads else 0.0
+
+    def model_state_bytes(self) -> dict[str, int]:
+        """As the base engine's, plus DeepSpeed's fp32 partitions of the parameters, which its ZeRO-3 optimizer
+        puts in the param groups only while it steps (ZeRO-1/2 keep them there)."""
+        held = super().model_state_bytes()
+        zero = self._ds.optimizer
+        masters = getattr(zero, "fp32_partitioned_groups_flat", None) or getattr(
+            zero, "single_partition_of_fp32_groups", []
+        )
+        known = {
+            t.untyped_storage().data_ptr() for group in self._optimizer.param_groups for t in group["params"]
+        }
+        extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in masters}
+        held["optimizer"] += sum(size for ptr, size in extra.items() if ptr not in known)
+        return held
 
     def save(self, path: Path) -> None:
         self._ds.save_checkpoint(str(path), tag=_TAG, save_latest=False)

@@ -24,6 +24,16 @@ PIN_MEMORY_KEYS = (
     "zero_optimization.offload_optimizer.pin_memory",
     "zero_optimization.offload_param.pin_memory",
 )
+# Filled from the model's hidden size h (elements), as transformers' DeepSpeed integration does: DeepSpeed's
+# own defaults (5e8-element buckets: 2 GB each in fp32) are sized for big GPUs and dwarf a small model's states.
+# The offload JSONs keep DeepSpeed's defaults: with CPU optimizer offload and a reduce bucket smaller than the
+# gradients, ZeRO-2 on CPU computed a wrong gradient norm (bench/NOTES.md, "DeepSpeed bucket sizes").
+MODEL_SIZED_KEYS = {
+    "zero_optimization.reduce_bucket_size": lambda h: h * h,
+    "zero_optimization.allgather_bucket_size": lambda h: h * h,
+    "zero_optimization.stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "zero_optimization.stage3_param_persistence_threshold": lambda h: 10 * h,
+}
 
 
 def default_config_path(ds: DeepSpeedConfig) -> Path:
@@ -145,6 +155,20 @@ def fill_device_fields(config: dict[str, Any], *, cuda: bool) -> dict[str, Any]:
         node, leaf = _parent(config, key, Path("<resolved>"))
         if node.get(leaf) == "auto":
             node[leaf] = cuda
+    return config
+
+
+def fill_model_fields(config: dict[str, Any], *, hidden_size: int) -> dict[str, Any]:
+    """A copy of a resolved config with the "auto" bucket and prefetch sizes filled from the model's hidden
+    size (`MODEL_SIZED_KEYS`); a number the JSON gives is kept."""
+    config = json.loads(json.dumps(config))
+    for key, size in MODEL_SIZED_KEYS.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(leaf) == "auto":
+            node[leaf] = size(hidden_size)
     return config
 
 

@@ -2,6 +2,8 @@
 
 PyTorch's own FSDP2 rather than Accelerate's FSDP plugin: on CPU Accelerate silently drops the plugin (the
 model stays unwrapped, or plain DDP runs), while `fully_shard` works on gloo and CUDA alike (configs/README.md).
+Built from a recipe, the model is sharded before any weight exists (meta device -> `fully_shard` ->
+`to_empty` -> each rank fills its own slices), as torchtitan does it.
 """
 
 from __future__ import annotations
@@ -10,26 +12,54 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from pretrain.config import EngineSpec
+from pretrain.engines.build import ModelRecipe, initial_slices
 from pretrain.engines.dist import DistInfo, ensure_process_group
 from pretrain.engines.native import NativeEngine
+
+
+def shard(model: nn.Module, spec: EngineSpec, dist: DistInfo) -> nn.Module:
+    """`fully_shard` each transformer block, then the root (works on meta parameters too)."""
+    assert spec.fsdp is not None, "resolved by the config"
+    ensure_process_group(dist)  # FSDP needs a group even alone
+    mesh = init_device_mesh(dist.device.type, (dist.world_size,))
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if spec.precision == "bf16" else None, reduce_dtype=torch.float32
+    )
+    reshard = spec.fsdp.reshard_after_forward
+    for block in model.transformer_blocks():
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    return model
+
+
+def build_sharded(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
+    """Meta build -> shard -> allocate the local shards -> fill each from its parameter's initial value."""
+    with torch.device("meta"):
+        model = recipe.construct()
+    shard(model, spec, dist)
+    model.to_empty(device=dist.device)
+    with torch.no_grad():
+        for _, param, full in initial_slices(model, recipe.seed):
+            assert isinstance(param, DTensor), "fully_shard made every parameter a DTensor"
+            shape, offset = compute_local_shape_and_global_offset(
+                param.shape, param.device_mesh, param.placements
+            )
+            index = tuple(slice(start, start + size) for start, size in zip(offset, shape, strict=True))
+            param.to_local().copy_(full[index])
+    return model
 
 
 class FSDPEngine(NativeEngine):
     def __init__(self, spec: EngineSpec, model: nn.Module, dist: DistInfo) -> None:
         assert spec.fsdp is not None, "resolved by the config"
-        super().__init__(spec, model.to(dist.device), dist)
-        ensure_process_group(dist)  # FSDP needs a group even alone
-        mesh = init_device_mesh(dist.device.type, (dist.world_size,))
-        policy = MixedPrecisionPolicy(
-            param_dtype=torch.bfloat16 if spec.precision == "bf16" else None, reduce_dtype=torch.float32
-        )
-        reshard = spec.fsdp.reshard_after_forward
-        for block in self._model.transformer_blocks():
-            fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-        fully_shard(self._model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+        if not isinstance(model, FSDPModule):  # a whole model handed in: shard it now
+            model = shard(model.to(dist.device), spec, dist)
+        super().__init__(spec, model, dist)
         self._build_optimizer()
 
     @property

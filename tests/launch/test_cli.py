@@ -13,6 +13,7 @@ import yaml
 from launch.cli import main
 from launch.external import read_hostfile
 from launch.job import TrainJob
+from pretrain.plan import ENGINES
 from tests.common import REPO
 
 PY = sys.executable
@@ -217,6 +218,21 @@ def test_slurm_submits_with_sbatch_and_prints_the_job_id(capsys, config, tmp_pat
     assert (tmp_path / "sbatch-args").read_text().split() == ["--parsable", str(script)]
     assert "#SBATCH --nodes=2" in script.read_text()
     assert "slurm-4242.out" in err
+
+
+def test_slurm_gpu_job_prints_the_memory_plan_before_submitting(capsys, config, tmp_path, monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text('#!/bin/sh\necho "77"\n')
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    code, out, err = run_cli(capsys, "slurm", "--nodes", "2", "--gpus-per-node", "8", str(config))
+    assert (code, out) == (0, "77\n")
+    lines = err.splitlines()
+    assert "16 GPUs x 80 GiB, fp32, micro-batch 8 x 128 tokens" in lines[0]
+    assert [line.split()[0] for line in lines[2:8]] == list(ENGINES)
+    assert lines[8].startswith("recommended: engine.backend=ddp, without gradient checkpointing")
+    assert "slurm-77.out" in lines[9]
 
 
 def test_deepspeed_and_accelerate_commands(capsys, config):

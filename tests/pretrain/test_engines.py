@@ -12,7 +12,12 @@ import torch
 from models import build_model
 from pretrain.config import DeepSpeedConfig, OptimizerConfig, TrainConfig
 from pretrain.engines import any_rank, barrier, init_distributed
-from pretrain.engines.ds_config import default_config_path, fill_device_fields, resolve_config
+from pretrain.engines.ds_config import (
+    default_config_path,
+    fill_device_fields,
+    fill_model_fields,
+    resolve_config,
+)
 from pretrain.engines.optim import build_optimizer, build_scheduler, lr_factor, param_groups
 from pretrain.errors import ConfigError, LaunchEnvironmentError
 from tests.pretrain import engines_worker as worker
@@ -86,7 +91,7 @@ def test_deepspeed_json_auto_fields_are_filled() -> None:
     train = TrainConfig(
         precision="bf16", micro_batch_size=4, grad_accum=8, lr=1e-3, max_steps=10, clip_grad=0.5
     )
-    config = fill_device_fields(resolve_config(ds, train), cuda=False)
+    config = fill_model_fields(fill_device_fields(resolve_config(ds, train), cuda=False), hidden_size=64)
     assert default_config_path(ds) == CONFIG_DIR / "zero3-offload.json"
     # DeepSpeed computes train_batch_size (micro x accum x world) itself: the world size is not known yet
     assert "train_batch_size" not in config and config["gradient_accumulation_steps"] == 8
@@ -95,6 +100,28 @@ def test_deepspeed_json_auto_fields_are_filled() -> None:
     assert config["zero_optimization"]["offload_param"] == {"device": "cpu", "pin_memory": False}
     assert "optimizer" not in config  # checked, then replaced by the engine's own AdamW
     assert "auto" not in json.dumps(config)
+
+
+@pytest.mark.parametrize(
+    ("stage", "sizes"),
+    [
+        (1, {"reduce_bucket_size": 10_000, "allgather_bucket_size": 10_000}),
+        (2, {"reduce_bucket_size": 10_000, "allgather_bucket_size": 10_000}),
+        (3, {"reduce_bucket_size": 10_000, "stage3_prefetch_bucket_size": 9_000,
+             "stage3_param_persistence_threshold": 1_000}),
+    ],
+)  # fmt: skip
+def test_deepspeed_bucket_sizes_follow_the_model_unless_given(tmp_path, stage: int, sizes: dict) -> None:
+    """'auto' sizes come from the hidden size h (h^2, 0.9 h^2, 10 h); a number in the JSON is kept."""
+    resolved = resolve_config(DeepSpeedConfig(zero_stage=stage), TrainConfig())
+    zero = fill_model_fields(resolved, hidden_size=100)["zero_optimization"]
+    assert {key: zero[key] for key in sizes} == sizes
+    given = json.loads((CONFIG_DIR / f"zero{stage}.json").read_text())
+    given["zero_optimization"]["reduce_bucket_size"] = 12345
+    (tmp_path / "ds.json").write_text(json.dumps(given))
+    resolved = resolve_config(DeepSpeedConfig(zero_stage=stage, config=tmp_path / "ds.json"), TrainConfig())
+    zero = fill_model_fields(resolved, hidden_size=100)["zero_optimization"]
+    assert {key: zero[key] for key in sizes} == {**sizes, "reduce_bucket_size": 12345}
 
 
 def test_every_shipped_deepspeed_json_resolves() -> None:

@@ -1,0 +1,70 @@
+"""Building the model where its weights will live: whole on every rank, or only this rank's shards.
+
+Building first and sharding later makes every rank hold the whole model once (the classic ZeRO-3 / FSDP
+out-of-memory at start-up), so the engine builds the model itself from a `ModelRecipe`:
+- ZeRO-3 constructs it inside `deepspeed.zero.Init` (each module's parameters are partitioned as soon as the
+  module exists), FSDP on the meta device, then `fully_shard`, then allocates only the local shards;
+- DDP and ZeRO 0-2 keep whole replicas and build as before.
+Every path fills parameters from `models.base.initial_value` (one generator per parameter name), each rank
+copying its own slice, so the initial weights are bitwise the same for every engine and world size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from models.base import LanguageModel, initial_value
+from models.build import build_from_config, model_class
+from models.config import ModelConfig
+from pretrain.config import EngineSpec
+from pretrain.engines.dist import DistInfo
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelRecipe:
+    """How to make the run's model: its config, the seed of its initial weights, and whether to compile it."""
+
+    config: ModelConfig
+    seed: int
+    compile: bool = False
+
+    def model_class(self) -> type[LanguageModel]:
+        return model_class(self.config.family)
+
+    def construct(self) -> LanguageModel:
+        """The modules only, under whatever device / partitioning context the caller opened."""
+        return self.model_class()(self.config)
+
+
+def sharded(spec: EngineSpec) -> bool:
+    """Whether `spec`'s engine keeps only a shard of the parameters on each rank."""
+    return spec.backend == "fsdp" or (spec.deepspeed is not None and spec.deepspeed.zero_stage == 3)
+
+
+def build_model(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
+    """The initialised model as `spec`'s engine holds it on this rank (collective for sharded engines)."""
+    if spec.backend == "fsdp":
+        from pretrain.engines.fsdp import build_sharded
+
+        return build_sharded(spec, recipe, dist)
+    if sharded(spec):
+        from pretrain.engines.deepspeed import build_partitioned
+
+        return build_partitioned(spec, recipe, dist)
+    model = build_from_config(recipe.config, seed=recipe.seed).to(dist.device)
+    if recipe.compile:
+        model.compile_blocks()  # compiles lazily, at the first step
+    return model
+
+
+def initial_slices(model: LanguageModel, seed: int) -> Iterator[tuple[str, nn.Parameter, torch.Tensor]]:
+    """(name, parameter, its whole initial value) one parameter at a time: a rank never holds more than
+    its shards plus the one parameter being filled."""
+    rules = model.checked_init_rules()
+    for name, param in model.named_parameters():
+        shape = getattr(param, "ds_shape", None) or param.shape  # a ZeRO-3 parameter's own shape is (0,)
+        yield name, param, initial_value(rules[name], name, shape, seed)

@@ -1,0 +1,250 @@
+"""`pretrain plan`: what one GPU holds under each engine, and the largest micro-batch that fits.
+
+Model states follow the ZeRO paper (Rajbhandari et al.) per parameter, with what our engines actually keep:
+- DDP and FSDP (PyTorch's own step): fp32 params 4, grads 4, AdamW moments 8 bytes; bf16 is autocast / a
+  mixed-precision policy over the fp32 params. FSDP shards all three (like ZeRO-3).
+- DeepSpeed: params and grads in the run's dtype (2 bytes in bf16/fp16, 4 in fp32), plus its own fp32
+  partition of the params (kept even in fp32) and the moments; stage 1 shards those two, stage 2 also the
+  grads, stage 3 also the params. `zero3-offload` keeps params, grads and optimizer on the host.
+This is DeepSpeed's `estimate_zero3_model_states_mem_needs` arithmetic; transient buffers are listed apart
+(communication buckets sized as pretrain/engines/ds_config.py fills them, FSDP's unsharded blocks), as are
+activations (per block, the tensors autograd keeps, counted for a pre-norm block as torchtitan's estimator
+does, plus the fp32 logits and their log-softmax) with and without gradient checkpointing.
+The per-process overhead of a GPU (CUDA context, NCCL, allocator slack) is a flat `OVERHEAD_GIB`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from pretrain.config import RunConfig
+
+GIB = 2**30
+OVERHEAD_GIB = 1.5  # CUDA context + NCCL + allocator fragmentation, per process
+ENGINES = ("ddp", "zero1", "zero2", "zero3", "zero3-offload", "fsdp")
+# Least communication first; gradient checkpointing (a third more compute) before offload (host transfers).
+PREFERENCE = (
+    *((name, False) for name in ("ddp", "zero1", "zero2", "fsdp", "zero3")),
+    *((name, True) for name in ("ddp", "zero1", "zero2", "fsdp", "zero3")),
+    ("zero3-offload", False),
+    ("zero3-offload", True),
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    """What the arithmetic needs from a model: its parameter counts and widths (from a meta-device build)."""
+
+    params: int
+    largest_block_params: int  # one transformer block: FSDP gathers it whole
+    root_params: int  # outside the blocks (embeddings, final norm, head): FSDP's root unit
+    config: ModelConfig
+
+    @classmethod
+    def of(cls, config: ModelConfig) -> ModelShape:
+        from pretrain.components import meta_model
+
+        model = meta_model(config)
+        blocks = model.transformer_blocks()
+        in_blocks = {id(p) for b in blocks for p in b.parameters()}
+        return cls(
+            params=model.num_parameters(),
+            largest_block_params=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+            root_params=sum(p.numel() for p in model.parameters() if id(p) not in in_blocks),
+            config=config,
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelStates:
+    """Bytes per GPU that live for the whole run (host: what offload moves to CPU memory)."""
+
+    params: float
+    grads: float
+    optimizer: float  # fp32 master partition (DeepSpeed) + AdamW's two moments
+    host: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer
+
+
+def model_states(engine: str, n: int, world: int, precision: str) -> ModelStates:
+    """The ZeRO-paper bytes per GPU of `engine` for `n` parameters at `world` GPUs."""
+    if engine in ("ddp", "fsdp"):
+        shard = world if engine == "fsdp" else 1
+        return ModelStates(params=4 * n / shard, grads=4 * n / shard, optimizer=8 * n / shard)
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
+    stage = int(engine[4])
+    width = 4 if precision == "fp32" else 2
+    states = ModelStates(
+        params=width * n / (world if stage >= 3 else 1),
+        grads=width * n / (world if stage >= 2 else 1),
+        optimizer=(4 + 8) * n / world,  # fp32 partition + moments (stage >= 1 shards both)
+    )
+    if engine == "zero3-offload":
+        return ModelStates(params=0.0, grads=0.0, optimizer=0.0, host=states.total)
+    return states
+
+
+def buffers(engine: str, shape: ModelShape, precision: str) -> float:
+    """Transient bytes per GPU besides activations: communication buckets and gathered parameters."""
+    h = shape.config.d_model
+    width = 4 if precision == "fp32" else 2
+    if engine == "ddp":
+        return 4 * shape.params  # the reducer's gradient buckets beside .grad (no bucket views)
+    if engine == "fsdp":  # the block in use and the prefetched one, gathered, with their unsharded grads;
+        # the root unit (embeddings) stays gathered from forward to backward
+        return (2 * shape.largest_block_params + shape.root_params) * (width + 4)
+    if engine in ("zero1", "zero2"):
+        return 2 * h * h * width  # reduce + all-gather buckets (h^2 each)
+    # ZeRO-3: reduce bucket + prefetch bucket + the block being computed, gathered
+    return (h * h + 0.9 * h * h + shape.largest_block_params) * width
+
+
+def activations_per_sample(shape: ModelShape, seq_len: int, precision: str, *, checkpointing: bool) -> float:
+    """Bytes autograd keeps for one sequence of `seq_len` tokens at the peak of the backward pass.
+
+    Per block and token (pre-norm, fused attention that keeps no L x L scores): the norms' inputs and
+    outputs, q/k/v, the attention output and its reshaped copy, the MLP input and its two d_ff-wide
+    tensors: 9 d_model + 2 d_ff values (a gated MLP: 3 d_ff). With checkpointing only each block's input
+    stays, plus one block recomputed at a time. Logits and their log-softmax are fp32 (the loss is).
+    """
+    cfg = shape.config
+    width = 4 if precision == "fp32" else 2
+    d_ff = cfg.d_ff * (1.5 if getattr(cfg, "gated", False) else 1.0)
+    per_block = seq_len * (9 * cfg.d_model + 2 * d_ff) * width
+    layers = cfg.n_layers + getattr(cfg, "n_decoder_layers", 0)
+    stored = (layers * seq_len * cfg.d_model * width + per_block) if checkpointing else layers * per_block
+    logits = 2 * seq_len * cfg.vocab_size * 4
+    return stored + logits
+
+
+@dataclass(frozen=True, kw_only=True)
+class EnginePlan:
+    engine: str
+    states: ModelStates
+    buffers: float
+    activations: float  # at the config's micro-batch, without gradient checkpointing
+    activations_ckpt: float  # with it
+    max_micro_batch: int  # 0: not even one sequence fits
+    max_micro_batch_ckpt: int
+
+    def total(self, *, checkpointing: bool) -> float:
+        acts = self.activations_ckpt if checkpointing else self.activations
+        return self.states.total + self.buffers + acts + OVERHEAD_GIB * GIB
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plan:
+    shape: ModelShape
+    world: int
+    micro_batch: int
+    seq_len: int
+    precision: str
+    gpu_bytes: float
+    engines: list[EnginePlan]
+
+    def recommendation(self) -> str:
+        """The first choice in `PREFERENCE` that fits the config's micro-batch."""
+        by_name = {e.engine: e for e in self.engines}
+        for name, checkpointing in PREFERENCE:
+            plan = by_name[name]
+            if plan.total(checkpointing=checkpointing) <= self.gpu_bytes:
+                ckpt = "with" if checkpointing else "without"
+                largest = plan.max_micro_batch_ckpt if checkpointing else plan.max_micro_batch
+                return (
+                    f"recommended: {_engine_keys(name)}, {ckpt} gradient checkpointing "
+                    f"(micro-batch {self.micro_batch} needs {plan.total(checkpointing=checkpointing) / GIB:.1f} "
+                    f"of {self.gpu_bytes / GIB:.0f} GiB; up to {largest} fits)"
+                )
+        return (
+            f"nothing fits micro-batch {self.micro_batch} in {self.gpu_bytes / GIB:.0f} GiB per GPU: "
+            "use more GPUs, a smaller train.micro_batch_size or data.seq_len"
+        )
+
+
+def _engine_keys(name: str) -> str:
+    """The config overrides that select engine `name`."""
+    if name in ("ddp", "fsdp"):
+        return f"engine.backend={name}"
+    keys = f"engine.backend=deepspeed engine.deepspeed.zero_stage={name[4]}"
+    return keys + (" engine.deepspeed.offload=params" if name.endswith("offload") else "")
+
+
+def plan(
+    config: ModelConfig, *, world: int, micro_batch: int, seq_len: int, precision: str, gpu_memory_gib: float
+) -> Plan:
+    """Every engine's per-GPU memory for `config` trained on `world` GPUs of `gpu_memory_gib` each."""
+    shape = ModelShape.of(config)
+    gpu = gpu_memory_gib * GIB
+    per_sample = {
+        c: activations_per_sample(shape, seq_len, precision, checkpointing=c) for c in (False, True)
+    }
+    engines = []
+    for name in ENGINES:
+        states = model_states(name, shape.params, world, precision)
+        extra = buffers(name, shape, precision)
+        free = gpu - states.total - extra - OVERHEAD_GIB * GIB
+        engines.append(
+            EnginePlan(
+                engine=name,
+                states=states,
+                buffers=extra,
+                activations=micro_batch * per_sample[False],
+                activations_ckpt=micro_batch * per_sample[True],
+                max_micro_batch=max(0, math.floor(free / per_sample[False])),
+                max_micro_batch_ckpt=max(0, math.floor(free / per_sample[True])),
+            )
+        )
+    return Plan(
+        shape=shape,
+        world=world,
+        micro_batch=micro_batch,
+        seq_len=seq_len,
+        precision=precision,
+        gpu_bytes=gpu,
+        engines=engines,
+    )
+
+
+def plan_run(cfg: RunConfig, *, gpus: int, gpu_memory_gib: float) -> Plan:
+    """The plan for a run config (its model, micro-batch, sequence length and precision) on `gpus` GPUs."""
+    return plan(
+        cfg.model.config,
+        world=gpus,
+        micro_batch=cfg.train.micro_batch_size,
+        seq_len=cfg.data.seq_len,
+        precision=cfg.train.precision,
+        gpu_memory_gib=gpu_memory_gib,
+    )
+
+
+def render(p: Plan) -> str:
+    """The table `pretrain plan` prints (GiB per GPU)."""
+    head = (
+        f"{p.shape.params / 1e6:.1f} M parameters, {p.world} GPUs x {p.gpu_bytes / GIB:.0f} GiB, {p.precision}, "
+        f"micro-batch {p.micro_batch} x {p.seq_len} tokens; GiB per GPU (+{OVERHEAD_GIB} GiB CUDA/NCCL overhead)"
+    )
+    columns = ["engine", "states", "buffers", "activations", "act. (ckpt)", "total", "total (ckpt)", "max mb",
+               "max mb (ckpt)"]  # fmt: skip
+    rows = []
+    for e in p.engines:
+        states = f"{e.states.total / GIB:.2f}" + (
+            f" (+{e.states.host / GIB:.1f} host)" if e.states.host else ""
+        )
+        rows.append([
+            e.engine, states, f"{e.buffers / GIB:.2f}", f"{e.activations / GIB:.2f}",
+            f"{e.activations_ckpt / GIB:.2f}", f"{e.total(checkpointing=False) / GIB:.2f}",
+            f"{e.total(checkpointing=True) / GIB:.2f}", str(e.max_micro_batch), str(e.max_micro_batch_ckpt),
+        ])  # fmt: skip
+    widths = [max(len(r[i]) for r in [columns, *rows]) for i in range(len(columns))]
+    lines = [head, "  ".join(c.ljust(w) for c, w in zip(columns, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    return "\n".join([*lines, p.recommendation()])
