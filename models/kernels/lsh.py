@@ -1,0 +1,276 @@
+"""Reformer's LSH attention: shared query-key vectors hashed into buckets, sorted, attended chunk by chunk.
+
+Each of `n_hashes` rounds hashes every vector by a random rotation (bucket = argmax of [xR, -xR]; large
+bucket counts are factorised into two hashes, as in transformers), sorts the positions by (round, bucket,
+position), cuts the sorted sequence into chunks of `bucket_size`, and lets each chunk attend to itself
+and the chunk before it (cyclically, so a round's first chunk sees the previous round's last one, as in
+transformers). A query's outputs from all rounds are combined by one softmax over every key it met,
+which is what transformers' per-round log-sum-exp weighting computes. Keys are the shared vectors
+normalised to unit length (queries are not); a query does not attend to itself unless nothing else is
+visible (score -1e5 instead of its dot product); causal and padding masks apply by original position;
+padded tokens hash into an extra bucket of their own.
+
+Memory: a custom autograd function keeps only q, k, v, the sort order, the output and one log-sum-exp
+per position; forward and backward walk the sorted sequence in slabs of chunks and gather, score and
+scatter one slab at a time (the forward in two passes: log-sum-exp per position first, then the
+weighted values), so memory is linear in L at any number of hashes, with no L x L or (hashes x L x
+2 x bucket_size) tensor kept. Time: O(L log L) for the sort, O(L * bucket_size * n_hashes) for the rest.
+
+The rotations are a fixed function of (seed, shape, dtype): drawn like transformers' with
+`hash_seed = seed`, the same at every step and layer, so a recomputed forward (checkpointing, reversible
+layers) and a resumed run hash exactly as the original.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import Tensor
+
+SELF_SCORE = -1e5  # a query's score for itself (transformers' self_mask_value)
+NORM_EPS = 1e-6  # inside the key normalisation, as transformers' _len_norm
+SLAB_SCORES = 1 << 22  # score entries per slab (16 MiB in fp32): bounds the transient memory
+
+
+@dataclass(frozen=True, kw_only=True)
+class LSHSettings:
+    """What an LSH attention module carries: rounds, chunk length, bucket count, rotation seed."""
+
+    n_hashes: int = 4
+    bucket_size: int = 64
+    n_buckets: int | tuple[int, int] | None = None  # None: `default_buckets(L, bucket_size)`
+    seed: int = 0
+
+
+def default_buckets(length: int, bucket_size: int) -> int | tuple[int, int]:
+    """transformers' rule: about 2 L / bucket_size, a power of 2, factorised in two when large."""
+    power = (2 * (length // bucket_size)).bit_length() - 1
+    if power < 1:
+        return 2
+    limit = 2 * max(int((length // bucket_size) ** 0.5), bucket_size)
+    if 2**power > limit:
+        return (2 ** (power // 2), 2 ** (power - power // 2))
+    return 2**power
+
+
+def _factors(n_buckets: int | tuple[int, ...]) -> tuple[int, ...]:
+    factors = (n_buckets,) if isinstance(n_buckets, int) else tuple(n_buckets)
+    if any(f < 1 or (f > 1 and f % 2) for f in factors):
+        raise ValueError(f"lsh: bucket counts must be even (or 1: no hashing), got {n_buckets}")
+    return factors
+
+
+@lru_cache(maxsize=16)
+def _rotations(shape: tuple[int, ...], seed: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(H, D, n_hashes, sum(factors) / 2), the numbers `torch.manual_seed(seed); torch.randn(shape)` draws."""
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=gen, dtype=dtype).to(device)
+
+
+@torch.no_grad()
+def hash_buckets(
+    x: Tensor, *, n_hashes: int, n_buckets: int | tuple[int, ...], seed: int, keep: Tensor | None
+) -> Tensor:
+    """Bucket ids (B, H, n_hashes, L) of the vectors x (B, H, L, D); padded positions (keep False) get an
+    extra bucket. Rotated in slices of positions so no (hashes x L x buckets) tensor exists at once."""
+    B, H, L, D = x.shape
+    factors = _factors(n_buckets)
+    total = math.prod(factors)
+    buckets = torch.zeros(B, H, n_hashes, L, dtype=torch.long, device=x.device)
+    if total > 1:
+        rot = _rotations((H, D, n_hashes, sum(factors) // 2), seed, x.dtype, x.device)
+        step = max(1, (1 << 22) // max(1, B * H * n_hashes * rot.shape[-1]))
+        for s in range(0, L, step):
+            rotated = torch.einsum("bhld,hdkr->bhklr", x[:, :, s : s + step], rot)
+            ids, offset, scale = 0, 0, 1
+            for f in factors:
+                part = rotated[..., offset : offset + f // 2]
+                ids = ids + scale * torch.cat([part, -part], dim=-1).argmax(dim=-1)
+                offset, scale = offset + f // 2, scale * f
+            buckets[..., s : s + step] = ids
+    if keep is not None and not bool(keep.all()):
+        buckets.masked_fill_(~keep[:, None, None, :], total)
+    return buckets
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Spec:
+    length: int  # L; position L is the sentinel that pads the sorted sequence to whole chunks
+    chunk: int
+    causal: bool
+    scale: float
+    slab: int  # chunks per slab
+
+
+def _flat(t: Tensor) -> Tensor:
+    """(B, H, L, D) -> (B * H * (L + 1), D) in the compute dtype, with a zero sentinel row per sequence."""
+    B, H, L, D = t.shape
+    ext = torch.zeros(B * H, L + 1, D, dtype=t.dtype, device=t.device)
+    ext[:, :L] = t.reshape(B * H, L, D)
+    return ext.view(-1, D)
+
+
+class _Slab:
+    """The sorted chunks [c0, c1) of every sequence: query rows, their two-chunk key windows, and the
+    mask and self-mask of the scores between them."""
+
+    def __init__(self, spec: _Spec, order: Tensor, keep: Tensor, c0: int, c1: int) -> None:
+        c, n = spec.chunk, c1 - c0
+        N = order.shape[0]
+        self.qpos = order[:, c0 * c : c1 * c].reshape(N, n, c)  # positions in [0, L]
+        before = order[:, (c0 - 1) * c : c0 * c] if c0 else order[:, -c:]
+        kpos = torch.cat([before, order[:, c0 * c : c1 * c]], dim=1)  # (N, (n + 1) c)
+        self.kpos = torch.cat([kpos[:, :-c].reshape(N, n, c), kpos[:, c:].reshape(N, n, c)], dim=2)
+        base = torch.arange(N, device=order.device)[:, None, None] * (spec.length + 1)
+        self.qrows, self.krows = (self.qpos + base).reshape(-1), (self.kpos + base).reshape(-1)
+        qp, kp = self.qpos[..., :, None], self.kpos[..., None, :]  # (N, n, c, 1), (N, n, 1, 2c)
+        self.visible = keep.gather(1, self.kpos.reshape(N, -1)).view(N, n, 1, 2 * c)
+        if spec.causal:
+            self.visible = self.visible & (kp <= qp)
+        self.itself = (kp == qp) & self.visible
+        self.shape = (N, n, c)
+
+    def gather(self, flat: Tensor, keys: bool) -> Tensor:
+        N, n, c = self.shape
+        rows = self.krows if keys else self.qrows
+        return flat.index_select(0, rows).view(N, n, 2 * c if keys else c, -1)
+
+    def scores(self, spec: _Spec, q: Tensor, k: Tensor) -> Tensor:
+        s = torch.matmul(q, k.transpose(-1, -2)).mul_(spec.scale)
+        s.masked_fill_(~self.visible, -math.inf)
+        return s.masked_fill_(self.itself, SELF_SCORE)
+
+
+def _slabs(spec: _Spec, order: Tensor):
+    n_chunks = order.shape[1] // spec.chunk
+    for c0 in range(0, n_chunks, spec.slab):
+        yield c0, min(c0 + spec.slab, n_chunks)
+
+
+class _LSHAttention(torch.autograd.Function):
+    """q, k, v as (B * H * (L + 1), D) rows; `order` (B * H, chunks * chunk) the sorted positions."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, order, keep, spec: _Spec):
+        N, L1 = order.shape[0], spec.length + 1
+        # Pass 1: the log-sum-exp of every (query, round) copy, merged per position.
+        lse_max = q.new_full((N, L1), -math.inf)
+        copies: list[tuple[Tensor, Tensor]] = []
+        for c0, c1 in _slabs(spec, order):
+            slab = _Slab(spec, order, keep, c0, c1)
+            s = slab.scores(spec, slab.gather(q, False), slab.gather(k, True))
+            lse = torch.logsumexp(s, dim=-1).reshape(N, -1)
+            copies.append((slab.qpos.reshape(N, -1), lse))
+            lse_max.scatter_reduce_(1, copies[-1][0], lse, "amax")
+        shift = lse_max.masked_fill(lse_max == -math.inf, 0.0)
+        total = q.new_zeros(N, L1)
+        for pos, lse in copies:
+            total.scatter_add_(1, pos, (lse - shift.gather(1, pos)).exp())
+        lse = (shift + total.log()).masked_fill_(total == 0, math.inf)  # no visible key: p = 0, out = 0
+        # Pass 2: the outputs, weighted by the merged log-sum-exp.
+        out = torch.zeros_like(v)
+        for c0, c1 in _slabs(spec, order):
+            slab = _Slab(spec, order, keep, c0, c1)
+            p = (slab.scores(spec, slab.gather(q, False), slab.gather(k, True)) - _at(lse, slab)).exp_()
+            out.index_add_(0, slab.qrows, torch.matmul(p, slab.gather(v, True)).view(-1, v.shape[-1]))
+        ctx.spec = spec
+        ctx.save_for_backward(q, k, v, order, keep, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, order, keep, out, lse = ctx.saved_tensors
+        spec: _Spec = ctx.spec
+        N = order.shape[0]
+        delta = (grad_out * out).sum(-1).view(N, -1)  # rowsum(dO * O) per position
+        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        for c0, c1 in _slabs(spec, order):
+            slab = _Slab(spec, order, keep, c0, c1)
+            qs, ks, vs = slab.gather(q, False), slab.gather(k, True), slab.gather(v, True)
+            do = slab.gather(grad_out, False)
+            p = (slab.scores(spec, qs, ks) - _at(lse, slab)).exp_()
+            dv.index_add_(0, slab.krows, torch.matmul(p.transpose(-1, -2), do).view(-1, v.shape[-1]))
+            ds = torch.matmul(do, vs.transpose(-1, -2)).sub_(_at(delta, slab)).mul_(p)
+            ds.masked_fill_(slab.itself, 0.0).mul_(spec.scale)  # the self score is a constant
+            dq.index_add_(0, slab.qrows, torch.matmul(ds, ks).view(-1, q.shape[-1]))
+            dk.index_add_(0, slab.krows, torch.matmul(ds.transpose(-1, -2), qs).view(-1, k.shape[-1]))
+        return dq, dk, dv, None, None, None
+
+
+def _at(per_position: Tensor, slab: _Slab) -> Tensor:
+    """A (B * H, L + 1) per-position value at the slab's query rows, shaped (N, n, c, 1)."""
+    return per_position.gather(1, slab.qpos.reshape(slab.shape[0], -1)).view(*slab.shape, 1)
+
+
+def _check(q: Tensor, k: Tensor, key_padding_mask, bias, window, dropout_p: float) -> None:
+    if k is not q and (k.shape != q.shape or not torch.equal(k, q)):
+        raise ValueError("attention backend 'lsh' shares queries and keys (Reformer): pass k = q")
+    if bias is not None or window is not None:
+        raise ValueError("attention backend 'lsh' takes no bias and no window")
+    if dropout_p > 0.0:
+        raise ValueError("attention backend 'lsh' has no attention dropout; set attention_dropout=0")
+    if q.dim() != 4:
+        raise ValueError(f"lsh_attention: q must be (B, H, L, D), got shape {tuple(q.shape)}")
+    B, _, L, _ = q.shape
+    if key_padding_mask is not None and (
+        key_padding_mask.dtype != torch.bool or tuple(key_padding_mask.shape) != (B, L)
+    ):
+        raise ValueError(f"lsh_attention: key_padding_mask must be a bool ({B}, {L}) tensor (True = attend)")
+
+
+def normalize_keys(k: Tensor) -> Tensor:
+    """Reformer's keys: the shared vectors at unit length (transformers' _len_and_dim_norm)."""
+    return k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + NORM_EPS) / math.sqrt(k.shape[-1])
+
+
+@torch.compiler.disable
+def lsh_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    key_padding_mask: Tensor | None = None,
+    bias: object = None,
+    window: int | None = None,
+    scale: float | None = None,
+    dropout_p: float = 0.0,
+    settings: LSHSettings | None = None,
+) -> Tensor:
+    """LSH self attention, q = k (B, H, L, D) shared query-key vectors, v (B, H, L, Dv) -> (B, H, L, Dv).
+
+    Scores are scale * q . k/|k| (scale None: 1, as Reformer: the keys are normalised). With one bucket
+    and bucket_size >= L it is exact attention over the normalised keys with the self-score rule.
+    """
+    _check(q, k, key_padding_mask, bias, window, dropout_p)
+    settings = settings or LSHSettings()
+    if settings.n_hashes < 1 or settings.bucket_size < 1:
+        raise ValueError(f"lsh_attention: n_hashes and bucket_size must be >= 1, got {settings}")
+    B, H, L, D = q.shape
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    keep = key_padding_mask
+    n_buckets = settings.n_buckets or default_buckets(L, settings.bucket_size)
+    buckets = hash_buckets(q, n_hashes=settings.n_hashes, n_buckets=n_buckets, seed=settings.seed, keep=keep)
+    # Sorted positions, round after round: by bucket, then by position (keys are unique).
+    order = (buckets * L + torch.arange(L, device=q.device)).argsort(dim=-1)  # (B, H, hashes, L)
+    order = order.reshape(B * H, -1)
+    c = settings.bucket_size
+    pad = -order.shape[1] % c
+    order = torch.cat([order, order.new_full((B * H, pad), L)], dim=1)  # sentinel L: masked, dropped
+    keep_ext = torch.ones(B * H, L + 1, dtype=torch.bool, device=q.device)
+    keep_ext[:, L] = False
+    if keep is not None:
+        keep_ext[:, :L] = keep.repeat_interleave(H, dim=0)
+    spec = _Spec(
+        length=L,
+        chunk=c,
+        causal=causal,
+        scale=1.0 if scale is None else float(scale),
+        slab=max(1, SLAB_SCORES // (B * H * c * 2 * c)),
+    )
+    keys = normalize_keys(k.to(dtype))
+    out = _LSHAttention.apply(_flat(q.to(dtype)), _flat(keys), _flat(v.to(dtype)), order, keep_ext, spec)
+    return out.view(B, H, L + 1, -1)[:, :, :L].to(v.dtype)
