@@ -194,3 +194,9 @@ def test_reversible_activation_memory_does_not_grow_with_depth():
 def test_config_refusals_name_the_field(preset, overrides, message):
     with pytest.raises(ValueError, match=message):
         get_config(preset, **overrides)
+
+
+@pytest.mark.parametrize("name", ["bert-linformer", "gpt-lsh", "t5-reversible"])
+def test_export_to_transformers_is_refused_in_one_line(name):
+    with pytest.raises(ValueError, match=r"to_hf: (attention=.*|reversible layers) has no \w+ equivalent"):
+        models.to_hf(build(name))
