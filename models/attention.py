@@ -71,7 +71,8 @@ def _linformer(q: Tensor, k: Tensor, v: Tensor, *, options, block_size, **kwargs
 
 
 def _lsh(q: Tensor, k: Tensor, v: Tensor, *, options, block_size, **kwargs) -> Tensor:
-    return lsh_attention(q, k, v, settings=options, **kwargs)
+    with torch.autocast(q.device.type, enabled=False):  # fp32 accumulation, as the chunked kernel
+        return lsh_attention(q, k, v, settings=options, **kwargs)
 
 
 # The approximate backends: self attention only, each with its own `options` (see the module docstring).

@@ -32,7 +32,7 @@ from torch import Tensor
 
 SELF_SCORE = -1e5  # a query's score for itself (transformers' self_mask_value)
 NORM_EPS = 1e-6  # inside the key normalisation, as transformers' _len_norm
-SLAB_SCORES = 1 << 22  # score entries per slab (16 MiB in fp32): bounds the transient memory
+SLAB_SCORES = 1 << 19  # score entries per slab (2 MiB in fp32, as a chunked tile): bounds transients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -105,27 +105,26 @@ class _Spec:
     slab: int  # chunks per slab
 
 
-def _flat(t: Tensor) -> Tensor:
-    """(B, H, L, D) -> (B * H * (L + 1), D) in the compute dtype, with a zero sentinel row per sequence."""
-    B, H, L, D = t.shape
-    ext = torch.zeros(B * H, L + 1, D, dtype=t.dtype, device=t.device)
-    ext[:, :L] = t.reshape(B * H, L, D)
-    return ext.view(-1, D)
-
-
 class _Slab:
     """The sorted chunks [c0, c1) of every sequence: query rows, their two-chunk key windows, and the
-    mask and self-mask of the scores between them."""
+    mask and self-mask of the scores between them.
+
+    Rows are gathered from (B * H * L, D) inputs; the sentinel position L reads row L - 1 (masked as a
+    key, weight 0 as a query) and scatters into one spare row at the end of each accumulator.
+    """
 
     def __init__(self, spec: _Spec, order: Tensor, keep: Tensor, c0: int, c1: int) -> None:
-        c, n = spec.chunk, c1 - c0
+        c, n, L = spec.chunk, c1 - c0, spec.length
         N = order.shape[0]
         self.qpos = order[:, c0 * c : c1 * c].reshape(N, n, c)  # positions in [0, L]
         before = order[:, (c0 - 1) * c : c0 * c] if c0 else order[:, -c:]
         kpos = torch.cat([before, order[:, c0 * c : c1 * c]], dim=1)  # (N, (n + 1) c)
         self.kpos = torch.cat([kpos[:, :-c].reshape(N, n, c), kpos[:, c:].reshape(N, n, c)], dim=2)
-        base = torch.arange(N, device=order.device)[:, None, None] * (spec.length + 1)
-        self.qrows, self.krows = (self.qpos + base).reshape(-1), (self.kpos + base).reshape(-1)
+        base = torch.arange(N, device=order.device)[:, None, None] * L
+        self.q_read = (self.qpos.clamp(max=L - 1) + base).reshape(-1)
+        self.k_read = (self.kpos.clamp(max=L - 1) + base).reshape(-1)
+        self.q_write = torch.where(self.qpos < L, self.qpos + base, N * L).reshape(-1)
+        self.k_write = torch.where(self.kpos < L, self.kpos + base, N * L).reshape(-1)
         qp, kp = self.qpos[..., :, None], self.kpos[..., None, :]  # (N, n, c, 1), (N, n, 1, 2c)
         self.visible = keep.gather(1, self.kpos.reshape(N, -1)).view(N, n, 1, 2 * c)
         if spec.causal:
@@ -133,15 +132,19 @@ class _Slab:
         self.itself = (kp == qp) & self.visible
         self.shape = (N, n, c)
 
-    def gather(self, flat: Tensor, keys: bool) -> Tensor:
+    def gather(self, rows: Tensor, keys: bool) -> Tensor:
         N, n, c = self.shape
-        rows = self.krows if keys else self.qrows
-        return flat.index_select(0, rows).view(N, n, 2 * c if keys else c, -1)
+        index = self.k_read if keys else self.q_read
+        return rows.index_select(0, index).view(N, n, 2 * c if keys else c, -1)
 
     def scores(self, spec: _Spec, q: Tensor, k: Tensor) -> Tensor:
         s = torch.matmul(q, k.transpose(-1, -2)).mul_(spec.scale)
         s.masked_fill_(~self.visible, -math.inf)
         return s.masked_fill_(self.itself, SELF_SCORE)
+
+    def at(self, per_position: Tensor) -> Tensor:
+        """A (B * H, L + 1) per-position value at the slab's query rows, shaped (N, n, c, 1)."""
+        return per_position.gather(1, self.qpos.reshape(self.shape[0], -1)).view(*self.shape, 1)
 
 
 def _slabs(spec: _Spec, order: Tensor):
@@ -150,32 +153,38 @@ def _slabs(spec: _Spec, order: Tensor):
         yield c0, min(c0 + spec.slab, n_chunks)
 
 
+def _merged_lse(spec: _Spec, q: Tensor, k: Tensor, order: Tensor, keep: Tensor) -> Tensor:
+    """(B * H, L + 1): log-sum-exp over every key each position met in any round (+inf: none, so p = 0;
+    also for the sentinel). Each (query, round) copy's own log-sum-exp first, then merged per position."""
+    N, L1 = order.shape[0], spec.length + 1
+    lse_max = q.new_full((N, L1), -math.inf)
+    copies: list[tuple[Tensor, Tensor]] = []
+    for c0, c1 in _slabs(spec, order):
+        slab = _Slab(spec, order, keep, c0, c1)
+        lse = torch.logsumexp(slab.scores(spec, slab.gather(q, False), slab.gather(k, True)), dim=-1)
+        copies.append((slab.qpos.reshape(N, -1), lse.reshape(N, -1)))
+        lse_max.scatter_reduce_(1, copies[-1][0], copies[-1][1], "amax")
+    shift = lse_max.masked_fill(lse_max == -math.inf, 0.0)
+    total = q.new_zeros(N, L1)
+    for pos, lse in copies:
+        total.scatter_add_(1, pos, (lse - shift.gather(1, pos)).exp())
+    lse = (shift + total.log()).masked_fill_(total == 0, math.inf)
+    lse[:, -1] = math.inf
+    return lse
+
+
 class _LSHAttention(torch.autograd.Function):
-    """q, k, v as (B * H * (L + 1), D) rows; `order` (B * H, chunks * chunk) the sorted positions."""
+    """q, k, v as (B * H * L, D) rows; `order` (B * H, chunks * chunk) the sorted positions."""
 
     @staticmethod
     def forward(ctx, q, k, v, order, keep, spec: _Spec):
-        N, L1 = order.shape[0], spec.length + 1
-        # Pass 1: the log-sum-exp of every (query, round) copy, merged per position.
-        lse_max = q.new_full((N, L1), -math.inf)
-        copies: list[tuple[Tensor, Tensor]] = []
+        lse = _merged_lse(spec, q, k, order, keep)
+        out = v.new_zeros(v.shape[0] + 1, v.shape[1])  # + the sentinel's spare row
         for c0, c1 in _slabs(spec, order):
             slab = _Slab(spec, order, keep, c0, c1)
-            s = slab.scores(spec, slab.gather(q, False), slab.gather(k, True))
-            lse = torch.logsumexp(s, dim=-1).reshape(N, -1)
-            copies.append((slab.qpos.reshape(N, -1), lse))
-            lse_max.scatter_reduce_(1, copies[-1][0], lse, "amax")
-        shift = lse_max.masked_fill(lse_max == -math.inf, 0.0)
-        total = q.new_zeros(N, L1)
-        for pos, lse in copies:
-            total.scatter_add_(1, pos, (lse - shift.gather(1, pos)).exp())
-        lse = (shift + total.log()).masked_fill_(total == 0, math.inf)  # no visible key: p = 0, out = 0
-        # Pass 2: the outputs, weighted by the merged log-sum-exp.
-        out = torch.zeros_like(v)
-        for c0, c1 in _slabs(spec, order):
-            slab = _Slab(spec, order, keep, c0, c1)
-            p = (slab.scores(spec, slab.gather(q, False), slab.gather(k, True)) - _at(lse, slab)).exp_()
-            out.index_add_(0, slab.qrows, torch.matmul(p, slab.gather(v, True)).view(-1, v.shape[-1]))
+            p = (slab.scores(spec, slab.gather(q, False), slab.gather(k, True)) - slab.at(lse)).exp_()
+            out.index_add_(0, slab.q_write, torch.matmul(p, slab.gather(v, True)).view(-1, v.shape[1]))
+        out = out[:-1]
         ctx.spec = spec
         ctx.save_for_backward(q, k, v, order, keep, out, lse)
         return out
@@ -185,24 +194,21 @@ class _LSHAttention(torch.autograd.Function):
         q, k, v, order, keep, out, lse = ctx.saved_tensors
         spec: _Spec = ctx.spec
         N = order.shape[0]
-        delta = (grad_out * out).sum(-1).view(N, -1)  # rowsum(dO * O) per position
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        # rowsum(dO * O) per position (sentinel column 0), without an (L, D) temporary.
+        delta = torch.bmm(grad_out.unsqueeze(1), out.unsqueeze(2)).view(N, -1)
+        delta = torch.cat([delta, delta.new_zeros(N, 1)], dim=1)
+        dq, dk, dv = (t.new_zeros(t.shape[0] + 1, t.shape[1]) for t in (q, k, v))
         for c0, c1 in _slabs(spec, order):
             slab = _Slab(spec, order, keep, c0, c1)
             qs, ks, vs = slab.gather(q, False), slab.gather(k, True), slab.gather(v, True)
             do = slab.gather(grad_out, False)
-            p = (slab.scores(spec, qs, ks) - _at(lse, slab)).exp_()
-            dv.index_add_(0, slab.krows, torch.matmul(p.transpose(-1, -2), do).view(-1, v.shape[-1]))
-            ds = torch.matmul(do, vs.transpose(-1, -2)).sub_(_at(delta, slab)).mul_(p)
+            p = (slab.scores(spec, qs, ks) - slab.at(lse)).exp_()
+            dv.index_add_(0, slab.k_write, torch.matmul(p.transpose(-1, -2), do).view(-1, v.shape[1]))
+            ds = torch.matmul(do, vs.transpose(-1, -2)).sub_(slab.at(delta)).mul_(p)
             ds.masked_fill_(slab.itself, 0.0).mul_(spec.scale)  # the self score is a constant
-            dq.index_add_(0, slab.qrows, torch.matmul(ds, ks).view(-1, q.shape[-1]))
-            dk.index_add_(0, slab.krows, torch.matmul(ds.transpose(-1, -2), qs).view(-1, k.shape[-1]))
-        return dq, dk, dv, None, None, None
-
-
-def _at(per_position: Tensor, slab: _Slab) -> Tensor:
-    """A (B * H, L + 1) per-position value at the slab's query rows, shaped (N, n, c, 1)."""
-    return per_position.gather(1, slab.qpos.reshape(slab.shape[0], -1)).view(*slab.shape, 1)
+            dq.index_add_(0, slab.q_write, torch.matmul(ds, ks).view(-1, q.shape[1]))
+            dk.index_add_(0, slab.k_write, torch.matmul(ds.transpose(-1, -2), qs).view(-1, k.shape[1]))
+        return dq[:-1], dk[:-1], dv[:-1], None, None, None
 
 
 def _check(q: Tensor, k: Tensor, key_padding_mask, bias, window, dropout_p: float) -> None:
@@ -223,7 +229,7 @@ def _check(q: Tensor, k: Tensor, key_padding_mask, bias, window, dropout_p: floa
 
 def normalize_keys(k: Tensor) -> Tensor:
     """Reformer's keys: the shared vectors at unit length (transformers' _len_and_dim_norm)."""
-    return k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + NORM_EPS) / math.sqrt(k.shape[-1])
+    return (k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + NORM_EPS)).div_(math.sqrt(k.shape[-1]))
 
 
 @torch.compiler.disable
@@ -271,6 +277,6 @@ def lsh_attention(
         scale=1.0 if scale is None else float(scale),
         slab=max(1, SLAB_SCORES // (B * H * c * 2 * c)),
     )
-    keys = normalize_keys(k.to(dtype))
-    out = _LSHAttention.apply(_flat(q.to(dtype)), _flat(keys), _flat(v.to(dtype)), order, keep_ext, spec)
-    return out.view(B, H, L + 1, -1)[:, :, :L].to(v.dtype)
+    q2, k2, v2 = (t.to(dtype).reshape(B * H * L, -1) for t in (q, normalize_keys(k.to(dtype)), v))
+    out = _LSHAttention.apply(q2, k2, v2, order, keep_ext, spec)
+    return out.view(B, H, L, -1).to(v.dtype)

@@ -200,3 +200,15 @@ def test_config_refusals_name_the_field(preset, overrides, message):
 def test_export_to_transformers_is_refused_in_one_line(name):
     with pytest.raises(ValueError, match=r"to_hf: (attention=.*|reversible layers) has no \w+ equivalent"):
         models.to_hf(build(name))
+
+
+@pytest.mark.parametrize("name", ["bert-sparse", "bert-linformer", "gpt-lsh"])
+def test_bf16_autocast_trains(name):
+    """Under autocast the kernels accumulate in fp32 (as the chunked one): finite loss and gradients."""
+    model = build(name, n_layers=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batches(name, 1)[0]).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(
+        torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None
+    )
