@@ -7,8 +7,9 @@ and the chunk before it (cyclically, so a round's first chunk sees the previous 
 transformers). A query's outputs from all rounds are combined by one softmax over every key it met,
 which is what transformers' per-round log-sum-exp weighting computes. Keys are the shared vectors
 normalised to unit length (queries are not); a query does not attend to itself unless nothing else is
-visible (score -1e5 instead of its dot product); causal and padding masks apply by original position;
-padded tokens hash into an extra bucket of their own.
+visible in any round, and then it attends to itself alone (transformers scores itself -1e5, whose
+exp is exactly 0 next to any visible key, so the outputs agree); causal and padding masks apply by
+original position; padded tokens hash into an extra bucket of their own.
 
 Memory: a custom autograd function keeps only q, k, v, the sort order, the output and one log-sum-exp
 per position; forward and backward walk the sorted sequence in slabs of chunks and gather, score and
@@ -30,7 +31,8 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-SELF_SCORE = -1e5  # a query's score for itself (transformers' self_mask_value)
+HIDDEN = 1e30  # a hidden pair's score is pushed below -HIDDEN: exp2 gives exactly 0
+LOG2E = 1.4426950408889634  # log2(e): exp(x) == exp2(x * LOG2E)
 NORM_EPS = 1e-6  # inside the key normalisation, as transformers' _len_norm
 SLAB_SCORES = 1 << 19  # score entries per slab (2 MiB in fp32, as a chunked tile): bounds transients
 
@@ -101,50 +103,81 @@ class _Spec:
     length: int  # L; position L is the sentinel that pads the sorted sequence to whole chunks
     chunk: int
     causal: bool
-    scale: float
+    scale: float  # natural units; scores are kept in base 2 (times LOG2E) so the softmax uses exp2
     slab: int  # chunks per slab
 
 
 class _Slab:
-    """The sorted chunks [c0, c1) of every sequence: query rows, their two-chunk key windows, and the
-    mask and self-mask of the scores between them.
+    """The sorted chunks [c0, c1) of every sequence: query rows, the keys of the chunk before them and of
+    theirs, and the additive mask between them.
 
-    Rows are gathered from (B * H * L, D) inputs; the sentinel position L reads row L - 1 (masked as a
-    key, weight 0 as a query) and scatters into one spare row at the end of each accumulator.
+    Rows are gathered from (B * H * L, D) inputs; the sentinel position L reads row L - 1 (masked as a key,
+    weight 0 as a query) and scatters into one spare row at the end of each accumulator. Masks are
+    arithmetic on positions held as floats (exact below 2^24): adding -HIDDEN * (a count >= 1) costs a few
+    vectorised passes where a boolean masked_fill over the score tile measured 10x slower.
     """
 
-    def __init__(self, spec: _Spec, order: Tensor, keep: Tensor, c0: int, c1: int) -> None:
+    def __init__(self, spec: _Spec, order: Tensor, hidden_keys: Tensor, c0: int, c1: int) -> None:
         c, n, L = spec.chunk, c1 - c0, spec.length
         N = order.shape[0]
-        self.qpos = order[:, c0 * c : c1 * c].reshape(N, n, c)  # positions in [0, L]
+        qpos = order[:, c0 * c : c1 * c]  # (N, n c) positions in [0, L]
         before = order[:, (c0 - 1) * c : c0 * c] if c0 else order[:, -c:]
-        kpos = torch.cat([before, order[:, c0 * c : c1 * c]], dim=1)  # (N, (n + 1) c)
-        self.kpos = torch.cat([kpos[:, :-c].reshape(N, n, c), kpos[:, c:].reshape(N, n, c)], dim=2)
-        base = torch.arange(N, device=order.device)[:, None, None] * L
-        self.q_read = (self.qpos.clamp(max=L - 1) + base).reshape(-1)
-        self.k_read = (self.kpos.clamp(max=L - 1) + base).reshape(-1)
-        self.q_write = torch.where(self.qpos < L, self.qpos + base, N * L).reshape(-1)
-        self.k_write = torch.where(self.kpos < L, self.kpos + base, N * L).reshape(-1)
-        qp, kp = self.qpos[..., :, None], self.kpos[..., None, :]  # (N, n, c, 1), (N, n, 1, 2c)
-        self.visible = keep.gather(1, self.kpos.reshape(N, -1)).view(N, n, 1, 2 * c)
-        if spec.causal:
-            self.visible = self.visible & (kp <= qp)
-        self.itself = (kp == qp) & self.visible
-        self.shape = (N, n, c)
+        kpos = torch.cat([before, qpos], dim=1)  # (N, (n + 1) c): window t is rows [t c, (t + 2) c)
+        base = torch.arange(N, device=order.device)[:, None] * L
+        self.q_read, self.k_read = ((p.clamp(max=L - 1) + base).reshape(-1) for p in (qpos, kpos))
+        self.q_write, self.k_write = (torch.where(p < L, p + base, N * L).reshape(-1) for p in (qpos, kpos))
+        self.qpos = qpos
+        self.n, self.c, self.N = n, c, N
+        self._qf = qpos.to(hidden_keys.dtype).view(N, n, c, 1)
+        self._kf = self.windows(kpos.to(hidden_keys.dtype).unsqueeze(-1)).view(N, n, 1, 2 * c)
+        self._key_bias = self.windows(hidden_keys.gather(1, kpos).unsqueeze(-1)).view(N, n, 1, 2 * c)
+        self.causal = spec.causal
+
+    def windows(self, rows: Tensor) -> Tensor:
+        """(N, (n + 1) c, D) slab key rows -> (N, n, 2c, D): each chunk's previous chunk, then itself."""
+        N, n, c = self.N, self.n, self.c
+        return torch.cat([rows[:, : n * c].view(N, n, c, -1), rows[:, c:].view(N, n, c, -1)], dim=2)
 
     def gather(self, rows: Tensor, keys: bool) -> Tensor:
-        N, n, c = self.shape
-        index = self.k_read if keys else self.q_read
-        return rows.index_select(0, index).view(N, n, 2 * c if keys else c, -1)
+        if keys:
+            return self.windows(rows.index_select(0, self.k_read).view(self.N, -1, rows.shape[1]))
+        return rows.index_select(0, self.q_read).view(self.N, self.n, self.c, -1)
 
-    def scores(self, spec: _Spec, q: Tensor, k: Tensor) -> Tensor:
-        s = torch.matmul(q, k.transpose(-1, -2)).mul_(spec.scale)
-        s.masked_fill_(~self.visible, -math.inf)
-        return s.masked_fill_(self.itself, SELF_SCORE)
+    def scatter(self, into: Tensor, grads: Tensor, keys: bool) -> None:
+        """Add (N, n, c or 2c, D) row gradients into the (B * H * L + 1, D) accumulator."""
+        N, n, c = self.N, self.n, self.c
+        if not keys:
+            into.index_add_(0, self.q_write, grads.reshape(-1, grads.shape[-1]))
+            return
+        rows = grads.new_zeros(N, (n + 1) * c, grads.shape[-1])  # fold the two windows' overlap first
+        rows[:, : n * c] += grads[:, :, :c].reshape(N, n * c, -1)
+        rows[:, c:] += grads[:, :, c:].reshape(N, n * c, -1)
+        into.index_add_(0, self.k_write, rows.view(-1, rows.shape[-1]))
+
+    def mask(self) -> Tensor:
+        """Additive (N, n, c, 2c) mask: 0 where the key is visible, <= -HIDDEN where hidden (padding, the
+        sentinel, the future if causal) or where it is the query itself (handled apart: `alone`)."""
+        d = self._qf - self._kf  # query position - key position
+        if self.causal:
+            d.sub_(1.0).clamp_(max=0.0)  # visible iff d >= 1
+        else:
+            d.abs_().sub_(1.0).clamp_(max=0.0)  # visible iff |d| >= 1
+        return d.mul_(HIDDEN).add_(self._key_bias)
+
+    def scores(self, spec: _Spec, q: Tensor, k: Tensor, shift: Tensor | None = None) -> Tensor:
+        """Masked base-2 scores (N, n, c, 2c), minus `shift` (N, n, c, 1) per query if given."""
+        s = self.mask()
+        if shift is not None:
+            s.sub_(shift)
+        N, n, c = self.N, self.n, self.c
+        flat = s.view(N * n, c, 2 * c)
+        torch.baddbmm(flat, q.view(N * n, c, -1), k.view(N * n, 2 * c, -1).transpose(1, 2),
+                      alpha=spec.scale * LOG2E, out=flat)  # fmt: skip
+        return s
 
     def at(self, per_position: Tensor) -> Tensor:
         """A (B * H, L + 1) per-position value at the slab's query rows, shaped (N, n, c, 1)."""
-        return per_position.gather(1, self.qpos.reshape(self.shape[0], -1)).view(*self.shape, 1)
+        return per_position.gather(1, self.qpos).view(self.N, self.n, self.c, 1)
 
 
 def _slabs(spec: _Spec, order: Tensor):
@@ -153,62 +186,70 @@ def _slabs(spec: _Spec, order: Tensor):
         yield c0, min(c0 + spec.slab, n_chunks)
 
 
-def _merged_lse(spec: _Spec, q: Tensor, k: Tensor, order: Tensor, keep: Tensor) -> Tensor:
-    """(B * H, L + 1): log-sum-exp over every key each position met in any round (+inf: none, so p = 0;
-    also for the sentinel). Each (query, round) copy's own log-sum-exp first, then merged per position."""
+def _merged_lse(spec: _Spec, q: Tensor, k: Tensor, order: Tensor, hidden_keys: Tensor) -> Tensor:
+    """(B * H, L + 1) base-2 log-sum-exp over every visible key each position met in any round; -inf where
+    it met none. Each (query, round) copy's own log-sum-exp first, then merged per position."""
     N, L1 = order.shape[0], spec.length + 1
     lse_max = q.new_full((N, L1), -math.inf)
     copies: list[tuple[Tensor, Tensor]] = []
     for c0, c1 in _slabs(spec, order):
-        slab = _Slab(spec, order, keep, c0, c1)
-        lse = torch.logsumexp(slab.scores(spec, slab.gather(q, False), slab.gather(k, True)), dim=-1)
-        copies.append((slab.qpos.reshape(N, -1), lse.reshape(N, -1)))
-        lse_max.scatter_reduce_(1, copies[-1][0], copies[-1][1], "amax")
+        slab = _Slab(spec, order, hidden_keys, c0, c1)
+        s = slab.scores(spec, slab.gather(q, False), slab.gather(k, True))
+        top = s.amax(-1, keepdim=True)
+        lse = (top + s.sub_(top).exp2_().sum(-1, keepdim=True).log2_()).view(N, -1)
+        lse.masked_fill_(top.view(N, -1) < -HIDDEN / 2, -math.inf)  # saw nothing visible
+        copies.append((slab.qpos, lse))
+        lse_max.scatter_reduce_(1, slab.qpos, lse, "amax")
     shift = lse_max.masked_fill(lse_max == -math.inf, 0.0)
     total = q.new_zeros(N, L1)
     for pos, lse in copies:
-        total.scatter_add_(1, pos, (lse - shift.gather(1, pos)).exp())
-    lse = (shift + total.log()).masked_fill_(total == 0, math.inf)
-    lse[:, -1] = math.inf
-    return lse
+        total.scatter_add_(1, pos, (lse - shift.gather(1, pos)).exp2_())
+    return shift + total.log2()  # log2(0) = -inf: nothing visible
 
 
 class _LSHAttention(torch.autograd.Function):
-    """q, k, v as (B * H * L, D) rows; `order` (B * H, chunks * chunk) the sorted positions."""
+    """q, k, v as (B * H * L, D) rows; `order` (B * H, chunks * chunk) the sorted positions; `keep`
+    (B * H, L + 1) the real positions (False: padding and the sentinel)."""
 
     @staticmethod
     def forward(ctx, q, k, v, order, keep, spec: _Spec):
-        lse = _merged_lse(spec, q, k, order, keep)
+        hidden_keys = (~keep).to(q.dtype).mul_(-HIDDEN)
+        lse = _merged_lse(spec, q, k, order, hidden_keys)
+        # A real query that saw no other visible key attends to itself alone (Reformer's rule).
+        alone = (lse == -math.inf) & keep
+        lse = lse.masked_fill(lse == -math.inf, math.inf)  # so p = exp2(s - lse) = 0 for those rows
         out = v.new_zeros(v.shape[0] + 1, v.shape[1])  # + the sentinel's spare row
         for c0, c1 in _slabs(spec, order):
-            slab = _Slab(spec, order, keep, c0, c1)
-            p = (slab.scores(spec, slab.gather(q, False), slab.gather(k, True)) - slab.at(lse)).exp_()
-            out.index_add_(0, slab.q_write, torch.matmul(p, slab.gather(v, True)).view(-1, v.shape[1]))
-        out = out[:-1]
+            slab = _Slab(spec, order, hidden_keys, c0, c1)
+            p = slab.scores(spec, slab.gather(q, False), slab.gather(k, True), slab.at(lse)).exp2_()
+            slab.scatter(out, torch.matmul(p, slab.gather(v, True)), keys=False)
+        alone = alone[:, : spec.length].reshape(-1, 1).to(v.dtype)
+        out = out[:-1].addcmul_(alone, v)
         ctx.spec = spec
-        ctx.save_for_backward(q, k, v, order, keep, out, lse)
+        ctx.save_for_backward(q, k, v, order, keep, out, lse, alone)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, order, keep, out, lse = ctx.saved_tensors
+        q, k, v, order, keep, out, lse, alone = ctx.saved_tensors
         spec: _Spec = ctx.spec
         N = order.shape[0]
+        hidden_keys = (~keep).to(q.dtype).mul_(-HIDDEN)
         # rowsum(dO * O) per position (sentinel column 0), without an (L, D) temporary.
         delta = torch.bmm(grad_out.unsqueeze(1), out.unsqueeze(2)).view(N, -1)
         delta = torch.cat([delta, delta.new_zeros(N, 1)], dim=1)
         dq, dk, dv = (t.new_zeros(t.shape[0] + 1, t.shape[1]) for t in (q, k, v))
         for c0, c1 in _slabs(spec, order):
-            slab = _Slab(spec, order, keep, c0, c1)
+            slab = _Slab(spec, order, hidden_keys, c0, c1)
             qs, ks, vs = slab.gather(q, False), slab.gather(k, True), slab.gather(v, True)
             do = slab.gather(grad_out, False)
-            p = (slab.scores(spec, qs, ks) - slab.at(lse)).exp_()
-            dv.index_add_(0, slab.k_write, torch.matmul(p.transpose(-1, -2), do).view(-1, v.shape[1]))
-            ds = torch.matmul(do, vs.transpose(-1, -2)).sub_(slab.at(delta)).mul_(p)
-            ds.masked_fill_(slab.itself, 0.0).mul_(spec.scale)  # the self score is a constant
-            dq.index_add_(0, slab.q_write, torch.matmul(ds, ks).view(-1, q.shape[1]))
-            dk.index_add_(0, slab.k_write, torch.matmul(ds.transpose(-1, -2), qs).view(-1, k.shape[1]))
-        return dq[:-1], dk[:-1], dv[:-1], None, None, None
+            p = slab.scores(spec, qs, ks, slab.at(lse)).exp2_()
+            slab.scatter(dv, torch.matmul(p.transpose(-1, -2), do), keys=True)
+            ds = torch.matmul(do, vs.transpose(-1, -2)).sub_(slab.at(delta)).mul_(p).mul_(spec.scale)
+            slab.scatter(dq, torch.matmul(ds, ks), keys=False)
+            slab.scatter(dk, torch.matmul(ds.transpose(-1, -2), qs), keys=True)
+        dv = dv[:-1].addcmul_(alone, grad_out)  # a query alone passes its value through
+        return dq[:-1], dk[:-1], dv, None, None, None
 
 
 def _check(q: Tensor, k: Tensor, key_padding_mask, bias, window, dropout_p: float) -> None:
@@ -266,7 +307,7 @@ def lsh_attention(
     c = settings.bucket_size
     pad = -order.shape[1] % c
     order = torch.cat([order, order.new_full((B * H, pad), L)], dim=1)  # sentinel L: masked, dropped
-    keep_ext = torch.ones(B * H, L + 1, dtype=torch.bool, device=q.device)
+    keep_ext = torch.ones(B * H, L + 1, dtype=torch.bool, device=q.device)  # real positions
     keep_ext[:, L] = False
     if keep is not None:
         keep_ext[:, :L] = keep.repeat_interleave(H, dim=0)
