@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from models.attention import CrossAttention, SelfAttention
+from models.attention import ApproximateAttention, CrossAttention, MultiHeadAttention, self_attention
 from models.config import ModelConfig
 from models.kernels.bias import RelativeBias
+from models.reversible import reversible_stack
 
 ACTIVATIONS = {
     "gelu": F.gelu,
@@ -49,6 +50,8 @@ class BlockConfig:
     ff_dropout: float = 0.0  # inside the feed-forward, after the activation (T5)
     attention: str = "auto"
     attention_block: int | None = None  # the chunked kernel's tile size
+    approx: ApproximateAttention | None = None  # the approximate backends' settings (None: defaults)
+    reversible: bool = False  # pre-norm only: the stack runs as reversible layers (models/reversible.py)
 
     @classmethod
     def from_model(cls, config: ModelConfig, **overrides: object) -> BlockConfig:
@@ -65,6 +68,8 @@ class BlockConfig:
             attention=config.attention,
             window=config.attention_window,
             attention_block=config.attention_block,
+            approx=ApproximateAttention.from_model(config),
+            reversible=config.reversible,
         )
         return cls(**{**shared, **overrides})
 
@@ -106,10 +111,11 @@ def _attention_kwargs(cfg: BlockConfig) -> dict:
     )
 
 
-def _self_attention(cfg: BlockConfig) -> SelfAttention:
-    return SelfAttention(
-        cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, window=cfg.window, **_attention_kwargs(cfg)
-    )
+def _self_attention(cfg: BlockConfig) -> MultiHeadAttention:
+    return self_attention(
+        cfg.d_model, cfg.n_heads, cfg.head_dim, causal=cfg.causal, window=cfg.window, approx=cfg.approx,
+        **_attention_kwargs(cfg),
+    )  # fmt: skip
 
 
 class PreNormBlock(nn.Module):
@@ -131,6 +137,7 @@ class PreNormBlock(nn.Module):
         self.ff_norm = make_norm(cfg)
         self.ff = FeedForward(cfg)
         self.drop = nn.Dropout(cfg.dropout)
+        self.reversible = cfg.reversible
 
     def forward(
         self,
@@ -154,8 +161,8 @@ class PostNormBlock(nn.Module):
 
     def __init__(self, cfg: BlockConfig) -> None:
         super().__init__()
-        if cfg.cross_attention:
-            raise ValueError("PostNormBlock has no cross attention")
+        if cfg.cross_attention or cfg.reversible:
+            raise ValueError("PostNormBlock has no cross attention and is not reversible")
         self.attn = _self_attention(cfg)
         self.attn_norm = make_norm(cfg)
         self.ff = FeedForward(cfg)
@@ -171,13 +178,17 @@ class PostNormBlock(nn.Module):
 
 class Stack(nn.ModuleList):
     """Blocks applied in order; with `gradient_checkpointing`, each block's activations are recomputed
-    in the backward pass instead of stored (non-reentrant, so keyword inputs and RNG state are kept)."""
+    in the backward pass instead of stored (non-reentrant, so keyword inputs and RNG state are kept).
+    Reversible blocks run as one reversible stack instead (`models.reversible`), which needs neither."""
 
     def __init__(self, blocks: list[nn.Module], *, gradient_checkpointing: bool = False) -> None:
         super().__init__(blocks)
         self.gradient_checkpointing = gradient_checkpointing
+        self.reversible = bool(blocks) and all(isinstance(b, PreNormBlock) and b.reversible for b in blocks)
 
     def forward(self, x: Tensor, **kwargs) -> Tensor:
+        if self.reversible:
+            return reversible_stack(list(self), x, **kwargs)
         recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self:
             x = checkpoint(block, x, use_reentrant=False, **kwargs) if recompute else block(x, **kwargs)

@@ -13,7 +13,9 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
-AttentionBackend = Literal["auto", "eager", "sdpa", "chunked"]
+# Exact: auto, eager, sdpa, chunked. Approximate (self attention only; see models/attention.py): sparse,
+# linformer, lsh.
+AttentionBackend = Literal["auto", "eager", "sdpa", "chunked", "sparse", "linformer", "lsh"]
 ATTENTION_BACKENDS: tuple[str, ...] = typing.get_args(AttentionBackend)
 ACTIVATIONS = ("gelu", "gelu_tanh", "relu", "silu")
 
@@ -45,6 +47,20 @@ class ModelConfig:
     )
     attention_window: int | None = _doc("sliding-window (local) self attention width; null = global", None)
     attention_block: int | None = _doc("chunked kernel's query/key tile; null = its default (256)", None)
+    attention_global: int = _doc(
+        "sparse: the first k positions attend to, and are attended by, every position (global tokens)", 0
+    )
+    attention_random: int = _doc(
+        "sparse: random key blocks (of attention_block keys) per query block, on top of window + global", 0
+    )
+    attention_seed: int = _doc(
+        "seed of approximate attention's fixed random parts (sparse blocks, lsh rotations)", 0
+    )
+    linformer_k: int = _doc("linformer: keys and values projected along the sequence to this many rows", 256)
+    linformer_share_kv: bool = _doc("linformer: one projection for keys and values (else one each)", False)
+    lsh_n_hashes: int = _doc("lsh: rounds of hashing (more rounds, fewer missed neighbours, more time)", 4)
+    lsh_bucket_size: int = _doc("lsh: sorted chunk length; buckets ~ 2 L / this, as in Reformer", 64)
+    reversible: bool = _doc("reversible residual layers: activation memory independent of depth", False)
     gradient_checkpointing: bool = _doc(
         "recompute each block in backward instead of storing activations", False
     )
@@ -72,6 +88,48 @@ class ModelConfig:
         for name in ("dropout", "attention_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"model config: {name} must be in [0, 1), got {getattr(self, name)}")
+        self._check_approximate_attention()
+
+    def _check_approximate_attention(self) -> None:
+        """The approximate backends' fields, and the families each one does not fit, named in one line."""
+        for name in ("attention_global", "attention_random"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"model config: {name} must be >= 0, got {getattr(self, name)}")
+            if getattr(self, name) and self.attention != "sparse":
+                raise ValueError(f"model config: {name} applies to attention='sparse' only")
+        for name in ("linformer_k", "lsh_n_hashes", "lsh_bucket_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"model config: {name} must be >= 1, got {getattr(self, name)}")
+        if self.attention == "sparse" and self.attention_window is None:
+            raise ValueError("model config: attention='sparse' needs attention_window (the local band)")
+        if self.attention in ("linformer", "lsh") and self.attention_window is not None:
+            raise ValueError(f"model config: attention_window does not apply to attention={self.attention!r}")
+        if self.attention in ("sparse", "lsh") and self.attention_dropout > 0:
+            raise ValueError(
+                f"model config: attention={self.attention!r} has no attention dropout; set attention_dropout=0"
+            )
+        if self.attention == "linformer":
+            if self.family == "gpt":
+                raise ValueError(
+                    "model config: attention='linformer' is not causal (its projections mix all positions); "
+                    "GPT needs causal attention: use sparse or lsh"
+                )
+            if self.family == "t5":
+                raise ValueError(
+                    "model config: attention='linformer' cannot apply T5's relative position bias (projected "
+                    "keys have no position); use sparse"
+                )
+            if self.max_seq_len is None:
+                raise ValueError(
+                    "model config: attention='linformer' needs max_seq_len (the projections' width)"
+                )
+        if self.attention == "lsh" and self.family == "t5":
+            raise ValueError(
+                "model config: attention='lsh' (Reformer's shared query-key projection) does not fit T5's "
+                "separate query and key projections and relative bias; use sparse"
+            )
+        if self.reversible and self.family == "bert":
+            raise ValueError("model config: reversible needs pre-norm blocks; BERT's are post-norm")
 
     @property
     def head_dim(self) -> int:

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models.attention import is_approximate
 from models.base import LanguageModel
 from models.build import build_from_config
 from models.config import (
@@ -777,6 +778,11 @@ def to_hf(model: LanguageModel) -> nn.Module:
     spec = _FAMILIES[model.config.family]
     _require(
         model.config.attention_window is None, "to_hf: transformers has no sliding-window attention here"
+    )
+    what = "reversible layers" if model.config.reversible else f"attention={model.config.attention!r}"
+    _require(
+        not is_approximate(model.config.attention) and not model.config.reversible,
+        f"to_hf: {what} has no {spec.hf_class} equivalent",
     )
     _require(
         getattr(model.config, "positions", "learned") == "learned",

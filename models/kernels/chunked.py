@@ -57,6 +57,11 @@ class _Tiling:
     window: int | None
     _hidden: dict = field(default_factory=dict, compare=False, repr=False)
 
+    @property
+    def q_split(self) -> int | list[int]:
+        """How queries are cut into blocks: `torch.split`'s argument, matching `query_blocks`."""
+        return self.q_block
+
     def query_blocks(self) -> Iterator[tuple[int, int]]:
         for qs in range(0, self.q_len, self.q_block):
             yield qs, min(qs + self.q_block, self.q_len)
@@ -137,7 +142,7 @@ def _add_masks(spec: _Spec, s: Tensor, heads: int, tile: tuple[int, int, int, in
     return s
 
 
-def _blocks(t: Tensor, block: int) -> list[Tensor]:
+def _blocks(t: Tensor, block: int | list[int]) -> list[Tensor]:
     """(N, L, D) -> contiguous (N, <= block, D) pieces, so every tile product reads and writes whole blocks."""
     return [piece.contiguous() for piece in t.split(block, dim=1)]
 
@@ -163,7 +168,7 @@ class _TileBuffer:
 def _operands(spec: _Spec, q: Tensor, k: Tensor, v: Tensor, dtype: torch.dtype):
     """q * scale * log2(e), k and v as (B * H, L, D) in the compute dtype, cut into contiguous blocks."""
     B, H, Lq, _ = q.shape
-    q2 = _blocks((q.to(dtype) * (spec.scale * LOG2E)).reshape(B * H, Lq, -1), spec.tiling.q_block)
+    q2 = _blocks((q.to(dtype) * (spec.scale * LOG2E)).reshape(B * H, Lq, -1), spec.tiling.q_split)
     kb, vb = (_blocks(t.to(dtype).reshape(B * H, t.shape[2], -1), spec.tiling.k_block) for t in (k, v))
     return q2, kb, vb
 
@@ -216,8 +221,8 @@ class _ChunkedAttention(torch.autograd.Function):
         dtype = lse.dtype
         q2, kb, vb = _operands(spec, q, k, v, dtype)
         do, o = (t.to(dtype).reshape(B * H, Lq, -1) for t in (grad_out, out))
-        neg_delta = _blocks(-(do * o).sum(-1, keepdim=True), tiling.q_block)  # -rowsum(dO * O)
-        do, neg_lse = _blocks(do, tiling.q_block), _blocks(-lse, tiling.q_block)
+        neg_delta = _blocks(-(do * o).sum(-1, keepdim=True), tiling.q_split)  # -rowsum(dO * O)
+        do, neg_lse = _blocks(do, tiling.q_split), _blocks(-lse, tiling.q_split)
         need_bias_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         bias = _block_bias(spec, dense, table, dtype, need_grad=need_bias_grad)
         scores, dscores = _TileBuffer(B * H, tiling, q2[0]), _TileBuffer(B * H, tiling, q2[0])
@@ -328,6 +333,20 @@ def chunked_attention(
         causal=causal,
         window=_positive("window", window, None),
     )
+    return tiled_attention(q, k, v, tiling, key_padding_mask=key_padding_mask, bias=bias, scale=scale)
+
+
+def tiled_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    tiling: _Tiling,
+    *,
+    key_padding_mask: Tensor | None,
+    bias: Tensor | RelativeBias | None,
+    scale: float | None,
+) -> Tensor:
+    """The kernel over the tiles `tiling` visits (a subclass may visit fewer: `models.kernels.sparse`)."""
     spec = _Spec(
         tiling=tiling,
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
