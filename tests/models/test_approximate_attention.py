@@ -73,7 +73,7 @@ def saved_bytes(fn) -> int:
 def test_the_backend_list_is_defined_once_and_dispatched() -> None:
     from models import attention
 
-    assert attention.BACKENDS is ATTENTION_BACKENDS
+    assert attention.ATTENTION_BACKENDS is ATTENTION_BACKENDS  # imported, not redefined
     assert set(ATTENTION_BACKENDS) == {"auto"} | set(attention._KERNELS) | set(attention._APPROXIMATE)
 
 
