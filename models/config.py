@@ -33,7 +33,7 @@ class ModelConfig:
     layer_norm_eps: float
     attention: AttentionBackend = "auto"
     attention_window: int | None = None  # sliding-window (local) self attention; None = global
-    attention_block: int | None = None  # chunked kernel's query/key tile; None = its default (256)
+    attention_block: int | None = None  # chunked/sparse query/key tile (and random block); None = 256
     # sparse: the first k positions attend to, and are attended by, every position (BigBird's global tokens)
     attention_global: int = 0
     # sparse: random key blocks (of attention_block keys) per query block, on top of window + global
