@@ -4,7 +4,7 @@ Backends live in `models/kernels/`: `eager` (reference), `sdpa` (PyTorch's fused
 (our O(n)-memory kernel). `auto` takes SDPA when its fused kernels apply and the
 chunked kernel when a learned bias or a sliding window would force SDPA to materialise L x L tensors.
 
-The approximate backends trade exactness for O(n) time at long sequences; they are self-attention
+The approximate backends trade exactness for near-linear time at long sequences; they are self-attention
 backends (cross attention stays exact) and each takes its settings through `options`: `sparse` (window +
 global tokens + random blocks, on the chunked kernel's tiles; `models/kernels/sparse.py`), `linformer`
 (keys and values projected along the sequence; bidirectional only; `models/kernels/linformer.py`) and

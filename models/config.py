@@ -42,11 +42,14 @@ class ModelConfig:
     layer_norm_eps: float = _doc("epsilon of the layer (or RMS) norms")
     attention: AttentionBackend = _doc(
         "attention backend: eager (reference), sdpa (PyTorch), chunked (ours, O(n) memory), auto (the fastest "
-        "exact one for each call)",
+        "exact one for each call); approximate, self attention only: sparse (window + global + random blocks), "
+        "linformer (bidirectional), lsh (Reformer, near-linear)",
         "auto",
     )
     attention_window: int | None = _doc("sliding-window (local) self attention width; null = global", None)
-    attention_block: int | None = _doc("chunked kernel's query/key tile; null = its default (256)", None)
+    attention_block: int | None = _doc(
+        "chunked and sparse kernels' query/key tile (and sparse's random block); null = 256", None
+    )
     attention_global: int = _doc(
         "sparse: the first k positions attend to, and are attended by, every position (global tokens)", 0
     )
