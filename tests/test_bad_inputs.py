@@ -386,7 +386,7 @@ def test_finished_run_with_damaged_final_checkpoint_says_so(trained, tmp_path: P
 def test_no_secret_in_any_run_output(trained, tmp_path: Path) -> None:
     run_dir, result = trained
     env = {**ENV, "WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY, "HF_TOKEN": FAKE_TOKEN}
-    # --dry-run checks a resume of the run dir (1 process, global batch 1): 1 node and the run's settings pass
+    # --dry-run checks a resume of the run dir (trained by 1 process): 1 process and the run's settings pass
     sbatch = run_cli(
         "launch",
         "slurm",
@@ -406,9 +406,10 @@ def test_no_secret_in_any_run_output(trained, tmp_path: Path) -> None:
         "local",
         "--dry-run",
         "--nproc",
-        "2",
+        "1",
         str(CONFIG),
         f"run.dir={run_dir}",
+        *TINY,
         cwd=tmp_path,
         env=env,
     )

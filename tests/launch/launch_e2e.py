@@ -103,8 +103,9 @@ class Attempt:
 
 
 # The loop's start note (rich may wrap it, hence \s+) and its `log.progress` lines, in the order printed.
-_EVENT = re.compile(  # console lines start with the time (HH:MM:SS)
-    r"(?:starting|resuming\s+at\s+step\s+(\d+)),\s+training\s+to\s+step|^\d\d:\d\d:\d\d step (\d+)/\d+\s",
+_EVENT = re.compile(  # console lines start with the time (HH:MM:SS), after torchrun's "[rank]:" when it tees
+    r"(?:starting|resuming\s+at\s+step\s+(\d+)),\s+training\s+to\s+step"
+    r"|^(?:\[\w+\]:)?\d\d:\d\d:\d\d step (\d+)/\d+\s",
     re.M,
 )
 
