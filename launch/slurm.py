@@ -89,7 +89,6 @@ class SlurmJob:
             f"--nproc-per-node={self.procs_per_node}",
             f"--max-restarts={self.max_restarts}",
             "--rdzv-backend=c10d",
-            "--tee=3",  # each rank's stdout and stderr to its own file (PET_LOG_DIR) and to slurm-%j.out
         ]
         env = jinja2.Environment(
             loader=jinja2.PackageLoader("launch", "templates"),
@@ -108,7 +107,6 @@ class SlurmJob:
             mem=self.mem,
             setup=None if self.setup is None else Path(self.setup).read_text().rstrip("\n"),
             setup_name=None if self.setup is None else str(self.setup),
-            rank_logs=shlex.quote(str(run_dir / "logs")),
             time=self.time,
             partition=self.partition,
             account=self.account,
