@@ -1,5 +1,18 @@
-"""`python -m pretrain ...` is the `pretrain` command."""
+"""`python -m pretrain ...` is the `pretrain` command (and what every launcher runs on each worker).
+
+A worker of a multi-process job that has finished (process group destroyed, files closed, output flushed) ends
+with `os._exit`, skipping the interpreter's teardown: there torch's C++ threads occasionally abort a finished
+worker ("terminate called without an active exception", SIGABRT) and turn a completed job into a failed one.
+"""
+
+import os
+import sys
 
 from pretrain.cli import main
 
-raise SystemExit(main())
+code = main()
+if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+raise SystemExit(code)
