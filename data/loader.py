@@ -291,6 +291,29 @@ def _as_is(batch: Any) -> Any:
     return batch
 
 
+def check_loader_args(
+    caller: str,
+    objective: str,
+    objectives: Sequence[str],
+    *,
+    split: str,
+    batch_size: int,
+    rank: int,
+    world_size: int,
+    grad_accum: int,
+) -> None:
+    """The arguments every loader builder (text, images, audio) refuses alike, naming `caller`."""
+    if objective not in objectives:
+        raise ValueError(f"objective: {objective!r} is not one of {', '.join(objectives)}")
+    if split not in SPLITS:
+        raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
+    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size and grad_accum >= 1):
+        raise ValueError(
+            f"{caller}: need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size, got "
+            f"batch_size={batch_size}, grad_accum={grad_accum}, rank={rank}, world_size={world_size}"
+        )
+
+
 def build_loader(
     cfg: DataConfig,
     *,
@@ -307,15 +330,10 @@ def build_loader(
     global order depends on it: pass the loop's value). Train is infinite (epochs reshuffled by seed and
     epoch) over `data.virtual_streams` virtual streams; validation is one finite, deterministic pass (its
     last batches may be smaller) over one virtual stream per worker."""
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective: {objective!r} is not one of {', '.join(OBJECTIVES)}")
-    if split not in SPLITS:
-        raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size and grad_accum >= 1):
-        raise ValueError(
-            f"build_loader: need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size, got "
-            f"batch_size={batch_size}, grad_accum={grad_accum}, rank={rank}, world_size={world_size}"
-        )
+    check_loader_args(
+        "build_loader", objective, OBJECTIVES, split=split, batch_size=batch_size, rank=rank,
+        world_size=world_size, grad_accum=grad_accum,
+    )  # fmt: skip
     specs = _specs(cfg, split)
     for spec, _ in specs:
         _check_prepared(spec, tokenizer)

@@ -18,7 +18,7 @@ import numpy as np
 
 from data.config import DataConfig
 from data.errors import DataError
-from data.loader import SPLITS, DataPipeline, build_pipeline
+from data.loader import DataPipeline, build_pipeline, check_loader_args
 from data.media import MediaRecord, Modality, decode_audio, decode_image, resolve_media_source
 from data.media_objectives import BestRQ, ImageAugment, ImageModel, SpeechModel, mae_noise, simmim_mask
 from data.records import SourceSpec
@@ -123,15 +123,10 @@ def build_media_loader(
     Like `data.build_loader`: the rank draws `grad_accum` micro-batches per optimizer step (the global
     order depends on it); train is infinite (epochs reshuffled by seed and epoch) over
     `data.virtual_streams` virtual streams; validation is one deterministic pass."""
-    if objective not in MODALITY:
-        raise ValueError(f"objective: {objective!r} is not one of {', '.join(MODALITY)}")
-    if split not in SPLITS:
-        raise ValueError(f"split: {split!r} is not one of {', '.join(SPLITS)}")
-    if not (isinstance(batch_size, int) and batch_size >= 1 and 0 <= rank < world_size and grad_accum >= 1):
-        raise ValueError(
-            f"build_media_loader: need batch_size >= 1, grad_accum >= 1 and 0 <= rank < world_size, got "
-            f"batch_size={batch_size}, grad_accum={grad_accum}, rank={rank}, world_size={world_size}"
-        )
+    check_loader_args(
+        "build_media_loader", objective, list(MODALITY), split=split, batch_size=batch_size, rank=rank,
+        world_size=world_size, grad_accum=grad_accum,
+    )  # fmt: skip
     options = options or MediaOptions()
     train = split == "train"
     specs = _media_specs(cfg, MODALITY[objective], split, options)
