@@ -39,7 +39,11 @@ WANDB_FINISH_TIMEOUT_S = (
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """All records of `run_dir/metrics.jsonl` (a torn last line from a kill is skipped)."""
-    path = run_dir / METRICS_FILE
+    return _read_records(run_dir / METRICS_FILE)
+
+
+def _read_records(path: Path) -> list[dict[str, Any]]:
+    """The JSON records of a .jsonl file, a torn last line skipped."""
     if not path.is_file():
         return []
     records = []
@@ -77,7 +81,7 @@ def _truncate_after(path: Path, step: int) -> None:
     """Drop records past `step` (logged by a run that died before its next checkpoint)."""
     if not path.is_file():
         return
-    kept = [r for r in read_metrics(path.parent) if r.get("step", 0) <= step]
+    kept = [r for r in _read_records(path) if r.get("step", 0) <= step]
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
     os.replace(tmp, path)
@@ -103,6 +107,7 @@ class RunLogger:
             return
         path = cfg.run_dir / METRICS_FILE
         _truncate_after(path, start_step)
+        _truncate_after(cfg.run_dir / SAMPLES_FILE, start_step)  # samples past the restored step are redone
         self._file = open(path, "a")  # noqa: SIM115 - kept open for the run, closed in close()
         if cfg.log.progress and self._console.is_terminal:
             self._progress = Progress(

@@ -11,7 +11,7 @@ import torch
 
 from pretrain import metrics
 from pretrain.config import load_config
-from pretrain.logging import METRICS_FILE, RunLogger, read_metrics
+from pretrain.logging import METRICS_FILE, SAMPLES_FILE, RunLogger, read_metrics
 from pretrain.plot import plot_run
 from tests.pretrain.helpers import write_yaml
 
@@ -36,6 +36,17 @@ def test_jsonl_is_flushed_per_record_and_truncated_on_resume(tmp_path: Path) -> 
     assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
     RunLogger(cfg, enabled=False, start_step=0).log({"step": 9})  # other ranks write nothing
     assert [json.loads(x)["step"] for x in (tmp_path / METRICS_FILE).read_text().splitlines()] == [1, 2]
+
+
+def test_samples_past_the_restored_step_are_dropped_on_resume(tmp_path: Path) -> None:
+    cfg = make_cfg(tmp_path)
+    logger = RunLogger(cfg, enabled=True, start_step=0)
+    for step in (2, 4, 6):
+        logger.samples(step, [("a", f"a{step}"), ("b", f"b{step}")])
+    logger.close()
+    RunLogger(cfg, enabled=True, start_step=4).close()  # resumed from the step-4 checkpoint: step 6 is redone
+    kept = [json.loads(x) for x in (tmp_path / SAMPLES_FILE).read_text().splitlines()]
+    assert [(r["step"], r["output"]) for r in kept] == [(2, "a2"), (2, "b2"), (4, "a4"), (4, "b4")]
 
 
 def test_throughput_and_mfu() -> None:
