@@ -72,6 +72,40 @@ def attention_flops(layers: int, width: int, queries: float, keys: float) -> flo
     return 2 * matmul_flops(layers * width, queries * keys)
 
 
+def self_attention_keys(config: ModelConfig, n: float, *, causal: bool) -> float:
+    """Keys each of `n` queries is scored against in self attention, as `config.attention` computes them.
+
+    Exact backends: all n (masked pairs are not discounted, as in `attention_flops`). The approximate ones
+    skip work, so their pattern is what counts: sparse, the window band, the global tokens both ways and the
+    random blocks (tile rounding ignored); linformer, its k projected keys twice over (projecting keys and
+    values along the sequence, k x n per feature each, costs what scoring k keys does); lsh, per hash round a
+    sorted chunk against itself and the previous one (hashing and sorting not counted).
+    """
+    if config.attention == "sparse":
+        assert config.attention_window is not None  # the config refuses sparse without one
+        band = config.attention_window if causal else 2 * config.attention_window - 1
+        block = config.attention_block or 256
+        local = min(n, band + config.attention_global + config.attention_random * block)
+        return local + config.attention_global * (n - local) / n  # the global queries see every key
+    if config.attention == "linformer":
+        return 2.0 * config.linformer_k
+    if config.attention == "lsh":
+        return config.lsh_n_hashes * min(n, 2 * config.lsh_bucket_size)
+    return n
+
+
+def sequence_projection_weights(model: nn.Module) -> int:
+    """Linformer's projections along the sequence: weights, but applied per feature, not per position, so
+    `self_attention_keys` counts them and `matmul_flops` must not."""
+    from models.attention import LinformerSelfAttention
+
+    return sum(
+        num_weights(module.proj_k, *([module.proj_v] if module.proj_v is not None else []))
+        for module in model.modules()
+        if isinstance(module, LinformerSelfAttention)
+    )
+
+
 def num_weights(*modules: nn.Module) -> int:
     """Parameters of `modules`, a parameter they share counted once."""
     params = {id(p): p for m in modules for p in m.parameters()}

@@ -18,6 +18,8 @@ from models.base import (
     key_padding,
     matmul_flops,
     num_weights,
+    self_attention_keys,
+    sequence_projection_weights,
 )
 from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
 from models.config import BERTConfig
@@ -86,13 +88,13 @@ class BERT(LanguageModel):
             raise ValueError(f"BERT has no decoder; got {shape}")
         cfg, n = self.config, shape.input_len
         head = num_weights(self.head)
-        body = self.num_parameters(exclude_embeddings=True) - head
+        body = self.num_parameters(exclude_embeddings=True) - head - sequence_projection_weights(self)
         predicted = n * shape.predicted_fraction
         width = cfg.n_heads * cfg.head_dim
         return (
             matmul_flops(body, n)
             + matmul_flops(head + self.embed.tokens.weight.numel(), predicted)
-            + attention_flops(cfg.n_layers, width, n, n)
+            + attention_flops(cfg.n_layers, width, n, self_attention_keys(cfg, n, causal=False))
         ) / n
 
     def init_rules(self) -> dict[str, InitFn]:

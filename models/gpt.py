@@ -19,6 +19,7 @@ from models.base import (
     matmul_flops,
     normal,
     parameter_names,
+    self_attention_keys,
 )
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import GPTConfig
@@ -64,7 +65,8 @@ class GPT(LanguageModel):
         cfg, n = self.config, shape.input_len
         weights = self.num_parameters(exclude_embeddings=True) + self.embed.tokens.weight.numel()
         width = cfg.n_heads * cfg.head_dim
-        return (matmul_flops(weights, n) + attention_flops(cfg.n_layers, width, n, n)) / n
+        keys = self_attention_keys(cfg, n, causal=True)
+        return (matmul_flops(weights, n) + attention_flops(cfg.n_layers, width, n, keys)) / n
 
     def init_rules(self) -> dict[str, InitFn]:
         """GPT-2's scheme: N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2 L)."""

@@ -25,6 +25,7 @@ from models.base import (
     num_weights,
     parameter_names,
     row_blocks,
+    self_attention_keys,
 )
 from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
 from models.config import T5Config
@@ -130,8 +131,9 @@ class T5(LanguageModel):
         per_sample = (
             matmul_flops(over_inputs, s)
             + matmul_flops(over_targets, t)
-            + attention_flops(cfg.n_layers, width, s, s)
-            + attention_flops(cfg.n_decoder_layers, width, t, t + s)  # self, then cross attention
+            + attention_flops(cfg.n_layers, width, s, self_attention_keys(cfg, s, causal=False))
+            # decoder: self, then (always exact) cross attention
+            + attention_flops(cfg.n_decoder_layers, width, t, self_attention_keys(cfg, t, causal=True) + s)
         )
         return per_sample / s
 
