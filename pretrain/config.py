@@ -340,9 +340,17 @@ class RunConfig:
                 f"(model.max_seq_len, from {self.model.origin}); accepted: <= {positions}"
             )
         ds = self.engine.deepspeed
-        if self.train.compile and (self.engine.backend == "fsdp" or (ds is not None and ds.zero_stage == 3)):
+        sharded = self.engine.backend == "fsdp" or (ds is not None and ds.zero_stage == 3)
+        if self.train.compile and sharded:
             raise ConfigError(
                 "train.compile: not supported (not tested) with sharded parameters (engine.backend=fsdp or "
+                "engine.deepspeed.zero_stage=3); accepted with: engine.deepspeed.zero_stage 0-2, engine.backend=ddp"
+            )
+        if getattr(self.model.config, "reversible", False) and sharded:
+            # Reversible backward reruns each block inside an autograd Function, outside the hooks that
+            # gather sharded parameters (FSDP fails on plain vs DTensor, ZeRO-3 on an empty parameter).
+            raise ConfigError(
+                "model.reversible: not supported with sharded parameters (engine.backend=fsdp or "
                 "engine.deepspeed.zero_stage=3); accepted with: engine.deepspeed.zero_stage 0-2, engine.backend=ddp"
             )
 

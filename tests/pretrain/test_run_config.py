@@ -182,6 +182,16 @@ BAD = {
         ["train.compile=true", "engine.backend=fsdp"],
         ["train.compile", "fsdp"],
     ),
+    "reversible with zero-3": (
+        None,
+        ["model.reversible=true", "engine.deepspeed.zero_stage=3"],
+        ["model.reversible", "zero_stage"],
+    ),
+    "reversible with fsdp": (
+        None,
+        ["model.reversible=true", "engine.backend=fsdp"],
+        ["model.reversible", "fsdp"],
+    ),
 }
 
 
