@@ -93,6 +93,7 @@ def _whoami(rank: int) -> str:
     out = f"rank {rank} of {world}, pid {os.getpid()} on {socket.gethostname()}"
     if env("SLURM_JOB_ID"):
         out += f", SLURM job {env('SLURM_JOB_ID')} restart {env('SLURM_RESTART_COUNT') or 0}"
+        out += f" on node {env('SLURMD_NODENAME')}" if env("SLURMD_NODENAME") else ""
     if env("TORCHELASTIC_RESTART_COUNT", "0") != "0":
         out += f", torchrun restart {env('TORCHELASTIC_RESTART_COUNT')}"
     return out

@@ -98,8 +98,13 @@ def test_submitted_job_trains_to_the_end(write_config, reference_losses, job_ids
     assert run.latest() == f"step_{MAX_STEPS}"
 
 
-def test_setup_runs_on_the_node(write_config, job_ids, tmp_path):
-    """--setup lines run in the node's task before torchrun."""
+def rank_logs(run: Run, job_id: str) -> dict[str, str]:
+    """The job's per-rank log files (RUN_DIR/logs/slurm-JOBID/rank-R.log) by name."""
+    return {p.name: p.read_text() for p in sorted((run.dir / "logs" / f"slurm-{job_id}").glob("rank-*.log"))}
+
+
+def test_setup_runs_on_the_node_and_each_rank_logs_to_its_own_file(write_config, job_ids, tmp_path):
+    """--setup lines run in the node's task before torchrun; rank 0 and 1 each write their own file."""
     config = write_config("slurm-setup", train={"max_steps": 2})
     setup = tmp_path / "setup.sh"
     setup.write_text('echo "setup ran on node $SLURM_NODEID"\nexport PRETRAIN_SETUP_MARK=on\n')
@@ -119,6 +124,16 @@ def test_setup_runs_on_the_node(write_config, job_ids, tmp_path):
     wait_done(job_id, log)
     assert "setup ran on node 0" in log.read_text()
     assert "done: step 2" in log.read_text()
+    logs = rank_logs(run, job_id)
+    assert sorted(logs) == ["rank-0.log", "rank-1.log"]
+    for rank, text in enumerate(logs.values()):
+        first, *_, last = text.splitlines()
+        assert re.search(
+            rf" rank log: rank {rank} of 2, pid \d+ on \S+, SLURM job {job_id} restart 0 on node \S+$", first
+        )
+        assert last.endswith(" rank log: exit 0"), text
+    assert "done: step 2" in logs["rank-0.log"] and " step 2/2 " in logs["rank-0.log"]  # rank 0's own notes
+    assert "done: step" not in logs["rank-1.log"] and " step 1/2 " not in logs["rank-1.log"]
 
 
 def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_losses, job_ids):
@@ -176,6 +191,22 @@ def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_lo
     print("\n" + "; ".join(report))
     assert runs[-1].steps[-1] == MAX_STEPS
     assert losses_by_step(run.steps()) == reference_losses
+
+    # Each rank's file holds all three attempts (appended), and slurm-%j.out still holds every line of them.
+    logs = rank_logs(run, job_id)
+    assert sorted(logs) == ["rank-0.log", "rank-1.log"]
+    job_lines = set(text.splitlines())
+    table = [f"slurm-{job_id}.out: {len(text.splitlines())} lines"]
+    for name, rank_text in logs.items():
+        starts = re.findall(
+            rf" rank log: rank \d of 2, .*, SLURM job {job_id} restart (\d) on node ", rank_text, re.M
+        )
+        assert starts == ["0", "1", "2"], rank_text[-3000:]
+        own = [line for line in rank_text.splitlines() if " rank log: " not in line]
+        assert set(own) <= job_lines, sorted(set(own) - job_lines)[:5]
+        table.append(f"{name}: {len(rank_text.splitlines())} lines ({len(own)} printed, 3 starts)")
+    assert attempts_from_log(logs["rank-0.log"]) == runs  # every attempt's steps, as the job's log has them
+    print("\n" + "; ".join(table))
 
 
 def test_cluster_script_is_idempotent():
