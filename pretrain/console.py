@@ -2,9 +2,9 @@
 
 Under a launcher each rank of `pretrain train` also keeps its own copy of what it prints: with
 `PRETRAIN_RANK_LOG_DIR=DIR` set (`launch` sets it), its stdout and stderr go to the console as before and to
-`DIR/rank-<RANK>.log`. The copy is made in this process, line by line as it is printed (no tail thread as
+`DIR/rank-<RANK>.log`. The copy is made in this process, line by line as each line is printed (no tail thread as
 torchrun's `--tee` has, which dropped a stopped job's last lines), appended (a requeued job or a torchrun restart
-adds to the first attempt's file), and flushed at once, so a SIGTERM or SIGKILL loses nothing already printed.
+adds to the first attempt's file), and flushed at once, so a SIGTERM or SIGKILL loses no line already printed.
 `faulthandler` writes a hard crash's Python stack (segfault, abort) to the same file.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import faulthandler
 import os
+import re
 import socket
 import sys
 import time
@@ -30,26 +31,62 @@ def say(message: str) -> None:
     print(stamp(message), file=sys.stderr, flush=True)
 
 
+# Terminal control a console may get (colours, cursor moves, a live progress bar's redraws), kept out of the file.
+_ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\-_])")
+_LONGEST_LINE = 1 << 16  # a line without an end yet is written out at this length
+
+
+def plain_line(line: str) -> str:
+    """A console line as a terminal ends up showing it: without control sequences, and after a carriage
+    return only what overwrote the line (a progress bar's last state, not every redraw)."""
+    return _ANSI.sub("", line).rstrip("\r").rsplit("\r", 1)[-1]
+
+
 class _Tee:
-    """A console stream that also writes all its text to a rank's log file. The console is written first and
-    exactly as before; the file's failures (disk full) never reach the program. Everything else (isatty,
-    fileno, encoding, buffer) is the console's, so rich and friends see the console they saw before."""
+    """A console stream that also writes its text to a rank's log file, line by line as each line ends (each
+    flushed at once). The console is written first and exactly as before; the file's failures (disk full) never
+    reach the program. Everything else (isatty, fileno, encoding, buffer) is the console's, so rich and friends
+    see the console they saw before; a live progress bar's redraws on a terminal leave only plain lines."""
 
     def __init__(self, console: TextIO, file: TextIO) -> None:
         self.console = console
         self._file = file
+        self._pending = ""  # the line being written, until it ends
 
     def write(self, text: str) -> int:
         written = self.console.write(text)
+        pending = self._pending + text
+        if "\n" in pending:
+            done, _, pending = pending.rpartition("\n")
+            self._to_file("".join(plain_line(line) + "\n" for line in done.split("\n")))
+        redrawn = pending.rfind("\r", 0, len(pending) - 1)  # a carriage return, then more of the line
+        if redrawn >= 0:
+            pending = pending[redrawn + 1 :]  # overwritten: keeps a live bar from growing this without end
+        if len(pending) > _LONGEST_LINE:
+            self._to_file(plain_line(pending) + "\n")
+            pending = ""
+        self._pending = pending
+        return written
+
+    def writelines(self, lines: Any) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        self.console.flush()
+
+    def finish(self) -> None:
+        """Write the line that has not ended (at the end of the run)."""
+        line, self._pending = plain_line(self._pending), ""
+        if line:
+            self._to_file(line + "\n")
+
+    def _to_file(self, text: str) -> None:
         try:
             self._file.write(text)
             self._file.flush()
         except (OSError, ValueError):
             pass
-        return written
-
-    def flush(self) -> None:
-        self.console.flush()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.console, name)
@@ -76,6 +113,7 @@ class RankLog:
             stream = getattr(sys, name)
             if isinstance(stream, _Tee):
                 stream.flush()
+                stream.finish()
                 setattr(sys, name, stream.console)
         if self._faults:
             faulthandler.disable()

@@ -3,12 +3,13 @@ is printed (a SIGKILL loses nothing), a hard crash's stack, and appends across s
 
 from __future__ import annotations
 
+import io
 import re
 import subprocess
 import sys
 from pathlib import Path
 
-from pretrain.console import RANK_LOG_DIR_ENV
+from pretrain.console import RANK_LOG_DIR_ENV, _Tee
 from tests.common import REPO, subprocess_env
 
 # Prints to both streams (the last write has no newline), then dies as a cluster's SIGKILL or a segfault ends it.
@@ -47,8 +48,31 @@ def test_a_killed_rank_keeps_every_printed_line_and_the_console_is_unchanged(tmp
     text = (tmp_path / "logs" / "rank-3.log").read_text()
     header = HEADER.match(text)
     assert header, text
-    assert text[header.end() :] == teed.stdout + teed.stderr  # in the order written, the partial line too
     assert teed.stderr.endswith(" on stderr\nno newline yet")
+    # every line in the order written; the file is written a line at a time, so the unfinished one is not there
+    assert text[header.end() :] == teed.stdout + teed.stderr.removesuffix("no newline yet")
+
+
+def test_a_live_progress_bar_leaves_plain_lines_in_the_file() -> None:
+    """On a terminal rich redraws its bar in place (carriage returns, control sequences) many times a second:
+    the console gets every byte, the file the lines as they end up on the screen."""
+    console, file = io.StringIO(), io.StringIO()
+    tee = _Tee(console, file)
+    writes = [
+        "\x1b[?25l\x1b[1mtrain\x1b[0m \x1b[32m0/20\x1b[0m",
+        "\r\x1b[2K\x1b[1mtrain\x1b[0m 1/20",
+        "\r\x1b[2K12:00:00 starting\n\x1b[1mtrain\x1b[0m 1/20",
+        *(f"\r\x1b[2Ktrain {step}/20" for step in range(2, 20)),
+        "\r\nwindows line\r\n",
+        "train 20/20\n\x1b[?25h",
+        "no newline",
+    ]
+    for text in writes:
+        tee.write(text)
+    assert console.getvalue() == "".join(writes)
+    assert file.getvalue() == "12:00:00 starting\ntrain 19/20\nwindows line\ntrain 20/20\n"
+    tee.finish()  # at the end of the run: the unfinished line too
+    assert file.getvalue().endswith("train 20/20\nno newline\n")
 
 
 def test_a_hard_crash_leaves_its_stack_in_the_file_and_starts_append(tmp_path: Path) -> None:
