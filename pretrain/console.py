@@ -36,7 +36,7 @@ _ANSI = re.compile(r"\x1b(\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(\x07|\x1b\\)|[@-Z\\
 _LONGEST_LINE = 1 << 16  # a line without an end yet is written out at this length
 
 
-def plain_line(line: str) -> str:
+def _plain_line(line: str) -> str:
     """A console line as a terminal ends up showing it: without control sequences, and after a carriage
     return only what overwrote the line (a progress bar's last state, not every redraw)."""
     return _ANSI.sub("", line).rstrip("\r").rsplit("\r", 1)[-1]
@@ -58,12 +58,12 @@ class _Tee:
         pending = self._pending + text
         if "\n" in pending:
             done, _, pending = pending.rpartition("\n")
-            self._to_file("".join(plain_line(line) + "\n" for line in done.split("\n")))
+            self._to_file("".join(_plain_line(line) + "\n" for line in done.split("\n")))
         redrawn = pending.rfind("\r", 0, len(pending) - 1)  # a carriage return, then more of the line
         if redrawn >= 0:
             pending = pending[redrawn + 1 :]  # overwritten: keeps a live bar from growing this without end
         if len(pending) > _LONGEST_LINE:
-            self._to_file(plain_line(pending) + "\n")
+            self._to_file(_plain_line(pending) + "\n")
             pending = ""
         self._pending = pending
         return written
@@ -77,7 +77,7 @@ class _Tee:
 
     def finish(self) -> None:
         """Write the line that has not ended (at the end of the run)."""
-        line, self._pending = plain_line(self._pending), ""
+        line, self._pending = _plain_line(self._pending), ""
         if line:
             self._to_file(line + "\n")
 
