@@ -19,6 +19,7 @@ from launch.slurm import SlurmJob, submit
 from launch.torchrun import SHUTDOWN_ENV, SIGNAL_ENV, Torchrun, check_nnodes
 from pretrain.bundled import package_version
 from pretrain.cli import add_command
+from pretrain.console import RANK_LOG_DIR_ENV
 
 EXIT_USAGE = 2
 
@@ -276,10 +277,11 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.dry_run:
         print(shlex.join(command))
         return 0
+    env = {**SIGNAL_ENV, **SHUTDOWN_ENV, **os.environ}
+    if args.command in ("local", "torchrun"):  # each rank also writes RUN_DIR/logs/rank-R.log
+        env[RANK_LOG_DIR_ENV] = str(job.rank_log_dir())
     sys.stdout.flush()
-    os.execvpe(
-        command[0], command, {**SIGNAL_ENV, **SHUTDOWN_ENV, **os.environ}
-    )  # signals reach torchrun directly
+    os.execvpe(command[0], command, env)  # signals reach torchrun directly
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -89,6 +89,10 @@ class TrainJob:
         """`run.dir` as `pretrain train` will resolve it (last override > YAML > runs/<config name>), absolute."""
         return Path(self.setting("run.dir") or Path("runs") / self.config.stem).resolve()
 
+    def rank_log_dir(self) -> Path:
+        """Where the ranks keep their own log files (`launch slurm`: a folder per job id inside it)."""
+        return self.run_dir() / "logs"
+
     def setting(self, dotted: str) -> object:
         """A config value as `pretrain train` reads it (last override > YAML), or None when neither sets it."""
         value = None

@@ -16,6 +16,7 @@ import jinja2
 
 from launch.job import LaunchError, TrainJob
 from launch.torchrun import SIGNAL_ENV, TORCHRUN
+from pretrain.console import RANK_LOG_DIR_ENV
 
 SCRIPT_NAME = "launch-slurm.sbatch"
 DEFAULT_NUM_WORKERS = (
@@ -107,6 +108,8 @@ class SlurmJob:
             mem=self.mem,
             setup=None if self.setup is None else Path(self.setup).read_text().rstrip("\n"),
             setup_name=None if self.setup is None else str(self.setup),
+            rank_log_env=RANK_LOG_DIR_ENV,
+            rank_logs=shlex.quote(str(job.rank_log_dir())),
             time=self.time,
             partition=self.partition,
             account=self.account,

@@ -10,7 +10,7 @@ import sys
 
 from pretrain.cli import main
 
-code = main()
+code = main()  # has closed the rank's own log file (PRETRAIN_RANK_LOG_DIR), if any, with the exit code
 if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
     sys.stdout.flush()
     sys.stderr.flush()

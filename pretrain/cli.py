@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from pretrain.bundled import package_version
+from pretrain.console import open_rank_log
 from pretrain.errors import UserError
 
 EXIT_USAGE = 2
@@ -283,6 +284,17 @@ def _user_error(error: BaseException) -> bool:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Each rank's own copy of its output, when a launcher asks for one. Closed (with the exit code) on a
+    # return; a bug's traceback, printed once main has raised, still goes to the file.
+    rank_log = open_rank_log(_rank()) if args.command == "train" else None
+    code = _answer(args)
+    if rank_log is not None:
+        rank_log.close(code)
+    return code
+
+
+def _answer(args: argparse.Namespace) -> int:
+    """Run the command; a user error as its one line and exit code."""
     try:
         _run(args)
     except KeyboardInterrupt:

@@ -166,7 +166,7 @@ def test_slurm_script_for_multi_node_gpu_job(capsys, config, monkeypatch, tmp_pa
 
 
 def test_slurm_script_fit_for_a_cluster(capsys, config, tmp_path):
-    """CPUs from data.num_workers, --mem, --setup lines on every node."""
+    """CPUs from data.num_workers, --mem, --setup lines on every node, per-rank log files."""
     setup = tmp_path / "setup.sh"
     setup.write_text("module load cuda/12.4\nexport NCCL_DEBUG=WARN\n")
     argv = ["--nodes", "2", "--gpus-per-node", "4", "--mem", "256G", "--setup", str(setup)]
@@ -178,8 +178,10 @@ def test_slurm_script_fit_for_a_cluster(capsys, config, tmp_path):
     )
     srun = out[out.index("\nsrun ") + 1 : out.index(" &\n")]
     assert "bash -c 'pretrain_setup || exit $?; " in srun  # on every node, before torchrun
-    # no torchrun --tee: its tail threads drop a stopped job's last lines from slurm-%j.out
+    # no torchrun --tee (its tail threads drop a stopped job's last lines from slurm-%j.out): each rank of
+    # `pretrain train` writes its own file, in a folder per job beside slurm-%j.out
     assert "--tee" not in srun and "PET_LOG_DIR" not in srun
+    assert f"\nexport PRETRAIN_RANK_LOG_DIR={tmp_path / 'run' / 'logs'}/slurm-$SLURM_JOB_ID\n" in out
     out = dry(capsys, "slurm", "--nodes", "1", "--gpus-per-node", "0", "--cpus-per-task", "5", str(config))
     assert "#SBATCH --cpus-per-task=5\n" in out and "--mem" not in out and "pretrain_setup" not in out
     syntax = subprocess.run(["bash", "-n"], input=out, text=True, capture_output=True)
@@ -425,3 +427,4 @@ def test_a_good_run_config_passes_the_check_and_starts_torchrun(capsys, config, 
     assert capsys.readouterr() == ("", "")
     assert started and started[0][:3] == TORCHRUN
     assert envs[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"  # time for the workers' checkpoint after Ctrl-C
+    assert envs[0]["PRETRAIN_RANK_LOG_DIR"] == str(config.parent / "run" / "logs")  # RUN_DIR/logs/rank-R.log

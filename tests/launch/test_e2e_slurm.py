@@ -39,9 +39,13 @@ def job_state(job_id: str) -> str:
     return match.group(1) if match else "UNKNOWN"
 
 
-def submit(config: Path) -> str:
+def submit(config: Path, *, nodes: int = 1) -> str:
+    """`launch slurm` of a CPU job with 2 processes in all (on one node, or one per node on two)."""
+    per_node = str(2 // nodes)
     done = subprocess.run(
-        launch_cmd("slurm", "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2", str(config)),
+        launch_cmd(
+            "slurm", "--nodes", str(nodes), "--gpus-per-node", "0", "--nproc-per-node", per_node, str(config)
+        ),
         env=train_env(),
         cwd=REPO,
         capture_output=True,
@@ -98,8 +102,13 @@ def test_submitted_job_trains_to_the_end(write_config, reference_losses, job_ids
     assert run.latest() == f"step_{MAX_STEPS}"
 
 
-def test_setup_runs_on_the_node(write_config, job_ids, tmp_path):
-    """--setup lines run in the node's task before torchrun."""
+def rank_logs(run: Run, job_id: str) -> dict[str, str]:
+    """The job's per-rank log files (RUN_DIR/logs/slurm-JOBID/rank-R.log) by name."""
+    return {p.name: p.read_text() for p in sorted((run.dir / "logs" / f"slurm-{job_id}").glob("rank-*.log"))}
+
+
+def test_setup_runs_on_the_node_and_each_rank_logs_to_its_own_file(write_config, job_ids, tmp_path):
+    """--setup lines run in the node's task before torchrun; rank 0 and 1 each write their own file."""
     config = write_config("slurm-setup", train={"max_steps": 2})
     setup = tmp_path / "setup.sh"
     setup.write_text('echo "setup ran on node $SLURM_NODEID"\nexport PRETRAIN_SETUP_MARK=on\n')
@@ -119,6 +128,16 @@ def test_setup_runs_on_the_node(write_config, job_ids, tmp_path):
     wait_done(job_id, log)
     assert "setup ran on node 0" in log.read_text()
     assert "done: step 2" in log.read_text()
+    logs = rank_logs(run, job_id)
+    assert sorted(logs) == ["rank-0.log", "rank-1.log"]
+    for rank, text in enumerate(logs.values()):
+        first, *_, last = text.splitlines()
+        assert re.search(
+            rf" rank log: rank {rank} of 2, pid \d+ on \S+, SLURM job {job_id} restart 0 on node \S+$", first
+        )
+        assert last.endswith(" rank log: exit 0"), text
+    assert "done: step 2" in logs["rank-0.log"] and " step 2/2 " in logs["rank-0.log"]  # rank 0's own notes
+    assert "done: step" not in logs["rank-1.log"] and " step 1/2 " not in logs["rank-1.log"]
 
 
 def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_losses, job_ids):
@@ -176,6 +195,63 @@ def test_requeued_job_checkpoints_resumes_and_matches(write_config, reference_lo
     print("\n" + "; ".join(report))
     assert runs[-1].steps[-1] == MAX_STEPS
     assert losses_by_step(run.steps()) == reference_losses
+
+    # Each rank's file holds all three attempts (appended), and slurm-%j.out still holds every line of them.
+    logs = rank_logs(run, job_id)
+    assert sorted(logs) == ["rank-0.log", "rank-1.log"]
+    job_lines = set(text.splitlines())
+    table = [f"slurm-{job_id}.out: {len(text.splitlines())} lines"]
+    for name, rank_text in logs.items():
+        starts = re.findall(
+            rf" rank log: rank \d of 2, .*, SLURM job {job_id} restart (\d) on node ", rank_text, re.M
+        )
+        assert starts == ["0", "1", "2"], rank_text[-3000:]
+        own = [line for line in rank_text.splitlines() if " rank log: " not in line]
+        assert set(own) <= job_lines, sorted(set(own) - job_lines)[:5]
+        table.append(f"{name}: {len(rank_text.splitlines())} lines ({len(own)} printed, 3 starts)")
+    assert attempts_from_log(logs["rank-0.log"]) == runs  # every attempt's steps, as the job's log has them
+    print("\n" + "; ".join(table))
+
+
+@pytest.fixture(scope="session")
+def two_nodes() -> list[str]:
+    """The cluster's node names; a skip on one node. (Session-scoped so that it skips before the reference run.)"""
+    listed = subprocess.run(["sinfo", "-h", "-N", "-o", "%N"], capture_output=True, text=True, timeout=30)
+    nodes = sorted(set(listed.stdout.split()))
+    if len(nodes) < 2:
+        pytest.skip("a 1-node cluster: SLURM_LOCAL_NODES=2 tests/slurm/local-cluster.sh up gives it two")
+    return nodes
+
+
+def test_two_node_job_trains_across_both_nodes(two_nodes, write_config, reference_losses, job_ids):
+    """`--nodes 2 --nproc-per-node 1`: a torchrun on each node, the rendezvous at the allocation's first host, one
+    rank per node, and the losses of one node with two processes. Needs two nodes, which the local cluster has
+    only when asked: `SLURM_LOCAL_NODES=2 tests/slurm/local-cluster.sh up` (two slurmd on this machine)."""
+    nodes = two_nodes
+    config = write_config("slurm-2nodes")
+    job_ids.append(job_id := submit(config, nodes=2))
+    run = Run(config.parent / "slurm-2nodes")
+    log = run.dir / f"slurm-{job_id}.out"
+    wait_done(job_id, log)
+    started = re.search(
+        rf"launch: job {job_id} restart 0 on (\S+) at \S+, rendezvous (\S+):\d+\n", log.read_text()
+    )
+    assert started, log.read_text()[-3000:]
+    hosts = subprocess.run(
+        ["scontrol", "show", "hostnames", started[1]], capture_output=True, text=True, timeout=30
+    ).stdout.split()
+    assert len(hosts) == 2 and set(hosts) <= set(nodes) and started[2] == hosts[0]
+    ranks = {}  # rank -> the node its process ran on, from each rank's own log file
+    for name, text in rank_logs(run, job_id).items():
+        said = re.match(
+            rf"\S+ rank log: rank (\d) of 2, .*, SLURM job {job_id} restart 0 on node (\S+)\n", text
+        )
+        assert said and name == f"rank-{said[1]}.log", text[:500]
+        ranks[int(said[1])] = said[2]
+    print(f"\n2-node job {job_id}: ranks on nodes {ranks}, rendezvous at {started[2]}")
+    assert sorted(ranks) == [0, 1] and sorted(ranks.values()) == sorted(hosts)  # one rank on each node
+    assert losses_by_step(run.steps()) == reference_losses  # world size 2 either way: the same numbers
+    assert run.latest() == f"step_{MAX_STEPS}"
 
 
 def test_cluster_script_is_idempotent():

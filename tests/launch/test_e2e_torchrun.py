@@ -83,7 +83,8 @@ def test_killed_worker_restarts_and_resumes_from_newest_checkpoint(write_config,
         workers = psutil.Process(agent.pid).children()
         assert len(workers) == 2
         newest = run.latest()
-        os.kill(workers[1].pid, signal.SIGKILL)
+        killed = workers[1].pid
+        os.kill(killed, signal.SIGKILL)
         output = agent.communicate(timeout=300)[0]
     finally:
         agent.kill()
@@ -100,6 +101,20 @@ def test_killed_worker_restarts_and_resumes_from_newest_checkpoint(write_config,
     assert 0 <= redone < 10  # less than checkpoint.every
     assert second.steps == list(range(second.resumed_from + 1, MAX_STEPS + 1))
     assert losses_by_step(run.steps()) == reference_losses  # exact, before and after the resume point
+
+    # Each rank's own file, RUN_DIR/logs/rank-R.log, appended by torchrun's restart: the killed rank's too.
+    logs = {rank: (run.dir / "logs" / f"rank-{rank}.log").read_text() for rank in (0, 1)}
+    first_pids = []
+    for rank, text in logs.items():
+        starts = list(re.finditer(rf" rank log: rank {rank} of 2, pid (\d+) on [^\s,]+(.*)$", text, re.M))
+        assert [start[2] for start in starts] == ["", ", torchrun restart 1"], text[-3000:]
+        first_pids.append(int(starts[0][1]))
+        if first_pids[-1] == killed:  # its first start's lines are there, without an exit line
+            assert " rank log: exit" not in text[starts[0].end() : starts[1].start()], text[-3000:]
+        assert text.endswith(" rank log: exit 0\n")
+    assert killed in first_pids
+    assert attempts_from_log(logs[0]) == [first, second]  # rank 0 prints the steps, as the console has them
+    assert not attempts_from_log(logs[1])
 
 
 def test_ctrl_c_checkpoints_at_the_next_step_ends_in_one_line_and_resumes(write_config, reference_losses):
