@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -306,9 +307,23 @@ def _answer(args: argparse.Namespace) -> int:
         from pretrain.redaction import redact, secret_values
 
         message = redact(" ".join(str(e).split()) or type(e).__name__, secret_values())
-        _error(message, agreed=getattr(e, "agreed", False))
+        agreed = getattr(e, "agreed", False)
+        _error(message, agreed=agreed)
+        if agreed:
+            _let_rank_zero_speak()
         return getattr(e, "exit_code", EXIT_USAGE)
     return 0
+
+
+RANK_ZERO_GRACE_S = 30.0
+
+
+def _let_rank_zero_speak() -> None:
+    """A rank other than 0 that met the problem every rank meets waits before exiting: its exit makes the
+    launcher (torchrun) stop the other workers, which could take rank 0 down before it says the one line.
+    Rank 0's own exit ends the wait (the launcher stops this worker then)."""
+    if _rank() != 0 and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        time.sleep(RANK_ZERO_GRACE_S)
 
 
 if __name__ == "__main__":
