@@ -278,8 +278,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         print(shlex.join(command))
         return 0
     env = {**SIGNAL_ENV, **SHUTDOWN_ENV, **os.environ}
-    if args.command in ("local", "torchrun"):  # each rank also writes RUN_DIR/logs/rank-R.log
-        env[RANK_LOG_DIR_ENV] = str(job.rank_log_dir())
+    env[RANK_LOG_DIR_ENV] = str(job.rank_log_dir())  # each rank also writes RUN_DIR/logs/rank-R.log
     sys.stdout.flush()
     os.execvpe(command[0], command, env)  # signals reach torchrun directly
 

@@ -428,3 +428,21 @@ def test_a_good_run_config_passes_the_check_and_starts_torchrun(capsys, config, 
     assert started and started[0][:3] == TORCHRUN
     assert envs[0]["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"] == "300"  # time for the workers' checkpoint after Ctrl-C
     assert envs[0]["PRETRAIN_RANK_LOG_DIR"] == str(config.parent / "run" / "logs")  # RUN_DIR/logs/rank-R.log
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["deepspeed"], ["accelerate", "--config", str(REPO / "launch" / "accelerate" / "two-nodes.yaml")]],
+    ids=["deepspeed", "accelerate"],
+)
+def test_the_other_launchers_ask_for_rank_log_files_too(argv, capsys, config, monkeypatch):
+    envs: list[dict] = []
+
+    def execvpe(file: str, args: list[str], env: dict) -> None:
+        envs.append(env)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(os, "execvpe", execvpe)
+    with pytest.raises(SystemExit):
+        main([*argv, "--no-check", str(config)])
+    assert envs[0]["PRETRAIN_RANK_LOG_DIR"] == str(config.parent / "run" / "logs")
