@@ -20,8 +20,9 @@ Engines (`--part engines`): per engine (DDP, ZeRO-1, 2, 3, 3+offload, FSDP) and 
 torchrun job builds a GPT from a recipe (ZeRO-3 / FSDP: sharded from the first byte) and trains 2 steps
 (seq 64, micro-batch 2, fp32). Each rank reads its resident set before the build (the per-process
 baseline: torch, gloo, the engine's library), its high-water mark over the build, and over the two steps;
-next to them `pretrain.plan`'s model states and activations, and the ratio step peak / (baseline +
-predicted states + activations).
+next to them `pretrain.plan`'s model states and activations, the ratio step peak / (baseline + predicted
+states + activations), and the planner's whole prediction (baseline + states + buffers + activations) with
+measured / predicted.
 
     .venv/bin/python -m bench.memory                 # checkpointing and ZeRO tables
     .venv/bin/python -m bench.memory --part checkpointing --quick
@@ -282,7 +283,7 @@ def engine_worker(engine: str, preset: str, out: Path) -> None:
 
 def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
     from models import get_config
-    from pretrain.plan import ModelShape, activations_per_sample, model_states
+    from pretrain.plan import ModelShape, activations_per_sample, buffers, model_states
 
     shape = ModelShape.of(get_config(preset, max_seq_len=64))
     acts = ENGINE_BATCH * activations_per_sample(shape, ENGINE_SEQ, "fp32", checkpointing=False)
@@ -302,7 +303,7 @@ def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
                     x for x in proc.stderr.splitlines() if "Error" in x or "Killed" in x or "exitcode" in x
                 ]
                 rows.append(
-                    [engine, str(world), "failed", (lines or ["no result"])[-1][-90:], "", "", "", ""]
+                    [engine, str(world), "failed", (lines or ["no result"])[-1][-90:], "", "", "", "", "", ""]
                 )
                 print(" | ".join(rows[-1]), flush=True)
                 continue
@@ -310,16 +311,19 @@ def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
             base = max(r["baseline"] for r in results)
             build, step = max(r["build"] for r in results), max(r["step"] for r in results)
             predicted = base + states.total + acts
+            planner = predicted + buffers(engine, shape, "fp32", world)
             rows.append([
                 engine, str(world), f"{states.total / MIB:.0f}", f"{base / MIB:.0f}", f"{acts / MIB:.0f}",
-                f"{build / MIB:.0f}", f"{step / MIB:.0f}", f"{step / predicted:.2f}",
+                f"{build / MIB:.0f}", f"{step / MIB:.0f}", f"{step / predicted:.2f}", f"{planner / MIB:.0f}",
+                f"{step / planner:.2f}",
             ])  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)
     print(f"\n{preset} ({shape.params / 1e6:.0f} M), fp32, seq {ENGINE_SEQ}, micro-batch {ENGINE_BATCH}; "
           "MiB per rank (max over ranks)")  # fmt: skip
     print_table(
         ["engine", "ranks", "predicted states", "baseline", "predicted activations", "peak at build",
-         "peak at step", "step / (baseline + states + activations)"],
+         "peak at step", "step / (baseline + states + activations)", "planner + baseline",
+         "measured / planner"],
         rows,
     )  # fmt: skip
 

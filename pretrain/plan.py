@@ -4,10 +4,14 @@ Model states follow the ZeRO paper (Rajbhandari et al.) per parameter, with what
 - DDP and FSDP (PyTorch's own step): fp32 params 4, grads 4, AdamW moments 8 bytes; bf16 is autocast / a
   mixed-precision policy over the fp32 params. FSDP shards all three (like ZeRO-3).
 - DeepSpeed: params and grads in the run's dtype (2 bytes in bf16/fp16, 4 in fp32), plus its own fp32
-  partition of the params (kept even in fp32) and the moments; stage 1 shards those two, stage 2 also the
-  grads, stage 3 also the params. `zero3-offload` keeps params, grads and optimizer on the host.
+  partition of the params (kept even in fp32) and the moments; stage 1 shards those two, stage 3 also the
+  params and grads. Stage 2 shards the grads on paper, but DeepSpeed keeps every parameter's full-size
+  .grad until the step, so its peak holds them whole, as stage 1's does (measured, bench/NOTES.md).
+  `zero3-offload` keeps params, grads and optimizer on the host.
 This is DeepSpeed's `estimate_zero3_model_states_mem_needs` arithmetic; transient buffers are listed apart
-(communication buckets sized as pretrain/engines/ds_config.py fills them, FSDP's unsharded blocks), as are
+(communication buckets sized as pretrain/engines/ds_config.py fills them; the fp32 copy of the rank's
+gradient partition DeepSpeed flattens inside its step; the parameters a sharded engine gathers: FSDP's
+and ZeRO-3's block in use and their root unit, the embedding, with its full gradient), as are
 activations (per block, the tensors autograd keeps, counted for a pre-norm block as torchtitan's estimator
 does, plus the fp32 logits and their log-softmax) with and without gradient checkpointing.
 The per-process overhead of a GPU (CUDA context, NCCL, allocator slack) is a flat `OVERHEAD_GIB`.
@@ -85,7 +89,7 @@ def model_states(engine: str, n: int, world: int, precision: str) -> ModelStates
     width = 4 if precision == "fp32" else 2
     states = ModelStates(
         params=width * n / (world if stage >= 3 else 1),
-        grads=width * n / (world if stage >= 2 else 1),
+        grads=width * n / (world if stage >= 3 else 1),
         optimizer=(4 + 8) * n / world,  # fp32 partition + moments (stage >= 1 shards both)
     )
     if engine == "zero3-offload":
@@ -93,7 +97,13 @@ def model_states(engine: str, n: int, world: int, precision: str) -> ModelStates
     return states
 
 
-def buffers(engine: str, shape: ModelShape, precision: str) -> float:
+def flat_gradient(engine: str, n: int, world: int) -> float:
+    """The fp32 copy of the rank's gradient partition that DeepSpeed's step flattens and hands to AdamW (offload:
+    on the host): bytes per GPU, held only inside the step."""
+    return 4 * n / world if engine in ("zero1", "zero2", "zero3") else 0.0
+
+
+def buffers(engine: str, shape: ModelShape, precision: str, world: int) -> float:
     """Transient bytes per GPU besides activations: communication buckets and gathered parameters."""
     h = shape.config.d_model
     width = 4 if precision == "fp32" else 2
@@ -102,10 +112,12 @@ def buffers(engine: str, shape: ModelShape, precision: str) -> float:
     if engine == "fsdp":  # the block in use and the prefetched one, gathered, with their unsharded grads;
         # the root unit (embeddings) stays gathered from forward to backward
         return (2 * shape.largest_block_params + shape.root_params) * (width + 4)
+    flat_grads = flat_gradient(engine, shape.params, world)
     if engine in ("zero1", "zero2"):
-        return 2 * h * h * width  # reduce + all-gather buckets (h^2 each)
-    # ZeRO-3: reduce bucket + prefetch bucket + the block being computed, gathered
-    return (h * h + 0.9 * h * h + shape.largest_block_params) * width
+        return 2 * h * h * width + flat_grads  # + reduce and all-gather buckets (h^2 each)
+    # ZeRO-3 (no prefetch, pretrain/engines/ds_config.py): the reduce bucket, the block being computed and
+    # the root unit (the embedding, also the tied LM head), gathered, the root with its full gradient
+    return h * h * width + flat_grads + shape.largest_block_params * width + shape.root_params * (width + 4)
 
 
 def activations_per_sample(shape: ModelShape, seq_len: int, precision: str, *, checkpointing: bool) -> float:
@@ -190,7 +202,7 @@ def plan(
     engines = []
     for name in ENGINES:
         states = model_states(name, shape.params, world, precision)
-        extra = buffers(name, shape, precision)
+        extra = buffers(name, shape, precision, world)
         free = gpu - states.total - extra - OVERHEAD_GIB * GIB
         engines.append(
             EnginePlan(

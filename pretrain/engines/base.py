@@ -114,6 +114,15 @@ class Engine(ABC):
         held += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
         return {"params": params, "optimizer": _storage_bytes(held, seen)}
 
+    def gradient_bytes(self) -> int:
+        """Bytes of the gradients this rank holds now: the model's `.grad` and the optimizer's (DeepSpeed steps a
+        flat fp32 copy of the rank's gradient partition). Meaningful inside the step, from an optimizer step
+        pre-hook: every engine frees them after it. `pretrain plan`'s arithmetic is checked against this."""
+        optimizer = self._optimizer  # type: ignore[attr-defined]  # every engine builds one
+        grads = [p.grad for p in self.model.parameters()]
+        grads += [p.grad for group in optimizer.param_groups for p in group["params"]]
+        return _storage_bytes((g for g in grads if g is not None), set())
+
     @abstractmethod
     def save(self, path: Path) -> None:
         """Collective: write the engine state (model, optimizer, scheduler) under `path`, which exists."""

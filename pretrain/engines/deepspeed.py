@@ -159,6 +159,13 @@ class DeepSpeedEngine(Engine):
         held["optimizer"] += sum(size for ptr, size in extra.items() if ptr not in known)
         return held
 
+    def gradient_bytes(self) -> int:
+        """As the base engine's, plus ZeRO-3's buffer of reduced gradient partitions (ZeRO 1-2 copy theirs
+        into the flat fp32 gradient the base counts, and free the parameters' `.grad` before the update)."""
+        held = super().gradient_bytes()
+        partitions = getattr(self._ds.optimizer, "grad_partitions_flat_buffer", None)
+        return held + (partitions.untyped_storage().nbytes() if partitions is not None else 0)
+
     def save(self, path: Path) -> None:
         self._ds.save_checkpoint(str(path), tag=_TAG, save_latest=False)
         self._save_full_state(Path(path) / FULL_STATE)

@@ -28,10 +28,14 @@ PIN_MEMORY_KEYS = (
 # own defaults (5e8-element buckets: 2 GB each in fp32) are sized for big GPUs and dwarf a small model's states.
 # The offload JSONs keep DeepSpeed's defaults: with CPU optimizer offload and a reduce bucket smaller than the
 # gradients, ZeRO-2 on CPU computed a wrong gradient norm (bench/NOTES.md, "DeepSpeed bucket sizes").
+# ZeRO-3 neither prefetches nor keeps a gathered parameter for its reuse: with DeepSpeed 0.19.8 any prefetch
+# bucket, or a reuse distance larger than the model (its default 1e9), kept every block gathered from forward
+# to backward, a whole unsharded copy of the parameters per rank (bench/NOTES.md, "What ZeRO-3 held").
 MODEL_SIZED_KEYS = {
     "zero_optimization.reduce_bucket_size": lambda h: h * h,
     "zero_optimization.allgather_bucket_size": lambda h: h * h,
-    "zero_optimization.stage3_prefetch_bucket_size": lambda h: int(0.9 * h * h),
+    "zero_optimization.stage3_prefetch_bucket_size": lambda h: 0,
+    "zero_optimization.stage3_max_reuse_distance": lambda h: 0,
     "zero_optimization.stage3_param_persistence_threshold": lambda h: 10 * h,
 }
 

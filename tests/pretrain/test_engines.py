@@ -107,12 +107,13 @@ def test_deepspeed_json_auto_fields_are_filled() -> None:
     [
         (1, {"reduce_bucket_size": 10_000, "allgather_bucket_size": 10_000}),
         (2, {"reduce_bucket_size": 10_000, "allgather_bucket_size": 10_000}),
-        (3, {"reduce_bucket_size": 10_000, "stage3_prefetch_bucket_size": 9_000,
+        (3, {"reduce_bucket_size": 10_000, "stage3_prefetch_bucket_size": 0, "stage3_max_reuse_distance": 0,
              "stage3_param_persistence_threshold": 1_000}),
     ],
 )  # fmt: skip
 def test_deepspeed_bucket_sizes_follow_the_model_unless_given(tmp_path, stage: int, sizes: dict) -> None:
-    """'auto' sizes come from the hidden size h (h^2, 0.9 h^2, 10 h); a number in the JSON is kept."""
+    """'auto' sizes come from the hidden size h (h^2, 10 h; ZeRO-3 prefetches nothing and keeps no gathered
+    parameter for reuse); a number in the JSON is kept."""
     resolved = resolve_config(DeepSpeedConfig(zero_stage=stage), TrainConfig())
     zero = fill_model_fields(resolved, hidden_size=100)["zero_optimization"]
     assert {key: zero[key] for key in sizes} == sizes
