@@ -356,9 +356,14 @@ def _transformers_weights(label: str, source: InitSource, files: list[Path]) -> 
     def find(key: str) -> str | None:
         return next((n for n in mapping.stored_names(key) if n in stored), None)
 
+    def find_part(key: str) -> str | None:
+        """A tied alias the checkpoint does not store holds its source's values, as in the transformers model
+        (transformers >= 5 ties T5's head even in an untied v1.1 config, and saves `shared.weight` alone)."""
+        return find(key) or (find(mapping.tied[key]) if key in mapping.tied else None)
+
     rules = {}
     for rule in mapping.rules:
-        keys = tuple(find(k) for k in rule.theirs)
+        keys = tuple(find_part(k) for k in rule.theirs)
         missing = [k for k, found in zip(rule.theirs, keys, strict=True) if found is None]
         if missing:
             raise ConfigError(f"model.init_from: {label} lacks {missing[0]}")

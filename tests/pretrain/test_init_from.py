@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pretrain.config import ConfigError, load_config, resolve_model
 from tests.pretrain.continued import (
@@ -147,8 +147,6 @@ def test_weights_are_read_one_tensor_at_a_time_as_from_hf_converts_them(sources,
 
 
 def _rewrite(source: Path, out: Path, rename: dict[str, str], add: dict[str, torch.Tensor]) -> Path:
-    from safetensors.torch import save_file
-
     shutil.copytree(source, out)
     state = load_file(source / "model.safetensors")
     state = {rename.get(k, k): v for k, v in state.items()}
@@ -183,6 +181,28 @@ def test_older_checkpoint_spellings_are_read_one_tensor_at_a_time(sources, tmp_p
         f"model.init_from: {broken}: cls.predictions.decoder.weight differs from "
         "bert.embeddings.word_embeddings.weight; this untied variant is not supported"
     )
+
+
+def test_an_untied_t5_head_is_read_as_transformers_holds_it(tmp_path):
+    """T5 v1.1 (gated, own head): transformers >= 5 ties the head anyway and saves only `shared.weight`; an
+    older checkpoint stores its own `lm_head.weight`. Either way our head is what from_hf makes of it."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "saved")
+    values, _ = _read(tmp_path / "saved", _meta(tmp_path / "saved"))
+    _assert_same(values, _from_hf(tmp_path / "saved"))
+    assert torch.equal(values["lm_head.weight"], values["embed.tokens.weight"])
+
+    head = torch.randn(VOCAB, 32)
+    own = _rewrite(tmp_path / "saved", tmp_path / "own", {}, {"lm_head.weight": head})
+    values, _ = _read(own, _meta(own))
+    assert torch.equal(values["lm_head.weight"], head)
+    assert not torch.equal(values["embed.tokens.weight"], head)
 
 
 def test_a_pytorch_model_bin_is_read_whole_with_a_note(sources, tmp_path):
@@ -221,8 +241,6 @@ def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(sources, tmp_
     (run / "config.yaml").write_text(f"model:\n  init_from: {source}\n")
     state = _from_hf(source)
     del state["norm.bias"]
-    from safetensors.torch import save_file
-
     save_file(state, str(run / "checkpoints/step_0/model.safetensors"))
     checkpoint = run / "checkpoints/step_0"
     with pytest.raises(ConfigError) as e:
