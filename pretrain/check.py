@@ -68,10 +68,10 @@ def _check_init_weights(cfg: RunConfig) -> None:
     """`model.init_from`'s tensors fit the model, as the build will read them (a resumed run does not read them)."""
     from pretrain.checkpoint import checkpoint_dirs
     from pretrain.components import meta_model
-    from pretrain.init_from import open_weights
+    from pretrain.init_from import check_weights
 
     if cfg.model.init_from is not None and not checkpoint_dirs(cfg.run_dir / "checkpoints"):
-        open_weights(cfg.model.init_from, meta_model(cfg.model.config))
+        check_weights(cfg.model.init_from, meta_model(cfg.model.config))
 
 
 def _check_records(cfg: RunConfig, notes: list[str]) -> None:

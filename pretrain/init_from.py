@@ -306,6 +306,14 @@ def open_weights(init_from: str | Path, model: nn.Module) -> SourceWeights:
     return weights
 
 
+def check_weights(init_from: str | Path, model: nn.Module) -> None:
+    """`open_weights`'s check, for `pretrain check`: headers only, so a pytorch_model.bin (which only
+    loading the whole model can check) is left to the run."""
+    source = read_source(init_from)
+    if source.kind == "run" or _safetensors_files(source.weights):
+        open_weights(init_from, model)
+
+
 def _open(init_from: str | Path) -> SourceWeights:
     source = read_source(init_from)
     label = str(init_from)
