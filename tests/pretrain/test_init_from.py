@@ -205,6 +205,20 @@ def test_an_untied_t5_head_is_read_as_transformers_holds_it(tmp_path):
     assert not torch.equal(values["embed.tokens.weight"], head)
 
 
+def test_a_sharded_checkpoint_is_read_one_tensor_at_a_time(sources, tmp_path):
+    import transformers
+
+    sharded = tmp_path / "sharded"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(sources["gpt"])
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(
+        list(sharded.glob("*.safetensors"))
+    ) > 1
+    values, notes = _read(sharded, _meta(sharded))
+    _assert_same(values, _from_hf(sources["gpt"]))
+    assert notes == []
+
+
 def test_a_pytorch_model_bin_is_read_whole_with_a_note(sources, tmp_path):
     source = tmp_path / "bin"
     shutil.copytree(sources["t5"], source)
