@@ -9,7 +9,7 @@ both directions. transformers is imported only when converting *to* it.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -654,6 +654,7 @@ class _Family:
     ours_only: tuple[
         str, ...
     ] = ()  # our key prefixes with no HF twin (training heads): kept at init, not exported
+    prefix: str = ""  # the base model's attribute: checkpoints saved from the base class lack it
 
 
 _FAMILIES = {
@@ -663,6 +664,7 @@ _FAMILIES = {
         _gpt_hf_config,
         _gpt_rules,
         {"lm_head.weight": "transformer.wte.weight"},
+        prefix="transformer.",
     ),
     "bert": _Family(
         "BertForMaskedLM",
@@ -673,6 +675,7 @@ _FAMILIES = {
             "cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
             "cls.predictions.decoder.bias": "cls.predictions.bias",
         },
+        prefix="bert.",
     ),
     "t5": _Family(
         "T5ForConditionalGeneration",
@@ -711,13 +714,54 @@ def _family_of_hf(hf_model: nn.Module) -> str:
     raise ValueError(f"from_hf: unsupported model class {name}; accepted: {accepted}")
 
 
+def assemble(rule: Rule, parts: Sequence[Tensor]) -> Tensor:
+    """Our tensor from its HF parts (`rule.theirs`, in order): each transposed for GPT-2's Conv1D, stacked
+    along dim 0 for a fused projection. A single untransposed part is returned as it is (no copy)."""
+    parts = [p.t() if rule.transpose else p for p in parts]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+
+
+def assembled_shape(rule: Rule, shapes: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    """The shape `assemble` gives for parts of these shapes, without reading them."""
+    shapes = [tuple(s)[::-1] if rule.transpose else tuple(s) for s in shapes]
+    return (sum(s[0] for s in shapes), *shapes[0][1:]) if len(shapes) > 1 else shapes[0]
+
+
 def convert_from_hf(rules: list[Rule], hf_state: dict[str, Tensor]) -> dict[str, Tensor]:
     """Our state dict from an HF one."""
     out = {}
     for r in rules:
-        parts = [hf_state[n].t() if r.transpose else hf_state[n] for n in r.theirs]
-        out[r.ours] = parts[0].clone() if len(parts) == 1 else torch.cat(parts, dim=0)
+        tensor = assemble(r, [hf_state[n] for n in r.theirs])
+        out[r.ours] = tensor.clone() if len(r.theirs) == 1 else tensor
     return out
+
+
+@dataclass(frozen=True)
+class WeightMap:
+    """How a transformers checkpoint's tensors make ours, to read them one at a time without building the
+    transformers model (`from_hf` needs it whole): the same rules and tied aliases `from_hf` uses."""
+
+    rules: list[Rule]
+    tied: dict[str, str]  # HF alias -> the HF key it is tied to: not read, must equal it where saved
+    prefix: str  # see `stored_names`
+
+    def stored_names(self, key: str) -> tuple[str, ...]:
+        """The names a checkpoint may store HF `key` under, as `from_pretrained` accepts them: its own; without
+        the base model's prefix (saved from the base class, e.g. the published gpt2's `h.0.attn.c_attn.weight`);
+        LayerNorm's old `gamma`/`beta` (e.g. bert-base-uncased)."""
+        names = [key]
+        if self.prefix and key.startswith(self.prefix):
+            names.append(key[len(self.prefix) :])
+        for new, old in ((".weight", ".gamma"), (".bias", ".beta")):
+            if "LayerNorm" in key and key.endswith(new):
+                names += [n[: -len(new)] + old for n in names]
+        return tuple(names)
+
+
+def weight_map(config: ModelConfig) -> WeightMap:
+    """The conversion rules of `config`'s family (a model `from_hf` would build from that config)."""
+    spec = _FAMILIES[config.family]
+    return WeightMap(spec.rules(config), dict(spec.tied), spec.prefix)
 
 
 def convert_to_hf(rules: list[Rule], state: dict[str, Tensor]) -> dict[str, Tensor]:

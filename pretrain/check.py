@@ -2,8 +2,9 @@
 
 `load_config` has already checked the keys, the source paths, `data.seq_len` against the model's positions,
 `model.init_from` (readable, compatible with the given fields), the DeepSpeed JSON and the W&B login. This adds
-what needs the files' contents: the tokenizer loads and fits the model's vocabulary, and the first record of
-every local source parses with the configured format and field.
+what needs the files' contents: the tokenizer loads and fits the model's vocabulary, `model.init_from`'s weights
+have every tensor the model needs in its shape (file headers only), and the first record of every local source
+parses with the configured format and field.
 
 The check never uses the network, as if HF_HUB_OFFLINE=1: a hub tokenizer or an `hf:` dataset must be in the
 local Hugging Face cache. When it is not, training would download it, so the check only notes that; with
@@ -26,6 +27,7 @@ def check_run(cfg: RunConfig) -> list[str]:
     notes: list[str] = []
     try:
         _check_tokenizer(cfg, notes)
+        _check_init_weights(cfg)
         _check_records(cfg, notes)
     except DataError as e:
         raise ConfigError(" ".join(str(e).split())) from None
@@ -60,6 +62,16 @@ def _check_tokenizer(cfg: RunConfig, notes: list[str]) -> None:
         _not_cached(e, notes, repr(name))
         return
     cfg.model.for_tokenizer(with_family_tokens(tokenizer, cfg.model.family, name))
+
+
+def _check_init_weights(cfg: RunConfig) -> None:
+    """`model.init_from`'s tensors fit the model, as the build will read them (a resumed run does not read them)."""
+    from pretrain.checkpoint import checkpoint_dirs
+    from pretrain.components import meta_model
+    from pretrain.init_from import check_weights
+
+    if cfg.model.init_from is not None and not checkpoint_dirs(cfg.run_dir / "checkpoints"):
+        check_weights(cfg.model.init_from, meta_model(cfg.model.config))
 
 
 def _check_records(cfg: RunConfig, notes: list[str]) -> None:

@@ -38,25 +38,21 @@ def build_model(
     return models.build_from_config(model.for_tokenizer(tokenizer), init=init)
 
 
-def load_init_weights(model: LanguageModel, section: ModelSection) -> list[str]:
-    """`model.init_from`'s weights copied into the freshly built model, before an engine wraps it; notes to print.
-
-    A separate step so that an engine which builds its model sharded can apply the same state dict itself.
-    """
-    from pretrain.init_from import load_weights
-
-    assert section.init_from is not None
-    return load_weights(model, section.init_from)
-
-
-def model_recipe(cfg: RunConfig, tokenizer: PreTrainedTokenizerFast) -> ModelRecipe:
+def model_recipe(
+    cfg: RunConfig, tokenizer: PreTrainedTokenizerFast, *, init_from: bool = True
+) -> ModelRecipe:
     """What the engine builds the run's model from: weights seeded by train.seed (per parameter name, so
-    they do not depend on the engine or the world size)."""
+    they do not depend on the engine or the world size), or `model.init_from`'s (unless `init_from=False`: a
+    resumed run restores its own), checked against the model's shapes before anything is built."""
     from pretrain.engines import ModelRecipe
 
-    return ModelRecipe(
-        config=cfg.model.for_tokenizer(tokenizer), seed=cfg.train.seed, compile=cfg.train.compile
-    )
+    config = cfg.model.for_tokenizer(tokenizer)
+    weights = None
+    if init_from and cfg.model.init_from is not None:
+        from pretrain.init_from import open_weights
+
+        weights = open_weights(cfg.model.init_from, meta_model(config))
+    return ModelRecipe(config=config, seed=cfg.train.seed, compile=cfg.train.compile, weights=weights)
 
 
 def meta_model(config: ModelConfig) -> LanguageModel:

@@ -5,7 +5,9 @@ T5ForConditionalGeneration) or one of our runs: a run directory (its newest inta
 `checkpoints/step_N`. The architecture is read from the source, so no preset is needed; the tokenizer is the
 source's unless `data.tokenizer` names another; only the weights are taken (optimizer, schedule and data start
 afresh). At config time only small files are read (config.json, config.yaml, the safetensors header), so
-`pretrain check` stays fast; `load_weights` reads the weights once the model exists.
+`pretrain check` stays fast. The weights are read by the engine's build (pretrain/engines/build.py), one tensor
+at a time into each parameter as the engine holds it: on ZeRO-3 and FSDP each rank copies only its own slice,
+so no rank ever holds the whole model, or the whole source.
 """
 
 from __future__ import annotations
@@ -20,7 +22,11 @@ from typing import TYPE_CHECKING, Any, Literal
 from pretrain.errors import ConfigError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable, Sequence
+
     from torch import Tensor, nn
+
+    from models.hf import Rule
 
 # Fields a continued run may change: they do not change the shapes or the function of the weights.
 RUNTIME_FIELDS = frozenset(
@@ -37,6 +43,8 @@ RUNTIME_FIELDS = frozenset(
 # Filled from the run's tokenizer, as for a preset.
 TOKEN_ID_FIELDS = frozenset({"pad_token_id", "bos_token_id", "eos_token_id", "decoder_start_token_id"})
 _WEIGHTS = "model.safetensors"
+_BIN = "pytorch_model.bin"  # older transformers' pickle: read whole, through transformers
+_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")  # sharded checkpoints
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,7 +99,7 @@ def _transformers_source(path: Path) -> InitSource:
             f"model.init_from: {path} holds {', '.join(architectures)}; accepted: {HF_CLASSES[family]} "
             "(the pretraining head's weights are needed)"
         )
-    if not any((path / name).is_file() for name in (_WEIGHTS, "model.safetensors.index.json")):
+    if not any((path / name).is_file() for name in (_WEIGHTS, *_INDEXES, _BIN)):
         raise ConfigError(f"model.init_from: {path} has no {_WEIGHTS} (save it with save_pretrained)")
     import transformers
 
@@ -183,47 +191,217 @@ def conflicts(source: InitSource, given: dict[str, Any]) -> str | None:
 # ----------------------------------------------------------------------------------------------- weights
 
 
-def read_weights(init_from: str | Path) -> dict[str, Tensor]:
-    """The source's weights under our parameter names, on CPU, in the dtype they were saved in."""
-    source = read_source(init_from)
-    if source.kind == "run":
-        from safetensors.torch import load_file
+class _SafetensorsFiles:
+    """The tensors of safetensors files (one, or a sharded checkpoint's), each read only when asked for.
 
-        return load_file(str(source.weights))
+    A file is opened for one tensor at a time: safetensors maps the file, and the pages a read touches stay in
+    the process's resident set while the mapping lives, so a handle kept open across the whole load would
+    end up holding the whole file. Re-opening costs one header parse per tensor.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self._file: dict[str, Path] = {}
+        self._shape: dict[str, tuple[int, ...]] = {}
+        for file in files:
+            with safe_open(str(file), framework="pt") as f:
+                stored = f.keys()  # a safe_open handle is not iterable
+                for key in stored:
+                    self._file[key] = file
+                    self._shape[key] = tuple(f.get_slice(key).get_shape())
+
+    def names(self) -> set[str]:
+        return set(self._file)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._shape[key]
+
+    def get(self, key: str) -> Tensor:
+        from safetensors import safe_open
+
+        with safe_open(str(self._file[key]), framework="pt") as f:
+            return f.get_tensor(key)
+
+
+class _Loaded:
+    """A whole state dict already in memory (a source that cannot be read one tensor at a time)."""
+
+    def __init__(self, state: dict[str, Tensor]) -> None:
+        self._state = state
+
+    def names(self) -> set[str]:
+        return set(self._state)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self._state[key].shape)
+
+    def get(self, key: str) -> Tensor:
+        return self._state[key]
+
+
+class SourceWeights:
+    """`model.init_from`'s tensors under our parameter names, read one at a time when a build asks for them.
+
+    Opening reads only file headers and checks names and shapes against the model's (ConfigError, one line),
+    so a rank that fills its shards from here holds its shards plus one source tensor, never the model.
+    """
+
+    def __init__(self, label: str, store: _SafetensorsFiles | _Loaded, rules: dict[str, Rule]) -> None:
+        from models.hf import assembled_shape
+
+        self._label = label
+        self._store = store
+        self._rules = rules  # our name -> the rule that assembles it from the store's tensors
+        self.shapes = {n: assembled_shape(r, [store.shape(k) for k in r.theirs]) for n, r in rules.items()}
+        self.notes: list[str] = []  # for the run's log: resized tables, a source read whole
+
+    def check(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse a model (its parameters' shapes by name) the source cannot fill; note the resized tables."""
+        missing = sorted(set(shapes) - set(self.shapes))
+        if missing:
+            raise ConfigError(f"model.init_from: {self._label} lacks {', '.join(missing[:3])}")
+        extra = sorted(set(self.shapes) - set(shapes))
+        if extra:
+            raise ConfigError(
+                f"model.init_from: {self._label} has {', '.join(extra[:3])}, which this run's model has not"
+            )
+        for name, shape in shapes.items():
+            if self._resized(name, shape):
+                have = self.shapes[name][0]
+                self.notes.append(
+                    f"init_from resized {name}: {have} -> {shape[0]} rows (new rows initialised)"
+                )
+
+    def _resized(self, name: str, shape: tuple[int, ...]) -> bool:
+        """Whether the source fills only the first rows of `name` (a vocabulary grown by model.vocab_size)."""
+        have = self.shapes[name]
+        if have == tuple(shape):
+            return False
+        if have[1:] == tuple(shape[1:]) and shape[0] > have[0]:
+            return True
+        raise ConfigError(
+            f"model.init_from: {name} has shape {have} in {self._label}, {tuple(shape)} in this run's model"
+        )
+
+    def value(self, name: str, shape: Sequence[int], initial: Callable[[], Tensor]) -> Tensor:
+        """Parameter `name`'s whole starting value (CPU, the source's dtype): the source's tensor or, for a
+        resized table, `initial()` with the source's rows over its first ones. Contiguous (ZeRO-3 flattens it)."""
+        from models.hf import assemble
+
+        rule = self._rules[name]
+        tensor = assemble(rule, [self._store.get(k) for k in rule.theirs]).contiguous()
+        if not self._resized(name, tuple(shape)):
+            return tensor
+        full = initial()
+        full[: tensor.shape[0]].copy_(tensor)
+        return full
+
+
+def open_weights(init_from: str | Path, model: nn.Module) -> SourceWeights:
+    """The source's weights, checked against `model`'s parameters (the meta device will do) and ready to be
+    read one tensor at a time: only headers are read here."""
+    weights = _open(init_from)
+    weights.check({name: tuple(p.shape) for name, p in model.named_parameters()})
+    return weights
+
+
+def check_weights(init_from: str | Path, model: nn.Module) -> None:
+    """`open_weights`'s check, for `pretrain check`: headers only, so a pytorch_model.bin (which only
+    loading the whole model can check) is left to the run."""
+    source = read_source(init_from)
+    if source.kind == "run" or _safetensors_files(source.weights):
+        open_weights(init_from, model)
+
+
+def _open(init_from: str | Path) -> SourceWeights:
+    source = read_source(init_from)
+    label = str(init_from)
+    if source.kind == "run":
+        store = _SafetensorsFiles([source.weights])
+        return SourceWeights(label, store, {k: _identity(k) for k in store.names()})
+    files = _safetensors_files(source.weights)
+    if files:
+        return _transformers_weights(label, source, files)
+    state = _read_whole(source)
+    weights = SourceWeights(label, _Loaded(state), {k: _identity(k) for k in state})
+    why = f"{_BIN} cannot be read one tensor at a time"
+    weights.notes.append(f"init_from reads {label} whole on every rank ({why})")
+    return weights
+
+
+def _identity(key: str) -> Rule:
+    from models.hf import Rule
+
+    return Rule(key, (key,))
+
+
+def _safetensors_files(directory: Path) -> list[Path]:
+    """A transformers directory's safetensors files (several for a sharded checkpoint), or [] for a .bin."""
+    index = directory / _INDEXES[0]
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text())["weight_map"].values())
+        except (OSError, ValueError, KeyError) as e:
+            raise ConfigError(f"model.init_from: {index} is not a readable index ({e})") from None
+        return [directory / name for name in sorted(shards)]
+    return [directory / _WEIGHTS] if (directory / _WEIGHTS).is_file() else []
+
+
+def _transformers_weights(label: str, source: InitSource, files: list[Path]) -> SourceWeights:
+    """Our tensors mapped onto the checkpoint's by `from_hf`'s rules (ConfigError if one is not stored).
+    Stored tensors no rule reads are ignored, as `from_pretrained` ignores them (buffers older transformers
+    saved, such as GPT-2's `attn.bias`)."""
+    import torch
+    import transformers
+
+    from models.hf import config_from_hf, weight_map
+
+    mapping = weight_map(config_from_hf(transformers.AutoConfig.from_pretrained(source.path)))
+    store = _SafetensorsFiles(files)
+    stored = store.names()
+
+    def find(key: str) -> str | None:
+        return next((n for n in mapping.stored_names(key) if n in stored), None)
+
+    def find_part(key: str) -> str | None:
+        """A tied alias the checkpoint does not store holds its source's values, as in the transformers model
+        (transformers >= 5 ties T5's head even in an untied v1.1 config, and saves `shared.weight` alone)."""
+        return find(key) or (find(mapping.tied[key]) if key in mapping.tied else None)
+
+    rules = {}
+    for rule in mapping.rules:
+        keys = tuple(find_part(k) for k in rule.theirs)
+        missing = [k for k, found in zip(rule.theirs, keys, strict=True) if found is None]
+        if missing:
+            raise ConfigError(f"model.init_from: {label} lacks {missing[0]}")
+        rules[rule.ours] = dataclasses.replace(rule, theirs=keys)
+    read = {k for r in rules.values() for k in r.theirs}
+    for alias, tied_to in mapping.tied.items():
+        # as from_hf: an alias we do not read must really be tied, or we would silently drop its values
+        stored_alias, stored_source = find(alias), find(tied_to)
+        if stored_alias is None or stored_alias in read or stored_source is None:
+            continue
+        if not torch.equal(store.get(stored_alias), store.get(stored_source)):
+            raise ConfigError(
+                f"model.init_from: {label}: {alias} differs from {tied_to}; this untied variant is not supported"
+            )
+    return SourceWeights(label, store, rules)
+
+
+def _read_whole(source: InitSource) -> dict[str, Tensor]:
+    """The transformers model loaded whole and converted (a source without safetensors files)."""
     import transformers
 
     from models.hf import HF_CLASSES, from_hf
 
     hf_class = getattr(transformers, HF_CLASSES[source.family])
-    hf_model = hf_class.from_pretrained(source.weights, dtype="auto")
-    return from_hf(hf_model, attention="eager").state_dict()
-
-
-def load_weights(model: nn.Module, init_from: str | Path) -> list[str]:
-    """Copy the source's weights into `model` (a plain module, before an engine wraps it); notes to print.
-
-    Tensors whose first dimension is the vocabulary may be larger in `model` (an explicit `model.vocab_size`
-    resize): the source fills the first rows and the rest keep their initialisation.
-    """
-    import torch
-
-    source = read_weights(init_from)
-    own = model.state_dict()
-    notes = []
-    with torch.no_grad():
-        for name, tensor in source.items():
-            target = own[name]
-            if target.shape == tensor.shape:
-                target.copy_(tensor)
-            elif target.shape[1:] == tensor.shape[1:] and target.shape[0] > tensor.shape[0]:
-                target[: tensor.shape[0]].copy_(tensor)
-                notes.append(f"{name}: {tensor.shape[0]} -> {target.shape[0]} rows (new rows initialised)")
-            else:
-                raise ConfigError(
-                    f"model.init_from: {name} has shape {tuple(tensor.shape)} in {init_from}, "
-                    f"{tuple(target.shape)} in this run's model"
-                )
-    missing = sorted(set(own) - set(source))
+    try:
+        hf_model, info = hf_class.from_pretrained(source.weights, dtype="auto", output_loading_info=True)
+        state = from_hf(hf_model, attention="eager").state_dict()
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model.init_from: {source.path}: {str(e).splitlines()[0]}") from None
+    missing = sorted(info["missing_keys"])  # transformers would start these from its own random init
     if missing:
-        raise ConfigError(f"model.init_from: {init_from} lacks {', '.join(missing[:3])}")
-    return notes
+        raise ConfigError(f"model.init_from: {source.path} lacks {', '.join(missing[:3])}")
+    return state

@@ -149,20 +149,13 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
         checkpoints.fingerprint = data.data_fingerprint(cfg.data)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)
-    recipe = components.model_recipe(cfg, tokenizer)
+    fresh = not checkpoint_dirs(checkpoints.root)  # a resume restores its own weights, not init_from's
+    recipe = components.model_recipe(cfg, tokenizer, init_from=fresh)
     flops_per_token = objective_flops_per_token(components.meta_model(recipe.config), cfg)
-    if cfg.model.init_from is not None and not checkpoint_dirs(checkpoints.root):  # a resume restores its own
-        # The source's weights go into a whole model before the engine wraps it (not sharded from the first
-        # byte yet: every rank holds the model once while loading).
-        model = components.build_model(cfg.model, tokenizer)
-        for note in components.load_init_weights(model, cfg.model):
-            if dist.is_main:
-                _say(f"note: init_from resized {note}")
-        if cfg.train.compile:
-            model.compile_blocks()  # compiles lazily, at the first step
-        engine = build_engine(cfg.engine_spec, model, dist)
-    else:
-        engine = build_engine(cfg.engine_spec, recipe, dist)  # ZeRO-3/FSDP: built sharded, never whole
+    if recipe.weights is not None and dist.is_main:
+        for note in recipe.weights.notes:
+            _say(f"note: {note}")
+    engine = build_engine(cfg.engine_spec, recipe, dist)  # ZeRO-3/FSDP: built sharded, never whole
     seed_everything(cfg.train.seed + dist.rank)  # per-rank streams (dropout is reseeded per micro-batch)
     pipeline = data.build_loader(
         cfg.data,

@@ -87,13 +87,13 @@ def _join(spec: EngineSpec, dist: DistInfo, *, hidden_size: int) -> dict:
 
 def build_partitioned(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
     """ZeRO-3: construct inside `zero.Init` (each module's parameters partitioned as it is built), then fill
-    each rank's partition (a flat slice of the parameter) from the parameter's initial value."""
+    each rank's partition (a flat slice of the parameter) from the parameter's starting value (`initial_slices`)."""
     config = _join(spec, dist, hidden_size=recipe.config.d_model)
     recipe.model_class()  # imports the model code first: torch._dynamo cannot be imported inside zero.Init
     with deepspeed.zero.Init(config_dict_or_path=config):
         model = recipe.construct()
     with torch.no_grad():
-        for _, param, full in initial_slices(model, recipe.seed):
+        for _, param, full in initial_slices(model, recipe):
             part = param.ds_tensor
             start = part.ds_numel * torch.distributed.get_rank(group=param.ds_process_group)
             mine = full.view(-1)[start : start + part.ds_numel]  # shorter (or empty) at the padded tail

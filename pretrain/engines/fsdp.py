@@ -38,13 +38,14 @@ def shard(model: nn.Module, spec: EngineSpec, dist: DistInfo) -> nn.Module:
 
 
 def build_sharded(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
-    """Meta build -> shard -> allocate the local shards -> fill each from its parameter's initial value."""
+    """Meta build -> shard -> allocate the local shards -> fill each from its starting value
+    (`initial_slices`: the seeded initial value or `model.init_from`'s tensor)."""
     with torch.device("meta"):
         model = recipe.construct()
     shard(model, spec, dist)
     model.to_empty(device=dist.device)
     with torch.no_grad():
-        for _, param, full in initial_slices(model, recipe.seed):
+        for _, param, full in initial_slices(model, recipe):
             assert isinstance(param, DTensor), "fully_shard made every parameter a DTensor"
             shape, offset = compute_local_shape_and_global_offset(
                 param.shape, param.device_mesh, param.placements

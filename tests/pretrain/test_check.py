@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from pretrain.cli import main
 from tests.pretrain.continued import write_run_config
@@ -90,6 +92,14 @@ def test_init_from_refusals(capsys, gpt_source, tmp_path):
     )
     assert refused(capsys, config, run_dir, f"model.init_from={tmp_path / 'gone'}") == (
         f"model.init_from: no such directory: {tmp_path / 'gone'}"
+    )
+    broken = tmp_path / "broken"  # its weights lack a tensor the model needs
+    shutil.copytree(gpt_source, broken)
+    weights = load_file(broken / "model.safetensors")
+    del weights["transformer.ln_f.bias"]
+    save_file(weights, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    assert refused(capsys, config, run_dir, f"model.init_from={broken}") == (
+        f"model.init_from: {broken} lacks transformer.ln_f.bias"
     )
     # a tokenizer bigger than the weights' vocabulary: resizing must be asked for
     other = tmp_path / "other"

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pretrain.config import ConfigError, load_config, resolve_model
 from tests.pretrain.continued import (
@@ -97,6 +97,169 @@ def test_a_source_without_a_tokenizer_needs_data_tokenizer(sources, tmp_path):
         load_config(config, check_files=False)
     cfg = load_config(config, [f"data.tokenizer={sources['gpt']}"], check_files=False)
     assert cfg.data.tokenizer == str(sources["gpt"])
+
+
+# ------------------------------------------------------------------------------ weights, one tensor at a time
+
+
+def _meta(source: Path, **fields):
+    import dataclasses
+
+    from pretrain.components import meta_model
+
+    return meta_model(dataclasses.replace(resolve_model({"init_from": str(source)}).config, **fields))
+
+
+def _from_hf(source: Path) -> dict[str, torch.Tensor]:
+    """What `from_hf` makes of the whole transformers model: the reference for the per-tensor reader."""
+    import transformers
+
+    from models.hf import HF_CLASSES, from_hf
+
+    hf_class = getattr(transformers, HF_CLASSES[resolve_model({"init_from": str(source)}).family])
+    return from_hf(hf_class.from_pretrained(source, dtype="auto"), attention="eager").state_dict()
+
+
+def _read(source: Path, model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Every parameter's starting value as a build asks for it (seeded rows: ones), and the notes."""
+    from pretrain.init_from import open_weights
+
+    weights = open_weights(source, model)
+    values = {
+        name: weights.value(name, p.shape, lambda p=p: torch.ones(p.shape))
+        for name, p in model.named_parameters()
+    }
+    return values, weights.notes
+
+
+def _assert_same(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for name, value in expected.items():
+        assert got[name].dtype == value.dtype and torch.equal(got[name], value), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_weights_are_read_one_tensor_at_a_time_as_from_hf_converts_them(sources, family):
+    """GPT-2's Conv1D weights transposed, fused q/k/v and gated projections stacked, tied aliases not read."""
+    values, notes = _read(sources[family], _meta(sources[family]))
+    _assert_same(values, _from_hf(sources[family]))
+    assert notes == []
+
+
+def _rewrite(source: Path, out: Path, rename: dict[str, str], add: dict[str, torch.Tensor]) -> Path:
+    shutil.copytree(source, out)
+    state = load_file(source / "model.safetensors")
+    state = {rename.get(k, k): v for k, v in state.items()}
+    save_file({**state, **add}, str(out / "model.safetensors"))
+    return out
+
+
+def test_older_checkpoint_spellings_are_read_one_tensor_at_a_time(sources, tmp_path):
+    """As transformers' own loader accepts them: a GPT-2 saved from its base class (no `transformer.`, the
+    causal-mask buffers and the tied head stored), a BERT with LayerNorm gamma/beta and its tied decoder stored."""
+    gpt = load_file(sources["gpt"] / "model.safetensors")
+    rename = {k: k.removeprefix("transformer.") for k in gpt}
+    buffers = {"h.0.attn.bias": torch.ones(1, 1, 4, 4), "lm_head.weight": gpt["transformer.wte.weight"]}
+    old_gpt = _rewrite(sources["gpt"], tmp_path / "gpt", rename, buffers)
+    bert = load_file(sources["bert"] / "model.safetensors")
+    rename = {
+        k: k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta")
+        for k in bert
+    }
+    tied = {"cls.predictions.decoder.weight": bert["bert.embeddings.word_embeddings.weight"]}
+    old_bert = _rewrite(sources["bert"], tmp_path / "bert", rename, tied)
+    for family, old in (("gpt", old_gpt), ("bert", old_bert)):
+        values, notes = _read(old, _meta(old))
+        _assert_same(values, _from_hf(sources[family]))
+        assert notes == []
+
+    untied = {"cls.predictions.decoder.weight": torch.zeros_like(tied["cls.predictions.decoder.weight"])}
+    broken = _rewrite(sources["bert"], tmp_path / "untied", {}, untied)
+    with pytest.raises(ConfigError) as e:
+        _read(broken, _meta(broken))
+    assert str(e.value) == (
+        f"model.init_from: {broken}: cls.predictions.decoder.weight differs from "
+        "bert.embeddings.word_embeddings.weight; this untied variant is not supported"
+    )
+
+
+def test_an_untied_t5_head_is_read_as_transformers_holds_it(tmp_path):
+    """T5 v1.1 (gated, own head): transformers >= 5 ties the head anyway and saves only `shared.weight`; an
+    older checkpoint stores its own `lm_head.weight`. Either way our head is what from_hf makes of it."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=VOCAB, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_heads=2, decoder_start_token_id=0,
+        feed_forward_proj="gated-gelu", tie_word_embeddings=False,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.T5ForConditionalGeneration(config).save_pretrained(tmp_path / "saved")
+    values, _ = _read(tmp_path / "saved", _meta(tmp_path / "saved"))
+    _assert_same(values, _from_hf(tmp_path / "saved"))
+    assert torch.equal(values["lm_head.weight"], values["embed.tokens.weight"])
+
+    head = torch.randn(VOCAB, 32)
+    own = _rewrite(tmp_path / "saved", tmp_path / "own", {}, {"lm_head.weight": head})
+    values, _ = _read(own, _meta(own))
+    assert torch.equal(values["lm_head.weight"], head)
+    assert not torch.equal(values["embed.tokens.weight"], head)
+
+
+def test_a_sharded_checkpoint_is_read_one_tensor_at_a_time(sources, tmp_path):
+    import transformers
+
+    sharded = tmp_path / "sharded"
+    hf = transformers.GPT2LMHeadModel.from_pretrained(sources["gpt"])
+    hf.save_pretrained(sharded, max_shard_size="40KB")
+    assert (sharded / "model.safetensors.index.json").is_file() and len(
+        list(sharded.glob("*.safetensors"))
+    ) > 1
+    values, notes = _read(sharded, _meta(sharded))
+    _assert_same(values, _from_hf(sources["gpt"]))
+    assert notes == []
+
+
+def test_a_pytorch_model_bin_is_read_whole_with_a_note(sources, tmp_path):
+    source = tmp_path / "bin"
+    shutil.copytree(sources["t5"], source)
+    torch.save(load_file(source / "model.safetensors"), source / "pytorch_model.bin")
+    (source / "model.safetensors").unlink()
+    values, notes = _read(source, _meta(source))
+    _assert_same(values, _from_hf(sources["t5"]))
+    assert notes == [
+        f"init_from reads {source} whole on every rank (pytorch_model.bin cannot be read one tensor at a time)"
+    ]
+
+
+def test_a_grown_vocabulary_keeps_the_source_rows_and_the_rest_seeded(sources):
+    values, notes = _read(sources["gpt"], _meta(sources["gpt"], vocab_size=VOCAB + 3))
+    source = _from_hf(sources["gpt"])["embed.tokens.weight"]
+    assert torch.equal(values["embed.tokens.weight"][:VOCAB], source)
+    assert torch.equal(values["embed.tokens.weight"][VOCAB:], torch.ones(3, source.shape[1]))
+    assert notes == [
+        f"init_from resized embed.tokens.weight: {VOCAB} -> {VOCAB + 3} rows (new rows initialised)"
+    ]
+
+
+def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(sources, tmp_path):
+    from pretrain.init_from import open_weights
+
+    source = sources["gpt"]
+    with pytest.raises(ConfigError) as e:
+        open_weights(source, _meta(source, d_model=64))
+    assert str(e.value) == (
+        f"model.init_from: embed.tokens.weight has shape ({VOCAB}, 32) in {source}, ({VOCAB}, 64) in this run's model"
+    )
+    run = tmp_path / "run"
+    (run / "checkpoints/step_0").mkdir(parents=True)
+    (run / "config.yaml").write_text(f"model:\n  init_from: {source}\n")
+    state = _from_hf(source)
+    del state["norm.bias"]
+    save_file(state, str(run / "checkpoints/step_0/model.safetensors"))
+    checkpoint = run / "checkpoints/step_0"
+    with pytest.raises(ConfigError) as e:
+        open_weights(checkpoint, _meta(source))
+    assert str(e.value) == f"model.init_from: {checkpoint} lacks norm.bias"
 
 
 # ------------------------------------------------------------------------------------------ end to end
