@@ -59,8 +59,10 @@ class RelPositionAttention(SelfAttention):
         q, k, v = self._split(self.qkv(x), 3)  # (B, H, L, D) each
         p = self.pos(positions).view(-1, self.n_heads, self.head_dim).transpose(0, 1)  # (H, 2L - 1, D)
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
-        bias = PositionScores(query=q + self.pos_bias_v[:, None], positions=p, scale=scale)
-        return self._attend(q + self.pos_bias_u[:, None], k, v, key_padding_mask=key_padding_mask, bias=bias)
+        # u and v in q's dtype: under autocast q + u would be fp32 next to a bf16 k
+        u, v_bias = (b[:, None].to(q.dtype) for b in (self.pos_bias_u, self.pos_bias_v))
+        bias = PositionScores(query=q + v_bias, positions=p, scale=scale)
+        return self._attend(q + u, k, v, key_padding_mask=key_padding_mask, bias=bias)
 
 
 class RecomputeSafeBatchNorm(nn.BatchNorm1d):

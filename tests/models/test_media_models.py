@@ -147,6 +147,27 @@ def test_conformer_position_term_per_tile_equals_the_dense_bias(dense: str) -> N
     assert max_rel_err(grads[worst], ref_grads[worst]) < 1e-5, worst
 
 
+@pytest.mark.parametrize("backend", ["chunked", "eager"])
+def test_conformer_runs_under_bf16_autocast(backend: str) -> None:
+    """The learned u, v (fp32) follow q's dtype; before, q + u was promoted to fp32 next to a bf16 k, which the
+    chunked kernel refuses. The bf16 loss and the position projection's gradient stay near fp32's."""
+    torch.manual_seed(0)
+    model = models.build_model("conformer-tiny", n_layers=1, vocab_size=16, attention=backend)
+    audio = torch.randn(2, 8000, generator=torch.Generator().manual_seed(1))
+    labels = torch.full((2, 24), -100)
+    labels[:, 2:8] = 3
+    results = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = model(audio, mask_time_indices=labels != -100, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), model.blocks[0].attn.pos.weight.grad.clone()))
+    (loss32, grad32), (loss16, grad16) = results
+    assert abs(loss16 - loss32) < 0.05 * loss32
+    assert max_rel_err(grad16, grad32) < 0.1
+
+
 def test_conformer_loss_is_cross_entropy_over_labelled_frames() -> None:
     torch.manual_seed(0)
     model = models.build_model("conformer-tiny", n_layers=1, num_codebooks=2, vocab_size=16).eval()
