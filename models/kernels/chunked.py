@@ -4,9 +4,9 @@ Queries are processed in blocks, keys/values in blocks, with an online (log-sum-
 in fp32 (float64 stays float64). Only q, k, v, the output and the per-row log-sum-exp are saved for
 backward, which recomputes each score tile. No Lq x Lk tensor exists in either pass, so training memory
 grows linearly with sequence length, also with a learned T5 relative bias (built per tile from positions,
-its gradient folded back into the small bucket table), with Transformer-XL's position term (`PositionScores`:
-each tile's query block against the relative positions it spans) and with a sliding window, whose out-of-window
-tiles are skipped rather than masked (O(n * w) work).
+its gradient folded back into the small bucket table), with Transformer-XL's position term
+(`PositionScores`: each tile's query block against the relative positions it spans) and with a sliding
+window, whose out-of-window tiles are skipped rather than masked (O(n * w) work).
 
 Where the time goes, and what keeps it close to a fused kernel (the measurements are in bench/NOTES.md):
 - Each tile is one batched matmul over (B, H). Operands are cut once into contiguous blocks, and every
@@ -336,8 +336,9 @@ def chunked_attention(
 
     Semantics are those of `models.attention.attend` (no dropout): key_padding_mask (B, Lk) bool with
     True = attend; causal means key j is visible to query i iff j <= i; window w keeps |i - j| < w;
-    bias is a dense tensor broadcastable to (B, H, Lq, Lk), a `RelativeBias` or `PositionScores`; a query with no visible
-    key outputs 0. q_block / k_block set the tile size (defaults DEFAULT_Q_BLOCK / DEFAULT_K_BLOCK).
+    bias is a dense tensor broadcastable to (B, H, Lq, Lk), a `RelativeBias` or `PositionScores`; a query
+    with no visible key outputs 0. q_block / k_block set the tile size (defaults DEFAULT_Q_BLOCK /
+    DEFAULT_K_BLOCK).
     """
     _check_inputs(q, k, v, key_padding_mask, bias)
     tiling = _Tiling(
