@@ -6,6 +6,9 @@ Tables printed:
    which forces SDPA onto its math path).
 2. chunked vs SDPA time where SDPA's fused kernel applies (no bias), interleaved in one process.
 3. models: one training step (forward, backward, AdamW) of a GPT at L=8192 and a T5 at encoder L=4096.
+4. `--relpos`: the Conformer's Transformer-XL position term (`PositionScores`, query and positions needing
+   grad), bidirectional, L = 2k ... 16k frames: the chunked kernel building it per tile against the dense
+   (B, H, L, L) bias (eager, SDPA, and the chunked kernel handed the dense bias, the Conformer's old path).
 
 Peak memory is measured honestly, from the operating system: every configuration runs in a fresh
 subprocess that builds its inputs, warms the libraries up on a tiny problem, resets the kernel's peak-RSS
@@ -27,6 +30,7 @@ tables print the load average and the policy; the verdict uses wall time, CPU se
     .venv/bin/python -m bench.attention            # model goals at 8192 / 4096, then L up to 16k (long)
     .venv/bin/python -m bench.attention --quick    # model rows at 2048 / 1024, L = 1k, 2k (minutes)
     .venv/bin/python -m bench.attention --ratio-only --passive   # just the time goal, on a busy machine
+    .venv/bin/python -m bench.attention --relpos    # the position term per tile vs dense, 4k-16k frames
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ import torch
 
 from bench._common import ROOT
 from models.attention import attend
-from models.kernels.bias import RelativeBias
+from models.kernels.bias import PositionScores, RelativeBias
 
 BACKENDS = ("eager", "sdpa", "chunked")
 HEADS, HEAD_DIM = 8, 64
@@ -64,7 +68,7 @@ class Job:
     kind: str  # "kernel" | "gpt" | "t5"
     backend: str
     length: int
-    bias: str = "causal"  # kernel only: "causal" | "t5"
+    bias: str = "causal"  # kernel only: "causal" | "t5" | "relpos" | "relpos-dense"
     reps: int = 1
 
 
@@ -84,9 +88,16 @@ def _kernel_step(length: int, backend: str, bias_kind: str) -> Callable[[], None
         table = torch.randn(32, HEADS, generator=g).requires_grad_()
         bias = RelativeBias(table=table, bidirectional=True, num_buckets=32, max_distance=128)
         kwargs = {"bias": bias, "scale": 1.0}
+    if bias_kind.startswith("relpos"):
+        query = torch.randn(1, HEADS, length, HEAD_DIM, generator=g).requires_grad_()
+        positions = torch.randn(HEADS, 2 * length - 1, HEAD_DIM, generator=g).requires_grad_()
     grad = torch.randn(1, HEADS, length, HEAD_DIM, generator=g)
 
     def step() -> None:
+        if bias_kind.startswith("relpos"):  # built inside the step: the dense form's cost is part of it
+            terms = PositionScores(query=query, positions=positions, scale=HEAD_DIM**-0.5)
+            kwargs["bias"] = terms.dense(length, length) if bias_kind == "relpos-dense" else terms
+            kwargs["causal"] = False
         attend(q, k, v, backend=backend, **kwargs).backward(grad)
 
     return step
@@ -152,6 +163,8 @@ def run_worker(job: Job) -> dict:
 
 def quadratic_bytes(job: Job) -> float:
     """Rough resident bytes of the score-sized tensors a materialising backend keeps (0 for linear ones)."""
+    if job.bias == "relpos-dense":  # measured: ~4 score-sized fp32 tensors (bias, grads, scores)
+        return (5 if job.backend != "chunked" else 4) * HEADS * job.length**2 * 4
     if job.backend == "chunked" or (job.backend == "sdpa" and job.kind == "gpt"):
         return 0.0
     if job.kind == "kernel":
@@ -168,10 +181,10 @@ def mem_available() -> float:
         return int(re.search(r"MemAvailable:\s+(\d+) kB", f.read()).group(1)) * 1024
 
 
-def measure(job: Job) -> dict | str:
+def measure(job: Job, cap: float = MEMORY_CAP_BYTES) -> dict | str:
     """The worker's result, or a string saying why the configuration was skipped or failed."""
     need = quadratic_bytes(job)
-    if need > min(MEMORY_CAP_BYTES, 0.8 * mem_available()):
+    if need > min(cap, 0.8 * mem_available()):
         return f"skipped (~{need / 1e9:.0f} GB)"
     cmd = [sys.executable, "-m", "bench.attention", "--worker", json.dumps(asdict(job))]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
@@ -292,6 +305,35 @@ def model_table(gpt_len: int, t5_len: int, reps: int) -> None:
     print()
 
 
+def relpos_table(lengths: list[int], reps: int, cap: float) -> None:
+    """The position term per tile (O(L) memory) against the dense bias, through `attend`."""
+    print("## Transformer-XL position term (Conformer): per tile vs dense, forward + backward")
+    print(f"B=1 H={HEADS} D={HEAD_DIM} fp32, bidirectional, query and positions need grad; dense runs over")
+    print(f"~{cap / 1e9:.0f} GB skipped. {load()} at start.\n")
+    columns = [
+        ("eager", "relpos-dense"),
+        ("sdpa", "relpos-dense"),
+        ("chunked", "relpos-dense"),
+        ("chunked", "relpos"),
+    ]
+    names = ["eager (dense)", "sdpa (dense)", "chunked, dense bias", "chunked, per tile"]
+    table = Table(
+        ["L"] + [f"{n} {u}" for n in names for u in ("s", "MiB")] + ["MiB dense-chunked / per tile"]
+    )
+    for length in lengths:
+        results = [
+            measure(Job(kind="kernel", backend=b, length=length, bias=k, reps=reps), cap) for b, k in columns
+        ]
+        cells = [str(length)]
+        for result in results:
+            cells += fmt(result)
+        old, new = results[2], results[3]
+        ok = isinstance(old, dict) and isinstance(new, dict)
+        cells.append(f"{old['peak_mib'] / new['peak_mib']:.1f}x" if ok else "-")
+        table.row(cells)
+    print()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -300,12 +342,16 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=0, help="extra timed calls after the measured one")
     parser.add_argument("--ratio-only", action="store_true", help="only the chunked vs SDPA time table")
     parser.add_argument("--passive", action="store_true", help="OMP_WAIT_POLICY=PASSIVE (a busy machine)")
+    parser.add_argument("--relpos", action="store_true", help="only the Conformer position-term table")
+    parser.add_argument("--relpos-cap-gb", type=float, default=6.0, help="skip dense runs needing more")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(run_worker(Job(**json.loads(args.worker)))))
         return
-    if args.ratio_only:
+    if args.relpos:
+        relpos_table([2048, 4096, 8192, 16384], args.reps, args.relpos_cap_gb * 1e9)
+    elif args.ratio_only:
         interleaved_ratio([2048, 4096, 8192], 5)
     elif args.quick:
         model_table(2048, 1024, args.reps)

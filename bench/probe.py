@@ -3,7 +3,7 @@ then train a linear probe on its frozen features (the builtin classes) and compa
 initialisation.
 
     python bench/probe.py vit-tiny-mae --steps 600
-    python bench/probe.py conformer-tiny --steps 400
+    python bench/probe.py conformer-tiny --steps 400 --batch 16
     python bench/probe.py swin-tiny-simmim --steps 400     # also: pretraining loss, last vs first 20 steps
 
 Pretraining is a plain single-process loop (AdamW, linear warmup, cosine decay) over `build_media_loader`;

@@ -5,10 +5,11 @@ Every random draw comes from the generator the loader seeds for that sample (see
 so a resumed run crops, flips and masks exactly as an uninterrupted one, with no RNG state saved.
 
 BEST-RQ (Chiu et al. 2022, "Self-supervised learning with random-projection quantizer for speech
-recognition"): each frame's log-mel features, normalised per utterance, are projected by a frozen random
-matrix, L2-normalised and assigned the nearest of a frozen random codebook's (L2-normalised) entries; the
-model predicts those indices at masked frames. The frames here are the model's own (one per
-`frame_stride` samples, each `receptive_field` samples wide), so targets align with its outputs exactly.
+recognition"): each frame's log-mel features, normalised per utterance (per mel bin, or over all bins), are
+projected by a frozen random matrix, L2-normalised and assigned the nearest of a frozen random codebook's
+(L2-normalised) entries; the model predicts those indices at masked frames. The frames here are the model's
+own (one per `frame_stride` samples, each `receptive_field` samples wide), so targets align with its outputs
+exactly.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class SpeechModel(Protocol):
     codebook_dim: int
     n_mels: int
     quantizer_seed: int
+    quantizer_norm: str
 
     def num_frames(self, num_samples: int) -> int: ...
 
@@ -178,6 +180,7 @@ class RandomProjectionQuantizer:
     codebook_size: int
     num_codebooks: int = 1
     seed: int = 0
+    norm: str = "bin"  # "bin": per mel bin over time; "utterance": one mean and std over all bins
     _mel: np.ndarray = field(init=False, repr=False, compare=False)
     _projection: np.ndarray = field(init=False, repr=False, compare=False)
     _codebook: np.ndarray = field(init=False, repr=False, compare=False)
@@ -203,6 +206,7 @@ class RandomProjectionQuantizer:
             codebook_size=model.vocab_size,
             num_codebooks=model.num_codebooks,
             seed=model.quantizer_seed,
+            norm=model.quantizer_norm,
         )
 
     def log_mel(self, audio: np.ndarray, num_frames: int) -> np.ndarray:
@@ -214,9 +218,10 @@ class RandomProjectionQuantizer:
 
     def codes(self, features: np.ndarray, valid: int) -> np.ndarray:
         """(T, num_codebooks) int64 codebook indices of (T, n_mels) features; the first `valid` frames set the
-        per-utterance normalisation."""
+        per-utterance normalisation (per mel bin, or over all bins: `norm`)."""
         ref = features[: max(valid, 1)]
-        x = (features - ref.mean(0)) / (ref.std(0) + 1e-5)
+        axis = 0 if self.norm == "bin" else None
+        x = (features - ref.mean(axis)) / (ref.std(axis) + 1e-5)
         z = np.einsum("tm,kmd->tkd", x, self._projection)
         z /= np.linalg.norm(z, axis=-1, keepdims=True) + 1e-12
         return np.einsum("tkd,kvd->tkv", z, self._codebook).argmax(-1).astype(np.int64)

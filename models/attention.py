@@ -21,7 +21,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from models.config import ATTENTION_BACKENDS, ModelConfig
-from models.kernels.bias import RelativeBias
+from models.kernels.bias import PositionScores, RelativeBias
 from models.kernels.chunked import chunked_attention
 from models.kernels.eager import eager_attention
 from models.kernels.linformer import LinformerProjections, linformer_attention
@@ -72,7 +72,7 @@ def is_approximate(backend: str) -> bool:
 
 
 def resolve_backend(
-    backend: str, *, bias: Tensor | RelativeBias | None, window: int | None, dropout_p: float
+    backend: str, *, bias: Tensor | RelativeBias | PositionScores | None, window: int | None, dropout_p: float
 ) -> str:
     """The concrete backend `auto` stands for in this call."""
     if backend != "auto":
@@ -94,7 +94,7 @@ def attend(
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
-    bias: Tensor | RelativeBias | None = None,
+    bias: Tensor | RelativeBias | PositionScores | None = None,
     window: int | None = None,
     scale: float | None = None,
     dropout_p: float = 0.0,
@@ -106,7 +106,8 @@ def attend(
 
     key_padding_mask: (B, Lk) bool, True = attend; a query whose keys are all masked outputs 0.
     causal: key j is visible to query i iff j <= i (top-left aligned). window: also |i - j| < window.
-    bias: additive, a dense tensor broadcastable to (B, H, Lq, Lk) or a `RelativeBias` (T5).
+    bias: additive, a dense tensor broadcastable to (B, H, Lq, Lk), a `RelativeBias` (T5) or `PositionScores`
+    (Transformer-XL's position term); the chunked kernel builds the last two per tile, in O(n) memory.
     scale: None -> 1/sqrt(D). `auto` without an eligible fused kernel uses `chunked`, or `sdpa` when
     dropout is on (the chunked kernel has none). block_size: the chunked kernel's query and key tile
     (None: its default; also sparse's); the other backends have no tiles. options: an approximate

@@ -408,6 +408,12 @@ class ConformerConfig(ModelConfig):
     codebook_dim: int = _doc("dimension the quantizer projects log-mel features to", 16)
     n_mels: int = _doc("log-mel features per frame that the quantizer reads", 80)
     quantizer_seed: int = _doc("seed of the frozen random projection and codebooks", 0)
+    quantizer_norm: Literal["bin", "utterance"] = _doc(
+        "how the quantizer standardises an utterance's log-mel features before projecting them: per mel bin "
+        "(each bin's mean and std over time), or utterance (one mean and std over all bins, keeping their "
+        "relative levels; for tonal audio, where per-bin scaling turns noise-only bins into unit-variance noise)",
+        "bin",
+    )
     sample_rate: int = _doc("audio samples per second (the data layer resamples to it)", 16000)
 
     def __post_init__(self) -> None:
@@ -424,6 +430,10 @@ class ConformerConfig(ModelConfig):
         if self.feature_activation not in ACTIVATIONS:
             raise ValueError(
                 f"model config: feature_activation={self.feature_activation!r}; accepted: {', '.join(ACTIVATIONS)}"
+            )
+        if self.quantizer_norm not in ("bin", "utterance"):
+            raise ValueError(
+                f"model config: quantizer_norm={self.quantizer_norm!r}; accepted: bin, utterance"
             )
         if self.depthwise_kernel % 2 == 0:
             raise ValueError(
@@ -550,7 +560,7 @@ PRESETS.update({
     )),
     "conformer-tiny": (ConformerConfig, dict(
         vocab_size=512, d_model=96, n_layers=4, n_heads=4, d_ff=384, conv_dim=(64,) * 7,
-        depthwise_kernel=15, mask_time_prob=0.065,
+        depthwise_kernel=15, mask_time_prob=0.065, quantizer_norm="utterance",  # the builtin set is tonal
     )),
     # wav2vec 2.0 base's size with Conformer blocks, and wav2vec2-conformer-rel-pos-large's geometry.
     "conformer-base": (ConformerConfig, dict(

@@ -21,6 +21,7 @@ from models.attention import SelfAttention
 from models.base import LanguageModel, cross_entropy, key_padding
 from models.blocks import ACTIVATIONS, BlockConfig, FeedForward, Stack, make_norm
 from models.config import ConformerConfig
+from models.kernels.bias import PositionScores, relative_shift  # noqa: F401  (relative_shift: re-exported)
 from models.outputs import ModelOutput
 
 BLOCK_NORM_EPS = 1e-5  # every LayerNorm inside a block (fixed in wav2vec2-conformer, not the config's eps)
@@ -39,24 +40,13 @@ def relative_positions(length: int, d_model: int, device: torch.device | None = 
     return torch.cat([positive.flip(0), negative[1:]])
 
 
-def relative_shift(scores: Tensor) -> Tensor:
-    """(..., L, 2 L - 1) scores against relative positions L - 1 ... -(L - 1) -> (..., L, L) with entry
-    (i, j) = scores[i, L - 1 - i + j], i.e. the score for relative position i - j. A strided view, no copy."""
-    length = scores.shape[-2]
-    scores = scores.contiguous()
-    *lead, _, width = scores.shape
-    strides = scores.stride()[:-2]
-    return scores.as_strided(
-        (*lead, length, length), (*strides, width - 1, 1), length - 1 + scores.storage_offset()
-    )
-
-
 class RelPositionAttention(SelfAttention):
     """Transformer-XL's relative-position self attention (as in Conformer and wav2vec2-conformer).
 
     score(i, j) = [(q_i + u) . k_j + (q_i + v) . W p_(i - j)] / sqrt(d), with learned per-head u, v and
     sinusoidal p. The content term is the ordinary attention of (q + u) against k; the position term enters
-    `attend` as a dense additive bias (B, H, L, L), so every backend runs it.
+    `attend` as `PositionScores` (q + v and the projected p): the chunked backend computes it per tile in
+    O(L) memory, the others as a dense (B, H, L, L) bias.
     """
 
     def __init__(self, d_model: int, n_heads: int, **kwargs) -> None:
@@ -67,11 +57,12 @@ class RelPositionAttention(SelfAttention):
 
     def forward(self, x: Tensor, *, positions: Tensor, key_padding_mask: Tensor | None = None) -> Tensor:  # type: ignore[override]
         q, k, v = self._split(self.qkv(x), 3)  # (B, H, L, D) each
-        p = self.pos(positions).view(-1, self.n_heads, self.head_dim).permute(1, 2, 0)  # (H, D, 2L - 1)
+        p = self.pos(positions).view(-1, self.n_heads, self.head_dim).transpose(0, 1)  # (H, 2L - 1, D)
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
-        by_position = torch.matmul(q + self.pos_bias_v[:, None], p)  # (B, H, L, 2L - 1)
-        bias = relative_shift(by_position) * scale
-        return self._attend(q + self.pos_bias_u[:, None], k, v, key_padding_mask=key_padding_mask, bias=bias)
+        # u and v in q's dtype: under autocast q + u would be fp32 next to a bf16 k
+        u, v_bias = (b[:, None].to(q.dtype) for b in (self.pos_bias_u, self.pos_bias_v))
+        bias = PositionScores(query=q + v_bias, positions=p, scale=scale)
+        return self._attend(q + u, k, v, key_padding_mask=key_padding_mask, bias=bias)
 
 
 class RecomputeSafeBatchNorm(nn.BatchNorm1d):

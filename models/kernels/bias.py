@@ -89,3 +89,38 @@ class RelativeBias:
         q_pos = torch.arange(q_len, device=device)
         k_pos = torch.arange(k_len, device=device)
         return self.block(q_pos, k_pos).unsqueeze(0)
+
+
+def relative_shift(scores: Tensor) -> Tensor:
+    """(..., Lq, Lq + Lk - 1) scores against relative positions Lq - 1 ... -(Lk - 1) -> (..., Lq, Lk) with entry
+    (i, j) = scores[i, Lq - 1 - i + j], i.e. the score for relative position i - j. A strided view, no copy."""
+    *lead, q_len, width = scores.shape
+    scores = scores.contiguous()
+    strides = scores.stride()[:-2]
+    return scores.as_strided(
+        (*lead, q_len, width - q_len + 1), (*strides, width - 1, 1), q_len - 1 + scores.storage_offset()
+    )
+
+
+@dataclass(frozen=True)
+class PositionScores:
+    """Transformer-XL's position term: bias(i, j) = scale * query_i . positions[Lq - 1 - (i - j)].
+
+    `query` (B, H, Lq, D) is the attention's query plus its learned position bias (v); `positions`
+    (H, Lq + Lk - 1, D) are the projected encodings of the relative positions Lq - 1 ... -(Lk - 1), in that
+    order (as `relative_shift` reads them). Passed as this object, the chunked backend computes each tile's
+    term from a query block and the Lq + Lk - 1 positions it spans (O(n) memory, gradients into both);
+    the other backends ask for the dense (B, H, Lq, Lk) tensor.
+    """
+
+    query: Tensor
+    positions: Tensor
+    scale: float
+
+    @property
+    def num_heads(self) -> int:
+        return self.positions.shape[0]
+
+    def dense(self, q_len: int, k_len: int) -> Tensor:
+        """The whole bias, (B, H, q_len, k_len): O(q_len * k_len) memory, for reference backends."""
+        return relative_shift(torch.matmul(self.query, self.positions.transpose(-1, -2))) * self.scale

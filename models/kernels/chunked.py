@@ -4,8 +4,9 @@ Queries are processed in blocks, keys/values in blocks, with an online (log-sum-
 in fp32 (float64 stays float64). Only q, k, v, the output and the per-row log-sum-exp are saved for
 backward, which recomputes each score tile. No Lq x Lk tensor exists in either pass, so training memory
 grows linearly with sequence length, also with a learned T5 relative bias (built per tile from positions,
-its gradient folded back into the small bucket table) and with a sliding window, whose out-of-window
-tiles are skipped rather than masked (O(n * w) work).
+its gradient folded back into the small bucket table), with Transformer-XL's position term
+(`PositionScores`: each tile's query block against the relative positions it spans) and with a sliding
+window, whose out-of-window tiles are skipped rather than masked (O(n * w) work).
 
 Where the time goes, and what keeps it close to a fused kernel (the measurements are in bench/NOTES.md):
 - Each tile is one batched matmul over (B, H). Operands are cut once into contiguous blocks, and every
@@ -33,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from models.kernels.bias import RelativeBias
-from models.kernels.chunked_bias import DenseBlocks, RelativeBlocks
+from models.kernels.bias import PositionScores, RelativeBias
+from models.kernels.chunked_bias import DenseBlocks, PositionBlocks, RelativeBlocks
 
 DEFAULT_Q_BLOCK = 256
 DEFAULT_K_BLOCK = 256
@@ -110,13 +111,16 @@ class _Spec:
     tiling: _Tiling
     scale: float
     relative: RelativeBias | None
+    position_scale: float | None  # a `PositionScores` bias's scale (its tensors are the Function's inputs)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _block_bias(spec: _Spec, dense: Tensor | None, table: Tensor | None, dtype: torch.dtype, need_grad: bool):
+def _block_bias(spec: _Spec, dense, table, pos_query, positions, dtype: torch.dtype, need_grad: bool):
+    if pos_query is not None:
+        return PositionBlocks(pos_query, positions, spec.position_scale, dtype=dtype, need_grad=need_grad)
     if dense is not None:
         return DenseBlocks(dense, dtype=dtype, need_grad=need_grad)
     if table is not None:
@@ -177,13 +181,13 @@ class _ChunkedAttention(torch.autograd.Function):
     """Tensors are handled as (B * H, L, D) so every tile product is one bmm / baddbmm over all heads."""
 
     @staticmethod
-    def forward(ctx, q, k, v, pad, dense, table, spec: _Spec):
+    def forward(ctx, q, k, v, pad, dense, table, pos_query, positions, spec: _Spec):
         B, H, Lq, _ = q.shape
         Dv = v.shape[-1]
         dtype = _compute_dtype(q.dtype)
         tiling = spec.tiling
         q2, kb, vb = _operands(spec, q, k, v, dtype)
-        bias = _block_bias(spec, dense, table, dtype, need_grad=False)
+        bias = _block_bias(spec, dense, table, pos_query, positions, dtype, need_grad=False)
         scores = _TileBuffer(B * H, tiling, q2[0])
         out = q.new_empty(B * H, Lq, Dv)
         lse = q.new_empty(B * H, Lq, 1, dtype=dtype)  # base 2
@@ -209,12 +213,12 @@ class _ChunkedAttention(torch.autograd.Function):
             lse[:, qs:qe] = (row_max + row_sum.log2()).masked_fill_(empty, math.inf)
         out = out.view(B, H, Lq, Dv)
         ctx.spec = spec
-        ctx.save_for_backward(q, k, v, out, lse, pad, dense, table)
+        ctx.save_for_backward(q, k, v, out, lse, pad, dense, table, pos_query, positions)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, pad, dense, table = ctx.saved_tensors
+        q, k, v, out, lse, pad, dense, table, pos_query, positions = ctx.saved_tensors
         spec: _Spec = ctx.spec
         tiling = spec.tiling
         B, H, Lq, _ = q.shape
@@ -223,8 +227,8 @@ class _ChunkedAttention(torch.autograd.Function):
         do, o = (t.to(dtype).reshape(B * H, Lq, -1) for t in (grad_out, out))
         neg_delta = _blocks(-(do * o).sum(-1, keepdim=True), tiling.q_split)  # -rowsum(dO * O)
         do, neg_lse = _blocks(do, tiling.q_split), _blocks(-lse, tiling.q_split)
-        need_bias_grad = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-        bias = _block_bias(spec, dense, table, dtype, need_grad=need_bias_grad)
+        need_bias_grad = any(ctx.needs_input_grad[4:8])
+        bias = _block_bias(spec, dense, table, pos_query, positions, dtype, need_grad=need_bias_grad)
         scores, dscores = _TileBuffer(B * H, tiling, q2[0]), _TileBuffer(B * H, tiling, q2[0])
         dq = [torch.zeros_like(blk) for blk in q2]
         dk, dv = [torch.zeros_like(blk) for blk in kb], [torch.zeros_like(blk) for blk in vb]
@@ -251,11 +255,14 @@ class _ChunkedAttention(torch.autograd.Function):
         grads = [
             torch.cat(g, dim=1).mul_(c).view(t.shape).to(t.dtype)
             for g, c, t in ((dq, spec.scale, q), (dk, 1.0 / LOG2E, k), (dv, 1.0, v))
-        ] + [None, None, None, None]
+        ] + [None] * 6
         if ctx.needs_input_grad[4]:
             grads[4] = bias.grad().to(dense.dtype)
         if ctx.needs_input_grad[5]:
             grads[5] = bias.grad().to(table.dtype)
+        if pos_query is not None and need_bias_grad:
+            dquery, dpositions = bias.grads()
+            grads[6], grads[7] = dquery.to(pos_query.dtype), dpositions.to(positions.dtype)
         return tuple(grads)
 
 
@@ -282,6 +289,13 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
     if isinstance(bias, RelativeBias):
         if bias.num_heads != H:
             raise ValueError(f"chunked_attention: RelativeBias has {bias.num_heads} heads, q has {H}")
+    elif isinstance(bias, PositionScores):
+        want = ((B, H, Lq, q.shape[3]), (H, Lq + Lk - 1, q.shape[3]))
+        if (tuple(bias.query.shape), tuple(bias.positions.shape)) != want:
+            raise ValueError(
+                f"chunked_attention: PositionScores query and positions must be {want[0]} and {want[1]}, "
+                f"got {tuple(bias.query.shape)} and {tuple(bias.positions.shape)}"
+            )
     elif isinstance(bias, Tensor):
         full = (B, H, Lq, Lk)
         shape = (1,) * (4 - bias.dim()) + tuple(bias.shape)
@@ -291,7 +305,8 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor, key_padding_mask: Tensor | No
             )
     elif bias is not None:
         raise ValueError(
-            f"chunked_attention: bias must be None, a Tensor or a RelativeBias, got {type(bias).__name__}"
+            "chunked_attention: bias must be None, a Tensor, a RelativeBias or PositionScores, "
+            f"got {type(bias).__name__}"
         )
 
 
@@ -311,7 +326,7 @@ def chunked_attention(
     *,
     causal: bool = False,
     key_padding_mask: Tensor | None = None,
-    bias: Tensor | RelativeBias | None = None,
+    bias: Tensor | RelativeBias | PositionScores | None = None,
     window: int | None = None,
     scale: float | None = None,
     q_block: int | None = None,
@@ -321,8 +336,9 @@ def chunked_attention(
 
     Semantics are those of `models.attention.attend` (no dropout): key_padding_mask (B, Lk) bool with
     True = attend; causal means key j is visible to query i iff j <= i; window w keeps |i - j| < w;
-    bias is a dense tensor broadcastable to (B, H, Lq, Lk) or a `RelativeBias`; a query with no visible
-    key outputs 0. q_block / k_block set the tile size (defaults DEFAULT_Q_BLOCK / DEFAULT_K_BLOCK).
+    bias is a dense tensor broadcastable to (B, H, Lq, Lk), a `RelativeBias` or `PositionScores`; a query
+    with no visible key outputs 0. q_block / k_block set the tile size (defaults DEFAULT_Q_BLOCK /
+    DEFAULT_K_BLOCK).
     """
     _check_inputs(q, k, v, key_padding_mask, bias)
     tiling = _Tiling(
@@ -343,7 +359,7 @@ def tiled_attention(
     tiling: _Tiling,
     *,
     key_padding_mask: Tensor | None,
-    bias: Tensor | RelativeBias | None,
+    bias: Tensor | RelativeBias | PositionScores | None,
     scale: float | None,
 ) -> Tensor:
     """The kernel over the tiles `tiling` visits (a subclass may visit fewer: `models.kernels.sparse`)."""
@@ -351,6 +367,7 @@ def tiled_attention(
         tiling=tiling,
         scale=1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale),
         relative=bias if isinstance(bias, RelativeBias) else None,
+        position_scale=bias.scale if isinstance(bias, PositionScores) else None,
     )
     pad = None
     if key_padding_mask is not None:
@@ -360,4 +377,5 @@ def tiled_attention(
         pad = pad.masked_fill_(~key_padding_mask, -math.inf)[:, None, None, :]
     dense = bias if isinstance(bias, Tensor) else None
     table = bias.table if isinstance(bias, RelativeBias) else None
-    return _ChunkedAttention.apply(q, k, v, pad, dense, table, spec)
+    pos_query, positions = (bias.query, bias.positions) if isinstance(bias, PositionScores) else (None, None)
+    return _ChunkedAttention.apply(q, k, v, pad, dense, table, pos_query, positions, spec)

@@ -12,7 +12,7 @@ import dataclasses
 import torch
 from torch import Tensor
 
-from models.kernels.bias import RelativeBias
+from models.kernels.bias import RelativeBias, relative_shift
 
 
 class DenseBlocks:
@@ -94,3 +94,48 @@ class RelativeBlocks:
     def grad(self) -> Tensor:
         table_grad = torch.zeros(self._table.shape, dtype=self._grad.dtype, device=self._grad.device)
         return table_grad.index_add_(0, self._buckets, self._grad.t())
+
+
+class PositionBlocks:
+    """Transformer-XL's position term (`PositionScores`) computed per tile, with its gradients.
+
+    A (bq, bk) tile spans bq + bk - 1 relative positions: one (B, H, bq, D) x (H, D, bq + bk - 1) product
+    gives the query block's score against each, and `relative_shift` reads the tile out of it. Backward
+    scatters the tile's gradient back through the same view and folds it into the query block and the
+    positions it spans, so nothing of size Lq x Lk is ever held.
+    """
+
+    def __init__(
+        self, query: Tensor, positions: Tensor, scale: float, *, dtype: torch.dtype, need_grad: bool
+    ) -> None:
+        self._scale = scale
+        self._query = query.to(dtype) * scale  # (B, H, Lq, D)
+        self._positions = positions.to(dtype)  # (H, Lq + Lk - 1, D), positions Lq - 1 ... -(Lk - 1)
+        self._q_len = query.shape[2]
+        self._dquery = torch.zeros_like(self._query) if need_grad else None
+        self._dpositions = torch.zeros_like(self._positions) if need_grad else None
+
+    def _span(self, qs: int, qe: int, ks: int, ke: int) -> slice:
+        """The positions the tile reads: Lq - 1 - (i - j) from the tile's largest i - j to its smallest."""
+        lo = self._q_len - qe + ks
+        return slice(lo, lo + (qe - qs) + (ke - ks) - 1)
+
+    def block(self, qs: int, qe: int, ks: int, ke: int) -> Tensor:
+        """(B, H, bq, bk)."""
+        scores = torch.matmul(self._query[:, :, qs:qe], self._positions[:, self._span(qs, qe, ks, ke)].mT)
+        return relative_shift(scores)
+
+    def add_grad(self, ds: Tensor, qs: int, qe: int, ks: int, ke: int) -> None:
+        """ds: d(loss)/d(bias tile), (B, H, bq, bk)."""
+        B, H, bq, bk = ds.shape
+        d_scores = ds.new_zeros(B, H, bq, bq + bk - 1)
+        relative_shift(d_scores).copy_(ds)  # a view of d_scores: the scatter is a strided copy
+        span = self._span(qs, qe, ks, ke)
+        self._dquery[:, :, qs:qe] += torch.matmul(d_scores, self._positions[:, span])
+        # sum over B of d_scores^T @ query, as one (H, w, B * bq) x (H, B * bq, D) product
+        query = self._query[:, :, qs:qe].transpose(0, 1).reshape(H, B * bq, -1)
+        self._dpositions[:, span] += torch.bmm(d_scores.permute(1, 3, 0, 2).reshape(H, -1, B * bq), query)
+
+    def grads(self) -> tuple[Tensor, Tensor]:
+        """d(loss)/d(query), d(loss)/d(positions)."""
+        return self._dquery * self._scale, self._dpositions

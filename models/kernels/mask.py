@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from models.kernels.bias import RelativeBias
+from models.kernels.bias import PositionScores, RelativeBias
 
 
 def visibility(
@@ -37,8 +37,8 @@ def visibility(
     return visible
 
 
-def dense_bias(bias: Tensor | RelativeBias | None, q_len: int, k_len: int) -> Tensor | None:
+def dense_bias(bias: Tensor | RelativeBias | PositionScores | None, q_len: int, k_len: int) -> Tensor | None:
     """A dense additive bias broadcastable to (B, H, Lq, Lk), whatever form the caller passed."""
-    if isinstance(bias, RelativeBias):
+    if isinstance(bias, RelativeBias | PositionScores):
         return bias.dense(q_len, k_len)
     return bias

@@ -57,6 +57,7 @@ class Speech:
     codebook_dim: int = 8
     n_mels: int = 16
     quantizer_seed: int = 0
+    quantizer_norm: str = "bin"
 
     def num_frames(self, num_samples: int) -> int:
         return max((num_samples - 160) // 80 + 1, 0)
@@ -251,6 +252,20 @@ def test_quantizer_codes_by_hand() -> None:
     feats = np.array([[3.0, 0.0], [0.0, 3.0], [-3.0, -3.0]], dtype=np.float32)  # mean 0 per dim already
     # per-dim std 2.449: normalised rows point along +x, +y and (-1, -1) / sqrt(2) -> entries 0, 1, 2
     assert q.codes(feats, 3)[:, 0].tolist() == [0, 1, 2]
+
+
+@pytest.mark.parametrize(("norm", "codes"), [("bin", [4, 3, 2]), ("utterance", [0, 3, 2])])
+def test_quantizer_norm_per_bin_scales_a_quiet_bin_up(norm: str, codes: list[int]) -> None:
+    """Bin 0 carries the signal (+-4), bin 1 only noise (+-0.1). Per bin, both become unit variance and frame 0
+    points along (1, 1); over the utterance the noise stays small and frame 0 points along (1, 0)."""
+    q = RandomProjectionQuantizer(
+        sample_rate=8000, frame_stride=80, window=160, n_mels=2, codebook_dim=2, codebook_size=5, norm=norm
+    )
+    entries = [[1, 0], [0, 1], [-1, 0], [0, -1], [0.6, 0.8]]
+    object.__setattr__(q, "_projection", np.eye(2, dtype=np.float32)[None])
+    object.__setattr__(q, "_codebook", np.array([entries], dtype=np.float32))
+    feats = np.array([[4.0, 0.1], [0.0, -0.1], [-4.0, 0.0]], dtype=np.float32)
+    assert q.codes(feats, 3)[:, 0].tolist() == codes
 
 
 # --- the loader: shapes, determinism, exact resume --------------------------------------------------------

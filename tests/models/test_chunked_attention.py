@@ -10,7 +10,7 @@ import torch
 
 from models.attention import attend
 from models.kernels import chunked
-from models.kernels.bias import RelativeBias
+from models.kernels.bias import PositionScores, RelativeBias, relative_shift
 from models.kernels.chunked import _Tiling, chunked_attention
 
 H, D = 3, 8
@@ -22,7 +22,7 @@ def reference(q, k, v, *, causal=False, key_padding_mask=None, bias=None, window
     lq, lk = q.shape[2], k.shape[2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     s = q @ k.transpose(-1, -2) * scale
-    if isinstance(bias, RelativeBias):
+    if isinstance(bias, RelativeBias | PositionScores):
         s = s + bias.dense(lq, lk).to(s.dtype)
     elif bias is not None:
         s = s + bias.to(s.dtype)
@@ -77,10 +77,23 @@ CASES = {
     "dense_bias_full": dict(lq=29, lk=23, dense=(1, H, 29, 23), pad=True),
     "dense_bias_broadcast": dict(lq=29, lk=29, dense=(2, 1, 1, 29), causal=True),
     "dense_bias_2d": dict(lq=21, lk=26, dense=(21, 26)),
+    "position_padding": dict(lq=37, lk=37, position=True, pad=True, dead_row=1),
+    "position_cross": dict(lq=19, lk=45, position=True, pad=True),
+    "position_causal_window": dict(lq=41, lk=41, position=True, causal=True, window=9),
 }
 
 
-def build_case(lq, lk, causal=False, pad=False, dead_row=None, window=None, t5=None, dense=None):
+def position_scores(b, lq, lk, seed=5):
+    """Transformer-XL's position term: a query per head and position, encodings of lq + lk - 1 offsets."""
+    g = torch.Generator().manual_seed(seed)
+    query = torch.randn(b, H, lq, D, generator=g, dtype=torch.float64)
+    positions = torch.randn(H, lq + lk - 1, D, generator=g, dtype=torch.float64)
+    return PositionScores(query=query, positions=positions, scale=D**-0.5)
+
+
+def build_case(
+    lq, lk, causal=False, pad=False, dead_row=None, window=None, t5=None, dense=None, position=False
+):
     b = 2
     q, k, v = make_qkv(b, lq, lk)
     kwargs = dict(causal=causal, window=window, scale=None)
@@ -91,6 +104,8 @@ def build_case(lq, lk, causal=False, pad=False, dead_row=None, window=None, t5=N
         kwargs["scale"] = 1.0
     if dense is not None:
         kwargs["bias"] = torch.randn(dense, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    if position:
+        kwargs["bias"] = position_scores(b, lq, lk)
     return q, k, v, kwargs
 
 
@@ -99,6 +114,8 @@ def grad_leaves(q, k, v, kwargs):
     bias = kwargs.get("bias")
     if isinstance(bias, RelativeBias):
         leaves.append(bias.table.requires_grad_())
+    elif isinstance(bias, PositionScores):
+        leaves += [bias.query.requires_grad_(), bias.positions.requires_grad_()]
     elif bias is not None:
         leaves.append(bias.requires_grad_())
     return leaves
@@ -117,13 +134,13 @@ def test_forward_and_grads_match_float64_reference(case, blocks):
     upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(4))
     got = torch.autograd.grad(out, leaves, upstream)
     want = torch.autograd.grad(ref, leaves, upstream)
-    for name, g, w in zip(["q", "k", "v", "bias"], got, want):
+    for name, g, w in zip(["q", "k", "v", "bias", "positions"], got, want):
         assert not g.isnan().any(), name
         torch.testing.assert_close(g, w, rtol=0, atol=1e-10, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 @pytest.mark.parametrize(
-    "case", ["causal_padding", "window_cross_empty_rows", "t5_causal", "dense_bias_full"]
+    "case", ["causal_padding", "window_cross_empty_rows", "t5_causal", "dense_bias_full", "position_padding"]
 )
 def test_matches_the_eager_backend_of_attend(case, monkeypatch):
     """The same check against the models' own reference backend, through the public dispatcher."""
@@ -223,14 +240,21 @@ def saved_bytes(fn, *args) -> int:
     return total
 
 
-@pytest.mark.parametrize("with_t5", [False, True])
-def test_saved_memory_is_linear_in_length(with_t5):
+@pytest.mark.parametrize("bias_kind", [None, "t5", "position"])
+def test_saved_memory_is_linear_in_length(bias_kind):
     def run(length):
         q, k, v = (t.float().requires_grad_() for t in make_qkv(1, length, length))
         bias = None
-        if with_t5:
+        if bias_kind == "t5":
             rule = t5_bias(True)
             bias = dataclasses.replace(rule, table=rule.table.float().requires_grad_())
+        if bias_kind == "position":
+            terms = position_scores(1, length, length)
+            bias = PositionScores(
+                query=terms.query.float().requires_grad_(),
+                positions=terms.positions.float().requires_grad_(),
+                scale=terms.scale,
+            )
         chunked = saved_bytes(lambda: chunked_attention(q, k, v, causal=True, bias=bias, scale=1.0))
         eager = saved_bytes(lambda: reference(q, k, v, causal=True, bias=bias, scale=1.0))
         return chunked, eager
@@ -239,6 +263,12 @@ def test_saved_memory_is_linear_in_length(with_t5):
     assert 1.9 < c2 / c1 < 2.1, (c1, c2)
     assert e2 / e1 > 3.5, (e1, e2)  # the reference really is quadratic, so the measurement can tell
     assert c2 < e2 / 20
+
+
+def test_relative_shift_reads_offset_i_minus_j_for_any_shape():
+    """Lq = 2, Lk = 3: columns hold offsets i - j = 1, 0, -1, -2; entry (i, j) is column 1 - i + j."""
+    scores = torch.tensor([[10.0, 11.0, 12.0, 13.0], [20.0, 21.0, 22.0, 23.0]])
+    assert relative_shift(scores).tolist() == [[11, 12, 13], [20, 21, 22]]
 
 
 def test_window_visits_only_tiles_near_the_diagonal():

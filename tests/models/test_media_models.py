@@ -21,6 +21,7 @@ from models.vision import (
     sincos_positions_2d,
     unpatchify,
 )
+from tests.models.vision_cases import max_rel_err
 
 MEDIA = ("vit_mae", "vit_simmim", "swin", "conformer")
 MEDIA_PRESETS = [p for p, (cls, _) in PRESETS.items() if cls.family in MEDIA]
@@ -114,6 +115,57 @@ def test_frame_mask_follows_the_conv_arithmetic() -> None:
     # 400 samples: (400 - 10) // 5 + 1 = 79, (79 - 3) // 2 + 1 = 39 frames; 267: 52, then 25.
     frames = model.frame_mask(attention, model.config.num_frames(400))
     assert frames.shape == (2, 39) and frames.sum(1).tolist() == [39, 25]
+
+
+@pytest.mark.parametrize("dense", ["eager", "sdpa"])
+def test_conformer_position_term_per_tile_equals_the_dense_bias(dense: str) -> None:
+    """The chunked kernel builds the relative-position term tile by tile (4-frame tiles over 38 frames, padded
+    rows included); outputs, loss and every parameter's gradient equal the dense-bias backends' in fp32."""
+
+    def run(backend: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        torch.manual_seed(0)
+        model = models.build_model(
+            "conformer-tiny", n_layers=2, vocab_size=16, attention=backend, attention_block=4
+        )
+        audio = torch.randn(2, 12480, generator=torch.Generator().manual_seed(1))
+        samples = torch.ones(2, 12480, dtype=torch.long)
+        samples[1, 8000:] = 0  # 24 of 38 frames real
+        labels = torch.randint(0, 16, (2, 38), generator=torch.Generator().manual_seed(2))
+        masked = torch.zeros(2, 38, dtype=torch.bool)
+        masked[:, 3:13] = True
+        labels[~masked] = -100
+        out = model(audio, samples, mask_time_indices=masked, labels=labels)
+        out.loss.backward()
+        hidden = model.features(audio, samples)
+        return hidden, out.loss, {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    hidden, loss, grads = run("chunked")
+    ref_hidden, ref_loss, ref_grads = run(dense)
+    assert max_rel_err(hidden, ref_hidden) < 1e-5 and max_rel_err(loss, ref_loss) < 1e-5
+    assert grads.keys() == ref_grads.keys() and any("attn.pos." in n for n in grads)
+    worst = max(grads, key=lambda n: max_rel_err(grads[n], ref_grads[n]))
+    assert max_rel_err(grads[worst], ref_grads[worst]) < 1e-5, worst
+
+
+@pytest.mark.parametrize("backend", ["chunked", "eager"])
+def test_conformer_runs_under_bf16_autocast(backend: str) -> None:
+    """The learned u, v (fp32) follow q's dtype; before, q + u was promoted to fp32 next to a bf16 k, which the
+    chunked kernel refuses. The bf16 loss and the position projection's gradient stay near fp32's."""
+    torch.manual_seed(0)
+    model = models.build_model("conformer-tiny", n_layers=1, vocab_size=16, attention=backend)
+    audio = torch.randn(2, 8000, generator=torch.Generator().manual_seed(1))
+    labels = torch.full((2, 24), -100)
+    labels[:, 2:8] = 3
+    results = []
+    for enabled in (False, True):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = model(audio, mask_time_indices=labels != -100, labels=labels).loss
+        loss.backward()
+        results.append((loss.detach(), model.blocks[0].attn.pos.weight.grad.clone()))
+    (loss32, grad32), (loss16, grad16) = results
+    assert abs(loss16 - loss32) < 0.05 * loss32
+    assert max_rel_err(grad16, grad32) < 0.1
 
 
 def test_conformer_loss_is_cross_entropy_over_labelled_frames() -> None:
