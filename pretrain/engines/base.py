@@ -25,6 +25,7 @@ from pretrain.config import EngineSpec
 from pretrain.engines.dist import DistInfo, all_reduce_sum
 
 SCHEDULER_FILE = "scheduler.json"
+SIGNAL_INPUTS = ("pixel_values", "input_values")  # image and speech models' float inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,7 @@ class Engine(ABC):
     dist: DistInfo
     spec: EngineSpec
     scheduler: LRScheduler
+    input_dtype: torch.dtype | None = None  # set where the engine casts the weights themselves (DeepSpeed)
 
     @property
     @abstractmethod
@@ -82,7 +84,7 @@ class Engine(ABC):
             if seeds is not None:
                 torch.manual_seed(seeds[i])  # also every CUDA device's generator
             loss = self._forward_backward(
-                to_device(batch, self.dist.device),
+                to_device(batch, self.dist.device, self.input_dtype),
                 last=i == len(micro_batches) - 1,
                 n_micro=len(micro_batches),
             )
@@ -98,7 +100,7 @@ class Engine(ABC):
         """Loss on one batch without gradients, averaged across ranks."""
         module = self.forward_module
         module.eval()
-        loss = module(**to_device(batch, self.dist.device)).loss.float().item()
+        loss = module(**to_device(batch, self.dist.device, self.input_dtype)).loss.float().item()
         module.train()
         return all_reduce_sum([loss])[0] / self.dist.world_size
 
@@ -176,8 +178,15 @@ def _storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
     return total
 
 
-def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+def to_device(
+    batch: dict[str, Tensor], device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The batch on `device`; pixels and waveforms (`SIGNAL_INPUTS`) also in `dtype` when given, the weights'
+    dtype of an engine that casts them (token ids, masks and MAE's noise stay as they are)."""
+    return {
+        key: value.to(device, dtype=dtype if key in SIGNAL_INPUTS else None, non_blocking=True)
+        for key, value in batch.items()
+    }
 
 
 def agreed_loss(losses: Sequence[Tensor], world_size: int) -> tuple[float, bool]:

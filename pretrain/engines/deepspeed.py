@@ -113,6 +113,8 @@ class DeepSpeedEngine(Engine):
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=config)
         # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
         self._own_norm = spec.deepspeed.zero_stage == 0 and spec.precision == "fp32"
+        # DeepSpeed casts the weights to bf16/fp16, but not the inputs: pixels and waveforms follow them.
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
 
     @property
     def model(self) -> nn.Module:
