@@ -398,6 +398,22 @@ class RunConfig:
             )
 
     @property
+    def sample_len(self) -> int:
+        """Positions one sample feeds the model, what tokens/s counts: data.seq_len tokens for text, the patch
+        grid of an image, the frames of one data.clip_seconds clip."""
+        model: Any = self.model.config
+        if self.modality == "image":
+            return (model.image_size // model.patch_size) ** 2
+        if self.modality == "audio":
+            return model.num_frames(round(self.data.clip_seconds * model.sample_rate))
+        return self.data.seq_len
+
+    @property
+    def unit(self) -> str:
+        """What `sample_len` counts, for messages."""
+        return {None: "tokens", "image": "patches", "audio": "frames"}[self.modality]
+
+    @property
     def modality(self) -> Modality | None:
         """What the model reads: None for text, else 'image' or 'audio'."""
         return MEDIA_MODALITY.get(str(self.objective))

@@ -213,16 +213,6 @@ def build_pipeline(
     return data.build_media_loader(cfg.data, objective=cfg.objective, model=model, options=options, **common)
 
 
-def units_per_sample(cfg: RunConfig, model: ModelConfig) -> int:
-    """What tokens/s counts per sample of an image or speech model: its patches (the image's patch grid), or its
-    frames (one clip's)."""
-    if cfg.modality == "image":
-        return (model.image_size // model.patch_size) ** 2
-    from data.media_loader import clip_frames, media_options
-
-    return clip_frames(model, media_options(cfg.data, cfg.objective, model))
-
-
 def batch_units(batch: Batch) -> int:
     """Tokens (text), patches (images) or frames (speech) in one micro-batch: what tokens/s counts."""
     for key in ("input_ids", "noise", "bool_masked_pos", "mask_time_indices"):
@@ -256,7 +246,7 @@ def objective_flops_per_token(model: LanguageModel, cfg: RunConfig) -> float:
 
     d = cfg.data
     if cfg.modality is not None:
-        return model.flops_per_token(SampleShape(units_per_sample(cfg, model.config)))
+        return model.flops_per_token(SampleShape(cfg.sample_len))
     if cfg.objective == "mlm":
         return model.flops_per_token(SampleShape(d.seq_len, predicted_fraction=d.mlm_probability))
     if cfg.objective == "span":
