@@ -1,6 +1,6 @@
 """Image and speech presets through the real CLI under torchrun (2 processes, gloo): each family trains on
-ZeRO-2 and on FSDP to the same losses, a sharded run resumes bit for bit, and `pretrain export` writes what
-transformers' Auto classes and processors load."""
+ZeRO-2 and on FSDP with gradient checkpointing to the same losses, a sharded run resumes bit for bit, and
+`pretrain export` writes what transformers' Auto classes and processors load."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ COMMON = [
 ]
 ENGINES = {
     "zero2": ["engine.backend=deepspeed", "engine.deepspeed.zero_stage=2"],
-    "fsdp": ["engine.backend=fsdp"],
+    "fsdp": ["engine.backend=fsdp", "model.gradient_checkpointing=true"],
 }
 UNITS = {"vit_mae": 64, "swin": 256, "conformer": 49}  # patches per image, frames per 1 s clip
 _runs: dict[tuple[str, str], Path] = {}
@@ -106,7 +106,8 @@ def test_each_family_trains_on_two_processes_with_zero2_and_fsdp_alike(
 
 
 def test_a_sharded_media_run_resumes_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """FSDP, 2 processes, one loader worker each, dropout: resumed from step 2 == uninterrupted, bit for bit."""
+    """FSDP, 2 processes, one loader worker each, dropout, checkpointing: resumed from step 2 == uninterrupted,
+    bit for bit."""
     straight = run("vit_mae", "fsdp", tmp_path_factory)
     resumed = straight.parent / "resumed"
     shutil.copytree(straight, resumed)
@@ -169,3 +170,14 @@ def test_export_loads_in_auto_classes_with_its_processor(
         assert processor.image_std == pytest.approx([0.229, 0.224, 0.225])
         image = (torch.rand(48, 40, 3) * 255).to(torch.uint8).numpy()
         assert processor(image, return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_sample_refuses_a_media_run_in_one_line(
+    tmp_path_factory: pytest.TempPathFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pretrain.cli import main
+
+    straight = run("swin", "zero2", tmp_path_factory)
+    assert main(["sample", str(straight)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "'swin-tiny-simmim', which reads image files, not prompts" in err, err
