@@ -117,12 +117,15 @@ def _check_media_records(cfg: RunConfig, notes: list[str]) -> None:
             record = next(iter(first), (None, None))[1]
             if not isinstance(record, MediaRecord):
                 raise DataError(f"{setting}: {source!r} holds no readable {modality} record")
-            if modality == "image":
-                decode_image(record, 3)
-            else:
-                decode_audio(record, 16000)
+            try:
+                if modality == "image":
+                    decode_image(record, 3)
+                else:
+                    decode_audio(record, cfg.model.config.sample_rate)
+            except DataError as e:
+                raise DataError(f"{setting}: {e}") from None
         elif isinstance(spec, HFMediaSpec):
             try:
-                check_cached(spec, setting)
+                check_cached(spec, setting, field_key="data.media_field")
             except DataError as e:
                 _not_cached(e, notes, repr(source))
