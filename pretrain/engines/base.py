@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.config import EngineSpec
-from pretrain.engines.dist import DistInfo, all_reduce_sum
+from pretrain.engines.dist import DistInfo, all_reduce_sum, broadcast_tensors
 
 SCHEDULER_FILE = "scheduler.json"
 SIGNAL_INPUTS = ("pixel_values", "input_values")  # image and speech models' float inputs
@@ -91,9 +91,20 @@ class Engine(ABC):
             losses.append(loss.detach().float())
         mean_loss, bad = agreed_loss(losses, self.dist.world_size)
         norm, skipped = self._update(skip=bad)
+        self._sync_running_stats()
         if not skipped:
             self.scheduler.step()
         return StepOutput(loss=mean_loss, grad_norm=math.nan if bad else norm, lr=lr, skipped=skipped)
+
+    def _sync_running_stats(self) -> None:
+        """Rank 0's BatchNorm running statistics (models/conformer.py) on every rank after each step.
+
+        They are buffers each rank updates from its own micro-batches. DDP broadcasts rank 0's at every forward;
+        this does the same for every engine, so all ranks evaluate alike and a checkpoint (which keeps one copy
+        of a replicated buffer) restores each rank's exactly. A no-op for models without BatchNorm."""
+        batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        buffers = [b for m in self.model.modules() if isinstance(m, batch_norms) for b in m.buffers()]
+        broadcast_tensors(buffers)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, Tensor]) -> float:

@@ -105,15 +105,16 @@ def test_each_family_trains_on_two_processes_with_zero2_and_fsdp_alike(
     assert len({r["loss"] for r in zero2}) == STEPS  # real numbers, not a constant
 
 
-def test_a_sharded_media_run_resumes_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """FSDP, 2 processes, one loader worker each, dropout, checkpointing: resumed from step 2 == uninterrupted,
-    bit for bit."""
-    straight = run("vit_mae", "fsdp", tmp_path_factory)
+@pytest.mark.parametrize("family", ["vit_mae", "conformer"])
+def test_a_sharded_media_run_resumes_exactly(family: str, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """FSDP, 2 processes, dropout, checkpointing (ViT: one loader worker each; Conformer: BatchNorm's running
+    statistics, which the validation loss reads): resumed from step 2 == uninterrupted, bit for bit."""
+    straight = run(family, "fsdp", tmp_path_factory)
     resumed = straight.parent / "resumed"
     shutil.copytree(straight, resumed)
     shutil.rmtree(resumed / "checkpoints" / f"step_{STEPS}")
     (resumed / "checkpoints" / "latest").write_text("step_2")
-    notes = torchrun("vit_mae", "fsdp", resumed, "data.num_workers=1")
+    notes = torchrun(family, "fsdp", resumed, *(["data.num_workers=1"] if family == "vit_mae" else []))
     assert "resuming at step 2" in notes and read_resumes(resumed) == [2]
     a = {r["step"]: r for r in read_metrics(straight)}
     b = {r["step"]: r for r in read_metrics(resumed)}
