@@ -69,9 +69,10 @@ class RelPositionAttention(SelfAttention):
         q, k, v = self._split(self.qkv(x), 3)  # (B, H, L, D) each
         p = self.pos(positions).view(-1, self.n_heads, self.head_dim).permute(1, 2, 0)  # (H, D, 2L - 1)
         scale = self.head_dim**-0.5 if self.scale is None else self.scale
-        by_position = torch.matmul(q + self.pos_bias_v[:, None], p)  # (B, H, L, 2L - 1)
+        u, v_bias = self.pos_bias_u.to(q.dtype), self.pos_bias_v.to(q.dtype)  # under autocast q is bf16/fp16
+        by_position = torch.matmul(q + v_bias[:, None], p)  # (B, H, L, 2L - 1)
         bias = relative_shift(by_position) * scale
-        return self._attend(q + self.pos_bias_u[:, None], k, v, key_padding_mask=key_padding_mask, bias=bias)
+        return self._attend(q + u[:, None], k, v, key_padding_mask=key_padding_mask, bias=bias)
 
 
 class RecomputeSafeBatchNorm(nn.BatchNorm1d):

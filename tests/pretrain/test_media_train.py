@@ -182,3 +182,27 @@ def test_sample_refuses_a_media_run_in_one_line(
     assert main(["sample", str(straight)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "'swin-tiny-simmim', which reads image files, not prompts" in err, err
+
+
+@pytest.mark.parametrize(
+    ("family", "engine"), [("vit_mae", "deepspeed"), ("conformer", "deepspeed"), ("conformer", "ddp")]
+)
+def test_bf16_runs_with_float_buffers_and_inputs(family: str, engine: str, tmp_path: Path) -> None:
+    """bf16: DeepSpeed casts only the parameters (the engine casts pixels, waveforms and float buffers: MAE's
+    positions, BatchNorm's statistics), DDP autocasts (the Conformer's relative-position biases follow q)."""
+    import math
+
+    config, shrink = FAMILIES[family]
+    args = [config, *shrink, *COMMON, "train.max_steps=2", "train.precision=bf16", f"engine.backend={engine}"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "pretrain", "train", *args, f"run.dir={tmp_path}"],
+        cwd=REPO,
+        env=subprocess_env() | {"OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = read_metrics(tmp_path)
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
+    assert math.isfinite(records[1]["val_loss"])
