@@ -8,6 +8,19 @@ from typing import Any, Literal
 
 ObjectiveName = Literal["clm", "mlm", "span"]  # causal LM (GPT), masked LM (BERT), span corruption (T5)
 OBJECTIVES: tuple[str, ...] = typing.get_args(ObjectiveName)
+# masked autoencoding (ViT MAE), masked image modeling (SimMIM: ViT, Swin), BEST-RQ (Conformer)
+MediaObjectiveName = Literal["mae", "simmim", "bestrq"]
+Modality = Literal["image", "audio"]
+MEDIA_MODALITY: dict[str, Modality] = {"mae": "image", "simmim": "image", "bestrq": "audio"}
+# The fields of DataConfig that only some objectives read (the others apply to every objective).
+_TEXT = ("clm", "mlm", "span")
+FIELD_OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "seq_len": _TEXT, "tokenizer": _TEXT, "vocab_size": _TEXT, "tokenizer_train_chars": _TEXT,
+    "text_field": _TEXT, "text_unit": _TEXT, "mlm_probability": ("mlm",), "noise_density": ("span",),
+    "mean_noise_span_length": ("span",), "media_field": ("mae", "simmim", "bestrq"),
+    "crop_scale": ("mae", "simmim"), "image_flip": ("mae", "simmim"), "mask_patch_size": ("simmim",),
+    "mask_ratio": ("simmim",), "clip_seconds": ("bestrq",),
+}  # fmt: skip
 TextUnit = Literal["file", "paragraph", "line"]
 TEXT_UNITS = ("file", "paragraph", "line")
 
@@ -27,13 +40,16 @@ class MixtureComponent:
 
 @dataclass(kw_only=True)
 class DataConfig:
-    """Where text comes from and how it becomes batches ("builtin": the Python standard library's sources)."""
+    """Where text, images or audio come from and how they become batches ("builtin": the Python standard
+    library's sources for text, procedurally generated labelled images or clips for the media families)."""
 
     __pydantic_config__ = {"extra": "forbid"}  # validated by pydantic from a run config: no unknown keys
 
     source: str | list[MixtureComponent] = _doc(
         "builtin, a path glob of .txt/.jsonl/.json/.parquet (optionally .gz/.zst), a prepared-shards "
-        "directory, hf:NAME[:CONFIG], or a list of {source, weight}",
+        "directory, hf:NAME[:CONFIG], or a list of {source, weight}; images and speech: builtin (generated "
+        "labelled images or clips), a folder or glob of image or wav/flac/ogg/mp3 files (a folder's "
+        "subfolders are classes) or .parquet, or hf:NAME[:CONFIG] with an image/audio column",
         "builtin",
     )
     seq_len: int = _doc("tokens per training sequence", 128)
@@ -55,6 +71,24 @@ class DataConfig:
     mlm_probability: float = _doc("MLM (BERT): share of tokens masked", 0.15)
     noise_density: float = _doc("span corruption (T5): share of tokens corrupted", 0.15)
     mean_noise_span_length: float = _doc("span corruption (T5): mean corrupted span length", 3.0)
+    media_field: str | None = _doc(
+        "images, speech: parquet / hf: column holding the image or audio; null = 'image' or 'audio'", None
+    )
+    crop_scale: tuple[float, float] | None = _doc(
+        "images: random resized crop, share of the area; null = the objective's (MAE 0.2-1, SimMIM 0.67-1)",
+        None,
+    )
+    image_flip: bool = _doc("images: random horizontal flips in training", True)
+    mask_patch_size: int | None = _doc(
+        "SimMIM: side of the masked squares in pixels (a multiple of the patch size dividing the image); "
+        "null = 32, or a quarter of the image side when 32 leaves fewer than 4 squares across",
+        None,
+    )
+    mask_ratio: float = _doc("SimMIM: share of those squares masked", 0.6)
+    clip_seconds: float = _doc(
+        "speech: seconds per sample (longer clips are cropped, randomly in training; shorter zero-padded)",
+        2.0,
+    )
     virtual_streams: int | None = field(
         default=None,
         metadata={
@@ -99,10 +133,32 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
                 raise ValueError(f"data.{name}: expected a number in [0, 1), got {value!r}")
+        if self.mask_patch_size is not None:
+            _check_int("mask_patch_size", self.mask_patch_size, 1)
+        if not isinstance(self.mask_ratio, int | float) or not 0.0 < self.mask_ratio < 1.0:
+            raise ValueError(f"data.mask_ratio: expected a number in (0, 1), got {self.mask_ratio!r}")
+        if not isinstance(self.clip_seconds, int | float) or not self.clip_seconds > 0:
+            raise ValueError(f"data.clip_seconds: expected a number > 0, got {self.clip_seconds!r}")
+        if self.crop_scale is not None:
+            low, high = self.crop_scale
+            if not 0.0 < low <= high <= 1.0:
+                raise ValueError(
+                    f"data.crop_scale: expected 0 < low <= high <= 1, got {list(self.crop_scale)}"
+                )
         if not self.mean_noise_span_length >= 1.0:
             raise ValueError(
                 f"data.mean_noise_span_length: expected >= 1, got {self.mean_noise_span_length!r}"
             )
+
+    def unused_settings(self, objective: str) -> list[str]:
+        """Fields set to other than their default that `objective` does not read (a text setting in an image
+        run, say): a run refuses them rather than ignore them."""
+        defaults = DataConfig()
+        return [
+            name
+            for name, users in FIELD_OBJECTIVES.items()
+            if objective not in users and getattr(self, name) != getattr(defaults, name)
+        ]
 
     @property
     def components(self) -> list[MixtureComponent]:

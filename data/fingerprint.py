@@ -22,31 +22,36 @@ import hashlib
 import os
 from typing import Any
 
-from data.config import DataConfig
+from data.config import DataConfig, Modality
 from data.errors import DataError
 from data.files import FilesSpec
 from data.hub import HFSpec
 from data.shards import PREPARED_INDEX, PreparedSpec
-from data.sources import resolve_source
+from data.sources import resolve_any_source, source_settings
 
 FINGERPRINT_VERSION = 1
 Fingerprint = dict[str, Any]
 
 
-def data_fingerprint(cfg: DataConfig) -> Fingerprint:
-    """What `cfg`'s train and validation sources are now (JSON-serialisable)."""
-    held_out = cfg.validation_source is None
-    sources = {}
-    for i, component in enumerate(cfg.components):
-        setting = "data.source" if isinstance(cfg.source, str) else f"data.source[{i}].source"
-        sources[setting] = _source(resolve_source(component.source, cfg, "train", held_out=held_out))
-    if cfg.validation_source is not None:
-        spec = resolve_source(cfg.validation_source, cfg, "validation", held_out=False)
-        sources["data.validation_source"] = _source(spec)
+def data_fingerprint(cfg: DataConfig, modality: Modality | None = None) -> Fingerprint:
+    """What `cfg`'s train and validation sources (text, or `modality`'s) are now (JSON-serialisable)."""
+    sources = {
+        setting: _source(resolve_any_source(source, cfg, split, held_out=held_out, modality=modality))
+        for setting, source, split, held_out in source_settings(cfg)
+    }
     return {"version": FINGERPRINT_VERSION, "sources": sources}
 
 
 def _source(spec: Any) -> dict[str, Any]:
+    from data.media import BuiltinSpec, HFMediaSpec, MediaFilesSpec
+
+    if isinstance(spec, BuiltinSpec):  # generated: its size is all there is to it
+        return {"kind": "files", "name": spec.name, "files": [["generated", spec.size, None]]}
+    if isinstance(spec, MediaFilesSpec):
+        files = [[f.key, *_size_and_time(f.path)] for f in spec.files]
+        return {"kind": "files", "name": spec.name, "files": files}
+    if isinstance(spec, HFMediaSpec):
+        return {"kind": "hf", "name": spec.name, "dataset": spec.dataset, "config": spec.config}
     if isinstance(spec, FilesSpec):
         timed = spec.name != "builtin"
         files = []
@@ -106,13 +111,18 @@ def _what(source: dict[str, Any] | None) -> str:
     return f"{source['kind']} {source['name']!r}"
 
 
-def check_fingerprint(saved: Fingerprint, cfg: DataConfig) -> str | None:
+def _size_and_time(path: str) -> list[int]:
+    st = os.stat(path)
+    return [st.st_size, st.st_mtime_ns]
+
+
+def check_fingerprint(saved: Fingerprint, cfg: DataConfig, modality: Modality | None = None) -> str | None:
     """Compare the checkpoint's fingerprint with the data `cfg` names now.
 
     Unchanged: None. Changed: a one-line DataError naming the first change, or, with
     `data.allow_changed=true`, the warning line to print (positions are kept as they are; see above).
     """
-    change = first_change(saved, data_fingerprint(cfg))
+    change = first_change(saved, data_fingerprint(cfg, modality))
     if change is None:
         return None
     if not cfg.allow_changed:

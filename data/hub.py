@@ -96,7 +96,7 @@ def hub_offline() -> Iterator[None]:
         huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE = saved
 
 
-def check_cached(spec: HFSpec, setting: str) -> None:
+def check_cached(spec: HFSpec, setting: str, field_key: str = "data.text_field") -> None:
     """`spec` loads without the network (its builder is in the local cache), and has the configured column."""
     import datasets
 
@@ -112,5 +112,5 @@ def check_cached(spec: HFSpec, setting: str) -> None:
     if features is not None and spec.field not in features:
         raise DataError(
             f"{setting}: {spec.name!r} has no column {spec.field!r} (columns: {', '.join(features)}); "
-            "set data.text_field"
+            f"set {field_key}"
         )

@@ -16,15 +16,16 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from data.config import DataConfig
+from data.config import MEDIA_MODALITY, DataConfig, MediaObjectiveName
 from data.errors import DataError
 from data.loader import DataPipeline, build_pipeline, check_loader_args
 from data.media import MediaRecord, Modality, decode_audio, decode_image, resolve_media_source
 from data.media_objectives import BestRQ, ImageAugment, ImageModel, SpeechModel, mae_noise, simmim_mask
 from data.records import SourceSpec
 
-MediaObjective = Literal["mae", "simmim", "bestrq"]
-MODALITY: dict[str, Modality] = {"mae": "image", "simmim": "image", "bestrq": "audio"}
+MediaObjective = MediaObjectiveName
+MODALITY: dict[str, Modality] = MEDIA_MODALITY
+CROP_SCALE = {"mae": (0.2, 1.0), "simmim": (0.67, 1.0)}  # MAE's and SimMIM's published augmentation
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +95,22 @@ class MediaSampler:
         if self.options.class_labels:
             sample["class_labels"] = np.int64(record.label)
         return sample
+
+
+def media_options(cfg: DataConfig, objective: MediaObjective, model: Any) -> MediaOptions:
+    """The `data:` section's image and speech settings as the pipeline takes them (a run's defaults resolved)."""
+    if objective == "bestrq":
+        return MediaOptions(field=cfg.media_field, clip_seconds=cfg.clip_seconds)
+    mask_patch = cfg.mask_patch_size
+    if mask_patch is None:
+        mask_patch = 32 if model.image_size // 32 >= 4 else max(model.image_size // 4, model.patch_size)
+    return MediaOptions(
+        field=cfg.media_field,
+        crop_scale=cfg.crop_scale or CROP_SCALE[objective],
+        flip=cfg.image_flip,
+        mask_patch_size=mask_patch,
+        mask_ratio=cfg.mask_ratio,
+    )
 
 
 def _as_record(record: MediaRecord) -> MediaRecord:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
-from data.config import DataConfig
+from data.config import DataConfig, Modality
 from data.corpus import builtin_files, stdlib_root
 from data.errors import DataError
 from data.files import FilesSpec, SourceFile, resolve_files
@@ -58,17 +59,50 @@ def resolve_source(
     )
 
 
-def check_sources(cfg: DataConfig) -> None:
-    """Resolve every source of cfg (train and validation) without reading any data.
+def resolve_any_source(
+    spec: str,
+    cfg: DataConfig,
+    split: str,
+    *,
+    held_out: bool,
+    modality: Modality | None = None,
+    setting: str = "data.source",
+) -> Any:
+    """`resolve_source` for text (`modality=None`), data.media's `resolve_media_source` for images or audio."""
+    if modality is None:
+        return resolve_source(spec, cfg, split, held_out=held_out, setting=setting)
+    from data.media import resolve_media_source
+
+    return resolve_media_source(
+        spec,
+        modality,
+        split=split,
+        held_out=cfg.validation_fraction if held_out else None,
+        field=cfg.media_field,
+        label_field="label",
+        hf_split=cfg.hf_split,
+        setting=setting,
+    )
+
+
+def source_settings(cfg: DataConfig) -> list[tuple[str, str, str, bool]]:
+    """(config key, source, split, held_out) for every source of cfg, train and validation."""
+    held_out = cfg.validation_source is None
+    out = []
+    for i, component in enumerate(cfg.components):
+        setting = "data.source" if isinstance(cfg.source, str) else f"data.source[{i}].source"
+        out.append((setting, component.source, "train", held_out))
+    if cfg.validation_source is not None:
+        out.append(("data.validation_source", cfg.validation_source, "validation", False))
+    return out
+
+
+def check_sources(cfg: DataConfig, modality: Modality | None = None) -> None:
+    """Resolve every source of cfg (train and validation) without reading any data: text sources, or image or
+    audio ones for `modality`.
 
     Cheap (globs, file sizes, prepared indexes; no network, no torch): a run can call it before it creates
     anything, so a bad path fails in milliseconds with a DataError naming the key and the file.
     """
-    held_out = cfg.validation_source is None
-    for i, component in enumerate(cfg.components):
-        setting = "data.source" if isinstance(cfg.source, str) else f"data.source[{i}].source"
-        resolve_source(component.source, cfg, "train", held_out=held_out, setting=setting)
-    if cfg.validation_source is not None:
-        resolve_source(
-            cfg.validation_source, cfg, "validation", held_out=False, setting="data.validation_source"
-        )
+    for setting, source, split, held_out in source_settings(cfg):
+        resolve_any_source(source, cfg, split, held_out=held_out, modality=modality, setting=setting)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention import SelfAttention
-from models.base import LanguageModel, cross_entropy, key_padding
+from models.base import LanguageModel, SampleShape, cross_entropy, key_padding
 from models.blocks import ACTIVATIONS, BlockConfig, FeedForward, Stack, make_norm
 from models.config import ConformerConfig
 from models.kernels.bias import PositionScores, relative_shift  # noqa: F401  (relative_shift: re-exported)
@@ -283,12 +283,13 @@ class Conformer(LanguageModel):
         """The mask embedding: substituted, not multiplied."""
         return [] if self.mask_embedding is None else [self.mask_embedding]
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: SampleShape | int | None = None) -> float:
         """Training FLOPs per frame: each conv layer's weights once per output step it makes per frame, the
         rest 6 N per frame, attention 12 L d T (+ the same again for the relative-position scores) at
-        T = seq_len frames (the relative-position projection runs over 2 T - 1 positions, ~2 T)."""
+        T = seq_len frames (the relative-position projection runs over 2 T - 1 positions, ~2 T); a SampleShape
+        gives T as its input_len, as the text families take it."""
         cfg = self.config
-        t = seq_len or 1
+        t = seq_len.input_len if isinstance(seq_len, SampleShape) else (seq_len or 1)
         conv, steps = 0.0, math.prod(cfg.conv_stride)
         for layer, stride in zip(self.subsample.layers, cfg.conv_stride):
             steps //= stride

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention import SelfAttention, attend
-from models.base import LanguageModel
+from models.base import LanguageModel, SampleShape
 from models.blocks import BlockConfig, PreNormBlock, Stack
 from models.config import SwinConfig
 from models.outputs import ModelOutput
@@ -248,7 +248,7 @@ class Swin(LanguageModel):
         """The [MASK] token and absolute positions: added, not multiplied."""
         return [p for p in (self.mask_token, self.positions) if p is not None]
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: SampleShape | int | None = None) -> float:
         """Training FLOPs per image patch: each stage's parameters over its tokens, window attention
         12 d N per token (N = window**2 keys), merging and head at their resolutions."""
         cfg = self.config

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.base import LanguageModel
+from models.base import LanguageModel, SampleShape
 from models.blocks import BlockConfig, PreNormBlock, Stack
 from models.config import ViTMAEConfig, ViTSimMIMConfig, _ViTConfig
 from models.outputs import ModelOutput
@@ -147,7 +147,7 @@ class ViTMAE(LanguageModel):
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [*self.encoder.additive_parameters(), self.decoder.mask_token]
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: SampleShape | int | None = None) -> float:
         """Training FLOPs per image patch: the encoder runs over the kept patches + [CLS], the decoder over
         all patches + [CLS] (6 N per token and 12 L d T for attention, PaLM's count per stack)."""
         cfg = self.config
@@ -205,7 +205,7 @@ class ViTSimMIM(LanguageModel):
     def embedding_parameters(self) -> list[nn.Parameter]:
         return self.encoder.additive_parameters()
 
-    def flops_per_token(self, seq_len: int | None = None) -> float:
+    def flops_per_token(self, seq_len: SampleShape | int | None = None) -> float:
         """Training FLOPs per image patch: every patch + [CLS] through the encoder, the head per patch."""
         cfg = self.config
         n = cfg.grid_size**2

@@ -26,6 +26,9 @@ def check_run(cfg: RunConfig) -> list[str]:
 
     notes: list[str] = []
     try:
+        if cfg.modality is not None:
+            _check_media_records(cfg, notes)
+            return notes
         _check_tokenizer(cfg, notes)
         _check_init_weights(cfg)
         _check_records(cfg, notes)
@@ -92,5 +95,37 @@ def _check_records(cfg: RunConfig, notes: list[str]) -> None:
         elif isinstance(spec, HFSpec):
             try:
                 check_cached(spec, setting)
+            except DataError as e:
+                _not_cached(e, notes, repr(source))
+
+
+def _check_media_records(cfg: RunConfig, notes: list[str]) -> None:
+    """Image and speech sources: the first file of every local source decodes (a parquet file has the
+    media column); hub datasets are in the local cache."""
+    from data import DataError
+    from data.hub import check_cached
+    from data.media import HFMediaSpec, MediaFilesSpec, MediaRecord, decode_audio, decode_image
+    from data.sources import resolve_any_source, source_settings
+
+    modality = cfg.modality
+    for setting, source, split, held_out in source_settings(cfg.data):
+        spec = resolve_any_source(
+            source, cfg.data, split, held_out=held_out, modality=modality, setting=setting
+        )
+        if isinstance(spec, MediaFilesSpec):
+            first = spec.open(stream=0, num_streams=1, seed=0, shuffle=False).documents(0, None)
+            record = next(iter(first), (None, None))[1]
+            if not isinstance(record, MediaRecord):
+                raise DataError(f"{setting}: {source!r} holds no readable {modality} record")
+            try:
+                if modality == "image":
+                    decode_image(record, 3)
+                else:
+                    decode_audio(record, cfg.model.config.sample_rate)
+            except DataError as e:
+                raise DataError(f"{setting}: {e}") from None
+        elif isinstance(spec, HFMediaSpec):
+            try:
+                check_cached(spec, setting, field_key="data.media_field")
             except DataError as e:
                 _not_cached(e, notes, repr(source))

@@ -28,7 +28,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, TypeAdapter, ValidationError
 
-from data.config import DataConfig, ObjectiveName
+from data.config import (
+    FIELD_OBJECTIVES,
+    MEDIA_MODALITY,
+    DataConfig,
+    MediaObjectiveName,
+    Modality,
+    ObjectiveName,
+)
 from models.config import CONFIG_CLASSES, PRESETS, ModelConfig
 from pretrain.bundled import bundled_config_names, find_config
 from pretrain.errors import ConfigError
@@ -55,20 +62,18 @@ __all__ = [
     "parse_overrides",
 ]
 
-FAMILY_OBJECTIVE: dict[str, ObjectiveName] = {"gpt": "clm", "bert": "mlm", "t5": "span"}
-# model families with presets in models/config.py that `pretrain` does not train yet, by what they read
-UNTRAINED_FAMILIES = {
-    "vit_mae": "an image",
-    "vit_simmim": "an image",
-    "swin": "an image",
-    "conformer": "a speech",
-}
+FAMILY_OBJECTIVE: dict[str, Literal[ObjectiveName, MediaObjectiveName]] = {
+    "gpt": "clm", "bert": "mlm", "t5": "span",
+    "vit_mae": "mae", "vit_simmim": "simmim", "swin": "simmim", "conformer": "bestrq",
+}  # fmt: skip
 Precision = Literal["fp32", "bf16", "fp16"]
 Schedule = Literal["cosine", "linear", "constant"]
 EngineBackend = Literal["deepspeed", "ddp", "fsdp"]
 Offload = Literal["none", "optimizer", "params"]
 WandbMode = Literal["online", "offline", "disabled"]
 
+_MODALITY_WORDS = {"image": "an image", "audio": "a speech"}
+_MEDIA_ONLY = [name for name, users in FIELD_OBJECTIVES.items() if not set(users) & {"clm", "mlm", "span"}]
 _STRICT = {"extra": "forbid"}  # pydantic: an unknown key is an error, never silently dropped
 PositiveInt = Annotated[int, Field(gt=0)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
@@ -244,7 +249,10 @@ class ModelSection:
         return f"model.init_from {self.init_from!r}" if self.init_from else f"model.preset {self.preset!r}"
 
     def for_tokenizer(self, tokenizer: Any) -> ModelConfig:
-        """The model config with the tokenizer's vocabulary size and special-token ids filled in."""
+        """The model config with the tokenizer's vocabulary size and special-token ids filled in (image and
+        speech models have no tokenizer: None, and the config as it is)."""
+        if tokenizer is None:
+            return self.config
         if self.init_from is None:
             vocab_size = self.given.get("vocab_size", len(tokenizer))
         else:  # the weights fix the vocabulary; only an explicit model.vocab_size grows it
@@ -301,9 +309,13 @@ class RunConfig:
         "`preset` (a name from models/config.py) or `init_from` (a transformers directory, a run directory or "
         "a checkpoint: its architecture and weights), plus any field of the model's config class"
     )
-    data: DataConfig = doc("where text comes from and how it becomes batches", factory=DataConfig)
-    objective: ObjectiveName | None = doc(
-        "clm (gpt), mlm (bert) or span (t5): the model family's, so it may be left out", None
+    data: DataConfig = doc(
+        "where text, images or audio come from and how they become batches", factory=DataConfig
+    )
+    objective: Literal[ObjectiveName, MediaObjectiveName] | None = doc(
+        "clm (gpt), mlm (bert), span (t5), mae (vit-*-mae), simmim (vit-*-simmim, swin) or bestrq (conformer): "
+        "the model family's, so it may be left out",
+        None,
     )
     train: TrainConfig = doc("steps, batch, optimizer, precision", factory=TrainConfig)
     engine: EngineConfig = doc("how the model is distributed", factory=EngineConfig)
@@ -314,31 +326,18 @@ class RunConfig:
     run: RunDirConfig = doc("where the run lives", factory=RunDirConfig)
 
     def __post_init__(self) -> None:
-        _check_trained(self.model.preset, self.model.family)
         objective = FAMILY_OBJECTIVE[self.model.family]
         if self.objective not in (None, objective):
+            pairs = ", ".join(f"{o}<->{f}" for f, o in FAMILY_OBJECTIVE.items())
             raise ConfigError(
                 f"objective: {self.objective!r} does not fit {self.model.origin} "
-                f"(family {self.model.family}); accepted: {objective!r} (clm<->gpt, mlm<->bert, span<->t5)"
+                f"(family {self.model.family}); accepted: {objective!r} ({pairs})"
             )
         object.__setattr__(self, "objective", objective)
-        if self.model.init_from is not None and self.data.tokenizer is None:
-            if self.model.source_tokenizer is None:
-                raise ConfigError(
-                    f"data.tokenizer: model.init_from {self.model.init_from} has no tokenizer; name the one its "
-                    "weights were trained with"
-                )
-            tokenizer = self.model.source_tokenizer  # the weights' own vocabulary, never a new one
-            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer=tokenizer))
-        for i, prompt in enumerate(self.eval.samples):
-            if self.model.family == "bert" and "[MASK]" not in prompt:
-                raise ConfigError(f"eval.samples[{i}]: a BERT prompt needs [MASK] where tokens are filled")
-        positions = self.model.config.max_seq_len
-        if positions is not None and self.data.seq_len > positions:
-            raise ConfigError(
-                f"data.seq_len: {self.data.seq_len} exceeds the model's {positions} positions "
-                f"(model.max_seq_len, from {self.model.origin}); accepted: <= {positions}"
-            )
+        if self.modality is not None:
+            self._check_media()
+        else:
+            self._check_text()
         ds = self.engine.deepspeed
         sharded = self.engine.backend == "fsdp" or (ds is not None and ds.zero_stage == 3)
         if self.train.compile and sharded:
@@ -353,6 +352,81 @@ class RunConfig:
                 "model.reversible: not supported with sharded parameters (engine.backend=fsdp or "
                 "engine.deepspeed.zero_stage=3); accepted with: engine.deepspeed.zero_stage 0-2, engine.backend=ddp"
             )
+
+    def _check_text(self) -> None:
+        """The tokenizer init_from's weights need, prompts that fit the family, sequences that fit the model."""
+        if self.model.init_from is not None and self.data.tokenizer is None:
+            if self.model.source_tokenizer is None:
+                raise ConfigError(
+                    f"data.tokenizer: model.init_from {self.model.init_from} has no tokenizer; name the one its "
+                    "weights were trained with"
+                )
+            tokenizer = self.model.source_tokenizer  # the weights' own vocabulary, never a new one
+            object.__setattr__(self, "data", dataclasses.replace(self.data, tokenizer=tokenizer))
+        for i, prompt in enumerate(self.eval.samples):
+            if self.model.family == "bert" and "[MASK]" not in prompt:
+                raise ConfigError(f"eval.samples[{i}]: a BERT prompt needs [MASK] where tokens are filled")
+        media = [n for n in self.data.unused_settings(str(self.objective)) if n in _MEDIA_ONLY]
+        for name in media:
+            raise ConfigError(
+                f"data.{name}: set, but {self.model.origin} is a text model (objective {self.objective}), "
+                "which does not use it; remove it"
+            )
+        positions = self.model.config.max_seq_len
+        if positions is not None and self.data.seq_len > positions:
+            raise ConfigError(
+                f"data.seq_len: {self.data.seq_len} exceeds the model's {positions} positions "
+                f"(model.max_seq_len, from {self.model.origin}); accepted: <= {positions}"
+            )
+
+    def _check_media(self) -> None:
+        """What an image or speech run cannot take: text settings, prompts, another model's weights."""
+        for name in self.data.unused_settings(str(self.objective)):
+            raise ConfigError(
+                f"data.{name}: set, but {self.model.origin} is {_MODALITY_WORDS[str(self.modality)]} model "
+                f"(objective {self.objective}), which does not use it; remove it"
+            )
+        if self.eval.samples:
+            raise ConfigError(
+                f"eval.samples: prompts are for text models; {self.model.origin} is "
+                f"{_MODALITY_WORDS[str(self.modality)]} model (remove eval.samples)"
+            )
+        if self.model.init_from is not None:
+            raise ConfigError(
+                f"model.init_from: not supported for the image and speech families yet ({self.model.family}); "
+                "start from a model.preset"
+            )
+        if (
+            self.model.family == "conformer"
+            and self.engine.backend == "fsdp"
+            and self.train.precision != "fp32"
+        ):
+            # FSDP's mixed precision casts BatchNorm's weight to bf16 but not its fp32 running statistics.
+            raise ConfigError(
+                f"train.precision: {self.train.precision} with engine.backend=fsdp is not supported for the "
+                "Conformer (its BatchNorm); accepted: fp32 with fsdp, or bf16 with engine.backend=deepspeed or ddp"
+            )
+
+    @property
+    def sample_len(self) -> int:
+        """Positions one sample feeds the model, what tokens/s counts: data.seq_len tokens for text, the patch
+        grid of an image, the frames of one data.clip_seconds clip."""
+        model: Any = self.model.config
+        if self.modality == "image":
+            return (model.image_size // model.patch_size) ** 2
+        if self.modality == "audio":
+            return model.num_frames(round(self.data.clip_seconds * model.sample_rate))
+        return self.data.seq_len
+
+    @property
+    def unit(self) -> str:
+        """What `sample_len` counts, for messages."""
+        return {None: "tokens", "image": "patches", "audio": "frames"}[self.modality]
+
+    @property
+    def modality(self) -> Modality | None:
+        """What the model reads: None for text, else 'image' or 'audio'."""
+        return MEDIA_MODALITY.get(str(self.objective))
 
     @property
     def run_dir(self) -> Path:
@@ -453,7 +527,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = (), *, check_files:
         run["dir"] = str(Path("runs") / path.stem)
     cfg = config_from_dict(raw)
     if check_files:
-        _check_sources(cfg.data)
+        _check_sources(cfg.data, cfg.modality)
         _ = cfg.engine_spec  # resolve the DeepSpeed JSON now: its errors are config errors
         _check_wandb(cfg.wandb)
     return cfg
@@ -553,7 +627,6 @@ def resolve_model(section: Any) -> ModelSection:
         hint = f"did you mean {close[0]!r}? " if close else ""
         raise ConfigError(f"model.preset: unknown preset {preset!r}; {hint}accepted: {', '.join(PRESETS)}")
     cls, values = PRESETS[preset]
-    _check_trained(preset, cls.__dataclass_fields__["family"].default)
     return ModelSection(preset=preset, given=given, config=_model_config(cls, values, given, "preset"))
 
 
@@ -608,16 +681,6 @@ def _model_config(
             raise ConfigError(f"model: {message}") from None
         name = ".".join(str(p) for p in first["loc"])
         raise ConfigError(f"model.{name}: {first['msg']} (got {first.get('input')!r})") from None
-
-
-def _check_trained(preset: str, family: str) -> None:
-    """Image and speech presets exist (models/, data/media_loader.py) but the run loop feeds text only."""
-    if family not in FAMILY_OBJECTIVE:
-        kind = UNTRAINED_FAMILIES.get(family, f"a {family}")
-        raise ConfigError(
-            f"model.preset: {preset!r} is {kind} model; pretrain trains text families "
-            f"({', '.join(FAMILY_OBJECTIVE)}) so far; bench/probe.py pretrains it"
-        )
 
 
 @functools.cache
@@ -722,12 +785,12 @@ def _dataclass_in(annotation: Any) -> type | None:
 # -------------------------------------------------------------------------------- cross-component checks
 
 
-def _check_sources(data: DataConfig) -> None:
+def _check_sources(data: DataConfig, modality: Modality | None) -> None:
     """Globs, empty files, prepared indexes: cheap, reads no data."""
     from data import DataError, check_sources
 
     try:
-        check_sources(data)
+        check_sources(data, modality)
     except DataError as e:
         raise ConfigError(" ".join(str(e).split())) from None
 

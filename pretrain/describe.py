@@ -36,25 +36,33 @@ def describe(cfg: RunConfig) -> str:
         if not f.init:
             continue
         doc = f.metadata.get("doc", "")
-        if f.name in _FROM_TOKENIZER and f.name not in cfg.model.given:
+        if f.name in _FROM_TOKENIZER and f.name not in cfg.model.given and cfg.modality is None:
             doc = f"{doc}; filled from the tokenizer at training start".lstrip("; ")
         lines.append(_line(f"model.{f.name}", getattr(model, f.name), doc, preset_defaults[f.name]))
     for f in dataclasses.fields(cfg):
         if f.name == "model":
             continue
         value = getattr(cfg, f.name)
-        if dataclasses.is_dataclass(value):
+        if f.name == "data":  # only the keys this objective reads (text, image or speech settings)
+            lines += _section(f.name, value, skip=_unread_data_keys(str(cfg.objective)))
+        elif dataclasses.is_dataclass(value):
             lines += _section(f.name, value)
         else:
             lines.append(_line(f.name, value, f.metadata.get("doc", ""), f.default))
     return "\n".join(lines)
 
 
-def _section(prefix: str, section: Any) -> list[str]:
+def _unread_data_keys(objective: str) -> set[str]:
+    from data.config import FIELD_OBJECTIVES
+
+    return {name for name, users in FIELD_OBJECTIVES.items() if objective not in users}
+
+
+def _section(prefix: str, section: Any, skip: set[str] = frozenset()) -> list[str]:
     lines = []
     hints = typing.get_type_hints(type(section))
     for f in dataclasses.fields(section):
-        if not f.init:
+        if not f.init or f.name in skip:
             continue
         value = getattr(section, f.name)
         key = f"{prefix}.{f.name}"

@@ -10,7 +10,7 @@ from __future__ import annotations
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +30,13 @@ MODEL_INPUTS = {
     "bert": ("input_ids", "token_type_ids", "attention_mask"),
     "t5": ("input_ids", "attention_mask"),
 }
-AUTO_CLASSES = {"gpt": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM"}
+AUTO_CLASSES = {
+    "gpt": "AutoModelForCausalLM", "bert": "AutoModelForMaskedLM", "t5": "AutoModelForSeq2SeqLM",
+    "vit_mae": "AutoModelForPreTraining", "vit_simmim": "AutoModelForMaskedImageModeling",
+    "swin": "AutoModelForMaskedImageModeling", "conformer": "AutoModel",
+}  # fmt: skip
+# what the exported directory's preprocessing loads through: the tokenizer, or the image / audio processor
+PROCESSOR_CLASSES = {"image": "AutoImageProcessor", "audio": "AutoFeatureExtractor"}
 PARITY_ATOL = 1e-4
 _SAMPLE = "The quick brown fox jumps over the lazy dog. Pretraining turns text into weights."
 
@@ -58,13 +64,16 @@ def read_run_config(run_dir: Path) -> RunConfig:
 
 def load_run_model(
     run_dir: Path, cfg: RunConfig, *, step: int | None = None
-) -> tuple[LanguageModel, PreTrainedTokenizerFast, Path]:
-    """A checkpoint's model (eval mode, on CPU), the run's tokenizer and the checkpoint read (newest intact)."""
+) -> tuple[LanguageModel, PreTrainedTokenizerFast | None, Path]:
+    """A checkpoint's model (eval mode, on CPU), the run's tokenizer (None for image and speech models) and
+    the checkpoint read (newest intact)."""
     import transformers
     from safetensors.torch import load_file
 
     checkpoint = find_checkpoint(run_dir / "checkpoints", step)
-    tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
+    tokenizer = None
+    if cfg.modality is None:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
     model = build_model(cfg.model, tokenizer, init=False)
     model.load_state_dict(load_file(str(checkpoint / "model.safetensors")), strict=True)
     return model.eval(), tokenizer, checkpoint
@@ -96,10 +105,15 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
         if hf_model.can_generate():
             hf_model.generation_config = generation_config(model.config)
         hf_model.save_pretrained(staging, safe_serialization=True)
-        complete_tokenizer(tokenizer, cfg).save_pretrained(staging)
         reloaded = getattr(transformers, AUTO_CLASSES[family]).from_pretrained(staging).eval()
-        reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
-        diff = logit_difference(model, reloaded, reloaded_tokenizer, family)
+        if cfg.modality is None:
+            complete_tokenizer(tokenizer, cfg).save_pretrained(staging)
+            reloaded_tokenizer = transformers.AutoTokenizer.from_pretrained(staging)
+            diff = logit_difference(model, reloaded, reloaded_tokenizer, family)
+        else:
+            media_processor(cfg).save_pretrained(staging)
+            processor = getattr(transformers, PROCESSOR_CLASSES[cfg.modality]).from_pretrained(staging)
+            diff = media_output_difference(model, reloaded, processor, cfg)
         if not diff <= PARITY_ATOL:
             raise RuntimeError(
                 f"export: {out_dir} does not reproduce the checkpoint (max |logit diff| {diff:.3g})"
@@ -111,8 +125,9 @@ def export(run_dir: Path, out_dir: Path, *, step: int | None = None) -> ExportRe
         shutil.rmtree(out_dir)
     staging.rename(out_dir)
     result = ExportResult(out_dir=out_dir, step=step_of(checkpoint), family=family, max_logit_diff=diff)
+    preprocessing = "AutoTokenizer" if cfg.modality is None else PROCESSOR_CLASSES[cfg.modality]
     print(
-        f"exported {checkpoint} -> {out_dir} ({AUTO_CLASSES[family]} + AutoTokenizer load it; "
+        f"exported {checkpoint} -> {out_dir} ({AUTO_CLASSES[family]} + {preprocessing} load it; "
         f"max |logit diff| {diff:.2e})"
     )
     return result
@@ -152,3 +167,65 @@ def logit_difference(ours: torch.nn.Module, theirs: torch.nn.Module, tokenizer, 
     if family == "t5":
         inputs["decoder_input_ids"] = torch.cat([torch.zeros_like(ids[:, :1]), ids[:, :-1]], dim=1)
     return (ours(**inputs).logits - theirs(**inputs).logits).abs().max().item()
+
+
+def media_processor(cfg: RunConfig) -> Any:
+    """What turns raw images or audio into the exported model's inputs, as our data pipeline prepares them:
+    an image resized to the model's size and normalised with the pipeline's mean and std (ImageNet's for RGB,
+    0.5 for gray; data/media_objectives.py `to_pixels`), or mono audio at the model's sample rate normalised
+    to zero mean and unit variance (the BEST-RQ input normalisation)."""
+    from transformers import ViTImageProcessor, Wav2Vec2FeatureExtractor
+
+    from data.media_objectives import IMAGENET_MEAN, IMAGENET_STD
+
+    model = cfg.model.config
+    if cfg.modality == "audio":
+        return Wav2Vec2FeatureExtractor(
+            feature_size=1,
+            sampling_rate=model.sample_rate,
+            padding_value=0.0,
+            do_normalize=True,
+            return_attention_mask=True,
+        )
+    rgb = model.num_channels == 3
+    return ViTImageProcessor(
+        do_resize=True,
+        size={"height": model.image_size, "width": model.image_size},
+        resample=3,  # bicubic, as the pipeline resizes
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=IMAGENET_MEAN.tolist() if rgb else [0.5],
+        image_std=IMAGENET_STD.tolist() if rgb else [0.5],
+    )
+
+
+@torch.no_grad()
+def media_output_difference(
+    ours: torch.nn.Module, theirs: torch.nn.Module, processor: Any, cfg: RunConfig
+) -> float:
+    """Max |output| difference on two builtin samples prepared by the exported processor: the predicted pixels
+    (MAE, with fixed noise), the reconstruction (SimMIM, with a fixed mask), or the encoder output (Conformer)."""
+    import numpy as np
+
+    from data.media import builtin_audio, builtin_image
+
+    model = cfg.model.config
+    generator = torch.Generator().manual_seed(0)
+    if cfg.modality == "audio":
+        clips = [builtin_audio(i, model.sample_rate)[0] for i in range(2)]
+        inputs = processor(clips, sampling_rate=model.sample_rate, return_tensors="pt")
+        values = inputs["input_values"]
+        return (ours.features(values) - theirs(input_values=values).last_hidden_state).abs().max().item()
+    images = [builtin_image(i)[0] for i in range(2)]
+    if model.num_channels == 1:
+        images = [image.mean(-1).round().astype(np.uint8) for image in images]
+    pixels = processor(images, return_tensors="pt")["pixel_values"]
+    patches = (model.image_size // model.patch_size) ** 2
+    if cfg.model.family == "vit_mae":
+        noise = torch.rand(2, patches, generator=generator)
+        return (
+            (ours(pixels, noise).logits - theirs(pixel_values=pixels, noise=noise).logits).abs().max().item()
+        )
+    masked = torch.rand(2, patches, generator=generator) < 0.5
+    reconstruction = theirs(pixel_values=pixels, bool_masked_pos=masked).reconstruction
+    return (ours(pixels, masked).logits - reconstruction).abs().max().item()

@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import yaml
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 
     from data import DataPipeline
     from models.base import LanguageModel
+    from models.config import ModelConfig
 
 Batch = dict[str, Tensor]
 
@@ -65,7 +66,7 @@ class Run:
     guard: DivergenceGuard
     preemption: PreemptionHandler
     throughput: Throughput
-    tokenizer: PreTrainedTokenizerFast
+    tokenizer: PreTrainedTokenizerFast | None  # None for image and speech models
     state: TrainerState
     last_saved: int = -1
     val_batches: list[Batch] = field(default_factory=list)
@@ -146,7 +147,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     checkpoints = checkpoint_manager(cfg, dist)
     cfg = _plan_resume(cfg, dist)  # before paying for a tokenizer, a model and an engine
     if dist.is_main:
-        checkpoints.fingerprint = data.data_fingerprint(cfg.data)
+        checkpoints.fingerprint = data.data_fingerprint(cfg.data, cfg.modality)
     tokenizer = _tokenizer(cfg, dist)
     seed_everything(cfg.train.seed)
     fresh = not checkpoint_dirs(checkpoints.root)  # a resume restores its own weights, not init_from's
@@ -157,16 +158,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
             _say(f"note: {note}")
     engine = build_engine(cfg.engine_spec, recipe, dist)  # ZeRO-3/FSDP: built sharded, never whole
     seed_everything(cfg.train.seed + dist.rank)  # per-rank streams (dropout is reseeded per micro-batch)
-    pipeline = data.build_loader(
-        cfg.data,
-        objective=cfg.objective,
-        tokenizer=tokenizer,
-        batch_size=cfg.train.micro_batch_size,
-        rank=dist.rank,
-        world_size=dist.world_size,
-        seed=cfg.train.seed,
-        grad_accum=cfg.train.grad_accum,
-    )
+    pipeline = build_pipeline(cfg, tokenizer, recipe.config, dist, grad_accum=cfg.train.grad_accum)
     state = checkpoints.restore(engine=engine, data=pipeline) or TrainerState(world_size=dist.world_size)
     state.world_size = dist.world_size  # what the next checkpoint is written with
     prepare_run_dir(cfg, dist)  # after every check that can refuse: a refused start changes nothing here
@@ -192,6 +184,43 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     )
 
 
+def build_pipeline(
+    cfg: RunConfig,
+    tokenizer: PreTrainedTokenizerFast | None,
+    model: ModelConfig,
+    dist: DistInfo,
+    *,
+    grad_accum: int = 1,
+    split: Literal["train", "validation"] = "train",
+) -> DataPipeline:
+    """This rank's batches: text through `data.build_loader`, images and audio through `data.build_media_loader`
+    (same sharding, workers and resumable state; the model's config gives image size, patches, sample rate)."""
+    import data
+
+    common = dict(
+        batch_size=cfg.train.micro_batch_size,
+        rank=dist.rank,
+        world_size=dist.world_size,
+        seed=cfg.train.seed,
+        split=split,
+        grad_accum=grad_accum,
+    )
+    if cfg.modality is None:
+        return data.build_loader(cfg.data, objective=cfg.objective, tokenizer=tokenizer, **common)
+    from data.media_loader import media_options
+
+    options = media_options(cfg.data, cfg.objective, model)
+    return data.build_media_loader(cfg.data, objective=cfg.objective, model=model, options=options, **common)
+
+
+def batch_units(batch: Batch) -> int:
+    """Tokens (text), patches (images) or frames (speech) in one micro-batch: what tokens/s counts."""
+    for key in ("input_ids", "noise", "bool_masked_pos", "mask_time_indices"):
+        if key in batch:
+            return batch[key].numel()
+    raise KeyError(f"a batch with none of the counted inputs: {sorted(batch)}")
+
+
 def _plan_resume(cfg: RunConfig, dist: DistInfo) -> RunConfig:
     """`cfg` with the grad_accum that keeps the checkpoint's global batch at this world size (every rank
     decides alike from the same files); rank 0 says what changed. Refuses in one line what cannot resume."""
@@ -210,11 +239,14 @@ def _plan_resume(cfg: RunConfig, dist: DistInfo) -> RunConfig:
 def objective_flops_per_token(model: LanguageModel, cfg: RunConfig) -> float:
     """Training FLOPs per input token as the objective runs the model (for MFU): BERT's head only at the
     masked share of positions (data.mlm_probability; a hair high, as special tokens are never masked),
-    T5's decoder and head over the span targets, whose length the data config fixes."""
+    T5's decoder and head over the span targets, whose length the data config fixes. Image models: per
+    patch; speech: per frame of a clip (what tokens/s counts for them)."""
     from data.objectives import compute_input_and_target_lengths
     from models.base import SampleShape
 
     d = cfg.data
+    if cfg.modality is not None:
+        return model.flops_per_token(SampleShape(cfg.sample_len))
     if cfg.objective == "mlm":
         return model.flops_per_token(SampleShape(d.seq_len, predicted_fraction=d.mlm_probability))
     if cfg.objective == "span":
@@ -263,8 +295,11 @@ def _changed_keys(old: dict[str, Any], new: dict[str, Any], prefix: str = "") ->
     return out
 
 
-def _tokenizer(cfg: RunConfig, dist: DistInfo) -> PreTrainedTokenizerFast:
-    """Rank 0 trains/saves the tokenizer first; the others then load the saved one."""
+def _tokenizer(cfg: RunConfig, dist: DistInfo) -> PreTrainedTokenizerFast | None:
+    """Rank 0 trains/saves the tokenizer first; the others then load the saved one. Image and speech models
+    have none."""
+    if cfg.modality is not None:
+        return None
     family = cfg.model.family
     tokenizer = components.build_tokenizer(cfg.data, family, cfg.run_dir) if dist.is_main else None
     barrier()
@@ -296,8 +331,9 @@ def run_loop(run: Run) -> TrainerState:
             run.logger.log(metrics_record(run, out, val_loss))
         if _due(state.step, cfg.checkpoint.every, cfg.train.max_steps):
             save(run)
+    unit = {None: "tokens", "image": "patches", "audio": "frames"}[cfg.modality]
     run.logger.note(
-        f"done: step {state.step}, {state.tokens:,} tokens; checkpoints in {run.checkpoints.root}"
+        f"done: step {state.step}, {state.tokens:,} {unit}; checkpoints in {run.checkpoints.root}"
     )
     return state
 
@@ -315,7 +351,7 @@ def train_step(run: Run) -> StepOutput:
     first = (run.state.step * run.dist.world_size + run.dist.rank) * grad_accum
     seeds = [dropout_seed(run.cfg.train.seed, first + a) for a in range(grad_accum)]
     out = run.engine.train_step(micro, seeds=seeds)
-    tokens = sum(batch["input_ids"].numel() for batch in micro) * run.dist.world_size
+    tokens = sum(batch_units(batch) for batch in micro) * run.dist.world_size
     run.throughput.add(tokens, time.perf_counter() - start)
     run.state.step += 1
     run.state.tokens += tokens
@@ -335,19 +371,8 @@ def evaluate(run: Run) -> float:
 
 def _validation_batches(run: Run) -> list[Batch]:
     """The first eval_batches validation batches, repeated if the split is shorter, so every rank runs as many."""
-    import data
-
     cfg = run.cfg
-    pipeline = data.build_loader(
-        cfg.data,
-        objective=cfg.objective,
-        tokenizer=run.tokenizer,
-        batch_size=cfg.train.micro_batch_size,
-        rank=run.dist.rank,
-        world_size=run.dist.world_size,
-        seed=cfg.train.seed,
-        split="validation",
-    )
+    pipeline = build_pipeline(cfg, run.tokenizer, run.engine.model.config, run.dist, split="validation")
     batches = list(itertools.islice(pipeline, cfg.train.eval_batches))
     if not batches:
         raise ConfigError(

@@ -15,6 +15,10 @@ and ZeRO-3's block in use and their root unit, the embedding, with its full grad
 activations (per block, the tensors autograd keeps, counted for a pre-norm block as torchtitan's estimator
 does, plus the fp32 logits and their log-softmax) with and without gradient checkpointing.
 The per-process overhead of a GPU (CUDA context, NCCL, allocator slack) is a flat `OVERHEAD_GIB`.
+Image and speech models are counted the same way over their patches or frames, which makes their activations
+approximate: every block at the first stage's width and the full patch grid (MAE's encoder sees a quarter of
+the patches, Swin's later stages are narrower in tokens), no pixel-output tensors, and no convolutional
+feature encoder (speech: its first layers run at the audio rate and can add a fifth or more).
 """
 
 from __future__ import annotations
@@ -162,6 +166,7 @@ class Plan:
     precision: str
     gpu_bytes: float
     engines: list[EnginePlan]
+    unit: str = "tokens"  # what seq_len counts: tokens, or an image model's patches, a speech model's frames
 
     def recommendation(self) -> str:
         """The first choice in `PREFERENCE` that fits the config's micro-batch."""
@@ -191,7 +196,14 @@ def _engine_keys(name: str) -> str:
 
 
 def plan(
-    config: ModelConfig, *, world: int, micro_batch: int, seq_len: int, precision: str, gpu_memory_gib: float
+    config: ModelConfig,
+    *,
+    world: int,
+    micro_batch: int,
+    seq_len: int,
+    precision: str,
+    gpu_memory_gib: float,
+    unit: str = "tokens",
 ) -> Plan:
     """Every engine's per-GPU memory for `config` trained on `world` GPUs of `gpu_memory_gib` each."""
     shape = ModelShape.of(config)
@@ -223,6 +235,7 @@ def plan(
         precision=precision,
         gpu_bytes=gpu,
         engines=engines,
+        unit=unit,
     )
 
 
@@ -232,9 +245,10 @@ def plan_run(cfg: RunConfig, *, gpus: int, gpu_memory_gib: float) -> Plan:
         cfg.model.config,
         world=gpus,
         micro_batch=cfg.train.micro_batch_size,
-        seq_len=cfg.data.seq_len,
+        seq_len=cfg.sample_len,
         precision=cfg.train.precision,
         gpu_memory_gib=gpu_memory_gib,
+        unit=cfg.unit,
     )
 
 
@@ -242,8 +256,10 @@ def render(p: Plan) -> str:
     """The table `pretrain plan` prints (GiB per GPU)."""
     head = (
         f"{p.shape.params / 1e6:.1f} M parameters, {p.world} GPUs x {p.gpu_bytes / GIB:.0f} GiB, {p.precision}, "
-        f"micro-batch {p.micro_batch} x {p.seq_len} tokens; GiB per GPU (+{OVERHEAD_GIB} GiB CUDA/NCCL overhead)"
+        f"micro-batch {p.micro_batch} x {p.seq_len} {p.unit}; GiB per GPU (+{OVERHEAD_GIB} GiB CUDA/NCCL overhead)"
     )
+    if p.unit != "tokens":
+        head += "\nactivations are approximate for image and speech models (pretrain/plan.py says how)"
     columns = ["engine", "states", "buffers", "activations", "act. (ckpt)", "total", "total (ckpt)", "max mb",
                "max mb (ckpt)"]  # fmt: skip
     rows = []

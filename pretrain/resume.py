@@ -121,4 +121,4 @@ def _check_fingerprint(path: Path, cfg: RunConfig) -> str | None:
     file = path / FINGERPRINT_FILE
     if not file.is_file():
         return None  # written before checkpoints recorded their data
-    return data.check_fingerprint(json.loads(file.read_text()), cfg.data)
+    return data.check_fingerprint(json.loads(file.read_text()), cfg.data, cfg.modality)

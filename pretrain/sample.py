@@ -44,9 +44,15 @@ def sample_run(
     top_k: int = 5,
 ) -> tuple[Path, list[Sample]]:
     """The checkpoint read (the newest intact one, or `step`) and one sample per prompt (default: the family's)."""
+    from pretrain.errors import ConfigError
     from pretrain.export import load_run_model, read_run_config
 
     cfg = read_run_config(run_dir)
+    if cfg.modality is not None:
+        raise ConfigError(
+            f"sample: {run_dir} trained {cfg.model.origin}, which reads {cfg.modality} files, not prompts; "
+            f"`pretrain export` it for transformers' pipelines"
+        )
     model, tokenizer, checkpoint = load_run_model(run_dir, cfg, step=step)
     family = cfg.model.family
     texts = prompts or DEFAULT_PROMPTS[family]

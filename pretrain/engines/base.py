@@ -22,9 +22,10 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LRScheduler
 
 from pretrain.config import EngineSpec
-from pretrain.engines.dist import DistInfo, all_reduce_sum
+from pretrain.engines.dist import DistInfo, all_reduce_sum, broadcast_tensors
 
 SCHEDULER_FILE = "scheduler.json"
+SIGNAL_INPUTS = ("pixel_values", "input_values")  # image and speech models' float inputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -43,6 +44,7 @@ class Engine(ABC):
     dist: DistInfo
     spec: EngineSpec
     scheduler: LRScheduler
+    input_dtype: torch.dtype | None = None  # set where the engine casts the weights themselves (DeepSpeed)
 
     @property
     @abstractmethod
@@ -82,23 +84,34 @@ class Engine(ABC):
             if seeds is not None:
                 torch.manual_seed(seeds[i])  # also every CUDA device's generator
             loss = self._forward_backward(
-                to_device(batch, self.dist.device),
+                to_device(batch, self.dist.device, self.input_dtype),
                 last=i == len(micro_batches) - 1,
                 n_micro=len(micro_batches),
             )
             losses.append(loss.detach().float())
         mean_loss, bad = agreed_loss(losses, self.dist.world_size)
         norm, skipped = self._update(skip=bad)
+        self._sync_running_stats()
         if not skipped:
             self.scheduler.step()
         return StepOutput(loss=mean_loss, grad_norm=math.nan if bad else norm, lr=lr, skipped=skipped)
+
+    def _sync_running_stats(self) -> None:
+        """Rank 0's BatchNorm running statistics (models/conformer.py) on every rank after each step.
+
+        They are buffers each rank updates from its own micro-batches. DDP broadcasts rank 0's at every forward;
+        this does the same for every engine, so all ranks evaluate alike and a checkpoint (which keeps one copy
+        of a replicated buffer) restores each rank's exactly. A no-op for models without BatchNorm."""
+        batch_norms = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+        buffers = [b for m in self.model.modules() if isinstance(m, batch_norms) for b in m.buffers()]
+        broadcast_tensors(buffers)
 
     @torch.no_grad()
     def eval_loss(self, batch: dict[str, Tensor]) -> float:
         """Loss on one batch without gradients, averaged across ranks."""
         module = self.forward_module
         module.eval()
-        loss = module(**to_device(batch, self.dist.device)).loss.float().item()
+        loss = module(**to_device(batch, self.dist.device, self.input_dtype)).loss.float().item()
         module.train()
         return all_reduce_sum([loss])[0] / self.dist.world_size
 
@@ -176,8 +189,15 @@ def _storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
     return total
 
 
-def to_device(batch: dict[str, Tensor], device: torch.device) -> dict[str, Tensor]:
-    return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+def to_device(
+    batch: dict[str, Tensor], device: torch.device, dtype: torch.dtype | None = None
+) -> dict[str, Tensor]:
+    """The batch on `device`; pixels and waveforms (`SIGNAL_INPUTS`) also in `dtype` when given, the weights'
+    dtype of an engine that casts them (token ids, masks and MAE's noise stay as they are)."""
+    return {
+        key: value.to(device, dtype=dtype if key in SIGNAL_INPUTS else None, non_blocking=True)
+        for key, value in batch.items()
+    }
 
 
 def agreed_loss(losses: Sequence[Tensor], world_size: int) -> tuple[float, bool]:

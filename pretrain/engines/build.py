@@ -4,8 +4,12 @@ Building first and sharding later makes every rank hold the whole model once (th
 out-of-memory at start-up), so the engine builds the model itself from a `ModelRecipe`:
 - ZeRO-3 constructs it inside `deepspeed.zero.Init` (each module's parameters are partitioned as soon as the
   module exists), FSDP on the meta device, then `fully_shard`, then allocates only the local shards;
-- DDP and ZeRO 0-2 keep whole replicas and build as before.
-Every path fills parameters one at a time from `initial_slices`: `models.base.initial_value` (one generator
+- DDP and ZeRO 0-2 keep whole replicas and build as before;
+- the image and speech families (models/vit.py, swin.py, conformer.py) initialise as their papers do, module
+  by module from one seeded generator, with fixed tables as buffers, so they have no per-parameter rules
+  (`init_rules`): every rank builds them whole (`init_weights(seed)`: the same weights on every rank), and
+  the engine shards them afterwards.
+Every other path fills parameters one at a time from `initial_slices`: `models.base.initial_value` (one generator
 per parameter name), or the tensor of `model.init_from`'s source, each rank copying its own slice. So the
 initial weights are bitwise the same for every engine and world size, and a rank never holds more than its
 shards plus the one parameter being filled, also while it loads a source.
@@ -44,6 +48,11 @@ class ModelRecipe:
     def model_class(self) -> type[LanguageModel]:
         return model_class(self.config.family)
 
+    def builds_sharded(self) -> bool:
+        """Whether each parameter can be initialised alone, from its name (`init_rules`), so that a sharded
+        engine may build the model on the meta device and fill only its own slices."""
+        return self.model_class().init_rules is not LanguageModel.init_rules
+
     def construct(self) -> LanguageModel:
         """The modules only, under whatever device / partitioning context the caller opened."""
         return self.model_class()(self.config)
@@ -56,15 +65,15 @@ def sharded(spec: EngineSpec) -> bool:
 
 def build_model(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
     """The initialised model as `spec`'s engine holds it on this rank (collective for sharded engines)."""
-    if spec.backend == "fsdp":
+    if spec.backend == "fsdp" and recipe.builds_sharded():
         from pretrain.engines.fsdp import build_sharded
 
         return build_sharded(spec, recipe, dist)
-    if sharded(spec):
+    if sharded(spec) and recipe.builds_sharded():
         from pretrain.engines.deepspeed import build_partitioned
 
         return build_partitioned(spec, recipe, dist)
-    if recipe.weights is None:
+    if recipe.weights is None:  # also the image and speech families, whole: the engine shards them
         model = build_from_config(recipe.config, seed=recipe.seed).to(dist.device)
     else:
         model = _build_whole(recipe, dist)

@@ -108,6 +108,14 @@ class DeepSpeedEngine(Engine):
         assert spec.deepspeed is not None, "resolved by the config"
         self.dist = dist
         self.spec = spec
+        # DeepSpeed casts the parameters to bf16/fp16, but neither the inputs nor the buffers: pixels and
+        # waveforms (engines/base.py SIGNAL_INPUTS) and float buffers (MAE's fixed positions, BatchNorm's
+        # statistics) follow the parameters, as `module.to(dtype)` would have them.
+        self.input_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(spec.precision)
+        if self.input_dtype is not None:
+            for buffer in model.buffers():
+                if buffer.is_floating_point():
+                    buffer.data = buffer.data.to(self.input_dtype)
         self._optimizer = build_optimizer(model, spec.optimizer)
         self.scheduler = build_scheduler(self._optimizer, spec.optimizer)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=config)

@@ -177,6 +177,19 @@ def broadcast_int(value: int, *, src: int = 0) -> int:
     return int(tensor.item())
 
 
+def broadcast_tensors(tensors: list[torch.Tensor], *, src: int = 0) -> None:
+    """Rank `src`'s values copied into `tensors` in place on every rank (a no-op in a single process), one
+    collective per dtype."""
+    if not _active() or not tensors:
+        return
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.detach().reshape(-1) for t in group]).to(_collective_device())
+        dist.broadcast(flat, src=src)
+        for t, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            t.data.copy_(part.view_as(t))
+
+
 def barrier() -> None:
     if _active():
         dist.barrier()

@@ -113,3 +113,19 @@ def test_init_from_refusals(capsys, gpt_source, tmp_path):
     )
     code, out, _ = check(capsys, config, run_dir, f"data.tokenizer={other}", "model.vocab_size=385")
     assert code == 0 and out.startswith("ok: ")
+
+
+def test_an_image_folder_whose_first_file_does_not_decode(capsys, monkeypatch, tmp_path):
+    """Image and speech runs: the first file of a folder source decodes (no tokenizer is looked for)."""
+    from PIL import Image
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    folder = tmp_path / "images" / "cats"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"not a png")
+    run = ["configs/vit-tiny-mae.yaml", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    error = refused(capsys, *run, f"data.source={tmp_path / 'images'}")
+    assert error.startswith("data.source: cannot decode image a.png#0: cannot identify image file"), error
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.png")
+    code, out, _ = check(capsys, *run, f"data.source={tmp_path / 'images'}")
+    assert code == 0 and out.startswith("ok: ")

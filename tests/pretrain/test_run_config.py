@@ -125,18 +125,47 @@ BAD = {
         ["engine.fsdp.reshard_after_forward", "engine.backend=deepspeed does not use it"],
     ),
     "unknown preset": (None, ["model.preset=gpt3"], ["model.preset", "gpt3", "gpt-tiny"]),
-    "image preset": (
+    "text setting with an image preset": (
         None,
-        ["model.preset=vit-tiny-mae"],
-        ["model.preset", "'vit-tiny-mae' is an image model", "gpt, bert, t5", "bench/probe.py"],
+        ["model.preset=vit-tiny-mae", "data.seq_len=64"],
+        ["data.seq_len", "'vit-tiny-mae' is an image model (objective mae)", "does not use it"],
     ),
-    "speech preset with its fields": (
+    "text source with an image preset": (
         None,
-        ["model.preset=conformer-tiny", "model.n_mels=40"],
-        ["model.preset", "'conformer-tiny' is a speech model", "bench/probe.py"],
+        ["model.preset=vit-tiny-simmim", f"data.source={REPO}/configs/*.yaml"],
+        ["data.source", "holds no image files", ".png"],
+    ),
+    "image setting with a speech preset": (
+        None,
+        ["model.preset=conformer-tiny", "data.mask_ratio=0.5"],
+        ["data.mask_ratio", "'conformer-tiny' is a speech model (objective bestrq)"],
+    ),
+    "speech setting with a text preset": (
+        None,
+        ["data.clip_seconds=1.5"],
+        ["data.clip_seconds", "'gpt-tiny' is a text model"],
+    ),
+    "prompts for an image model": (
+        None,
+        ["model.preset=vit-tiny-mae", "eval.samples=[a prompt]"],
+        ["eval.samples", "an image model"],
+    ),
+    "conformer in bf16 on fsdp": (
+        None,
+        ["model.preset=conformer-tiny", "engine.backend=fsdp", "train.precision=bf16"],
+        ["train.precision", "bf16 with engine.backend=fsdp", "Conformer", "engine.backend=deepspeed or ddp"],
+    ),
+    "bestrq on vit": (
+        None,
+        ["model.preset=vit-tiny-mae", "objective=bestrq"],
+        ["objective", "vit_mae", "accepted: 'mae'"],
     ),
     "unknown attention": (None, ["model.attention=flash"], ["model.attention", "flash", "chunked"]),
-    "unknown objective": (None, ["objective=lm"], ["objective", "'clm', 'mlm' or 'span'"]),
+    "unknown objective": (
+        None,
+        ["objective=lm"],
+        ["objective", "'clm', 'mlm', 'span', 'mae', 'simmim' or 'bestrq'", "got 'lm'"],
+    ),
     "unknown engine": (None, ["engine.backend=megatron"], ["engine.backend", "'deepspeed', 'ddp' or 'fsdp'"]),
     "clm on bert": (
         None,
@@ -222,14 +251,23 @@ def test_bad_input_is_one_line_exit_2(
         load_config(path, overrides)
 
 
-@pytest.mark.parametrize("command", ["check", "config"])
-def test_media_presets_are_one_line_in_check_and_config(
-    command: str, config: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("preset", "objective", "unit_setting"),
+    [("vit-tiny-mae", "mae", "crop_scale"), ("swin-tiny-simmim", "simmim", "mask_ratio"),
+     ("conformer-tiny", "bestrq", "clip_seconds")],
+)  # fmt: skip
+def test_media_presets_resolve_without_text_settings(
+    preset: str, objective: str, unit_setting: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert main([command, str(config), "model.preset=swin-tiny-simmim"]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.count("\n") == 1, err
-    assert "'swin-tiny-simmim' is an image model" in err and "bench/probe.py" in err
+    """The objective follows the family; `pretrain config` lists the data keys that objective reads, and none of
+    text's (no tokenizer, no seq_len)."""
+    path = write_yaml(tmp_path / "media.yaml", f"model: {{preset: {preset}}}\n")
+    cfg = load_config(path)
+    assert cfg.objective == objective and cfg.modality == ("audio" if objective == "bestrq" else "image")
+    assert main(["config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"objective: {objective}" in out and f"data.{unit_setting}:" in out
+    assert "data.seq_len" not in out and "data.tokenizer" not in out and "from the tokenizer" not in out
 
 
 def test_usage_errors_are_one_line(capsys: pytest.CaptureFixture[str]) -> None:
