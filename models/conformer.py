@@ -66,17 +66,31 @@ class RelPositionAttention(SelfAttention):
 
 
 class RecomputeSafeBatchNorm(nn.BatchNorm1d):
-    """BatchNorm whose running statistics move once per step under activation checkpointing too.
+    """BatchNorm whose running statistics move once per step under activation checkpointing too, and that
+    normalises in its statistics' dtype (fp32) when mixed precision hands it low-precision inputs or weights.
 
     The recomputation in backward runs inside the autograd engine (a graph task is current); there it
     normalises with the batch's statistics as the first pass did, but leaves the running ones alone.
     """
 
     def forward(self, x: Tensor) -> Tensor:
-        if self.training and self.track_running_stats and torch._C._current_graph_task_id() != -1:
-            mean, var = self.running_mean.clone(), self.running_var.clone()  # updated, then dropped
-            return F.batch_norm(x, mean, var, self.weight, self.bias, True, self.momentum or 0.0, self.eps)
-        return super().forward(x)
+        # nn.BatchNorm1d.forward's logic, but recomputation leaves the statistics alone and the arithmetic
+        # runs in the statistics' dtype
+        recompute = self.training and self.track_running_stats and torch._C._current_graph_task_id() != -1
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.training and self.track_running_stats and not recompute:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:  # cumulative moving average
+                momentum = 1.0 / float(self.num_batches_tracked)
+        use_batch = self.training or (self.running_mean is None and self.running_var is None)
+        keep = not self.training or self.track_running_stats
+        mean, var = (self.running_mean, self.running_var) if keep else (None, None)
+        if recompute:
+            mean, var = mean.clone(), var.clone()  # updated, then dropped
+        dtype = x.dtype if self.running_mean is None else self.running_mean.dtype
+        weight, bias = (None if t is None else t.to(dtype) for t in (self.weight, self.bias))
+        out = F.batch_norm(x.to(dtype), mean, var, weight, bias, use_batch, momentum, self.eps)
+        return out.to(x.dtype)
 
 
 class ConvolutionModule(nn.Module):

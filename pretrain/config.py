@@ -396,16 +396,6 @@ class RunConfig:
                 f"model.init_from: not supported for the image and speech families yet ({self.model.family}); "
                 "start from a model.preset"
             )
-        if (
-            self.model.family == "conformer"
-            and self.engine.backend == "fsdp"
-            and self.train.precision != "fp32"
-        ):
-            # FSDP's mixed precision casts BatchNorm's weight to bf16 but not its fp32 running statistics.
-            raise ConfigError(
-                f"train.precision: {self.train.precision} with engine.backend=fsdp is not supported for the "
-                "Conformer (its BatchNorm); accepted: fp32 with fsdp, or bf16 with engine.backend=deepspeed or ddp"
-            )
 
     @property
     def sample_len(self) -> int:

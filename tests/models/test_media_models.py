@@ -265,3 +265,30 @@ def test_wrong_shapes_are_errors_naming_them() -> None:
         get_config("swin-tiny-simmim", window_size=8)
     with pytest.raises(ValueError, match="depthwise_kernel=4 must be odd"):
         get_config("conformer-tiny", depthwise_kernel=4)
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_conformer_batch_norm_is_torchs_and_computes_in_its_statistics_dtype(momentum: float | None) -> None:
+    from models.conformer import RecomputeSafeBatchNorm
+
+    torch.manual_seed(0)
+    ours, reference = RecomputeSafeBatchNorm(6, momentum=momentum), torch.nn.BatchNorm1d(6, momentum=momentum)
+    with torch.no_grad():
+        ours.weight.normal_(), ours.bias.normal_()
+    reference.load_state_dict(ours.state_dict())
+    for step in range(3):  # outputs, running statistics and the batch count as torch's own BatchNorm
+        x = torch.randn(4, 6, 9) * (step + 1)
+        assert torch.equal(ours(x), reference(x))
+    for name, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[name], value), name
+    ours.eval(), reference.eval()
+    x = torch.randn(2, 6, 5)
+    assert torch.equal(ours(x), reference(x))
+    # Mixed precision (FSDP casts the weights, not the fp32 statistics): fp32 arithmetic, the input's dtype out.
+    low = RecomputeSafeBatchNorm(6, momentum=momentum).to(torch.bfloat16).eval()
+    low.load_state_dict(ours.state_dict())
+    low.running_mean, low.running_var = ours.running_mean.clone(), ours.running_var.clone()
+    out = low(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    expected = reference(x.to(torch.bfloat16).float())  # same bf16-rounded weights as `low`
+    assert max_rel_err(out.float(), expected) < 1e-2

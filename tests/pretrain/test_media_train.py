@@ -185,11 +185,13 @@ def test_sample_refuses_a_media_run_in_one_line(
 
 
 @pytest.mark.parametrize(
-    ("family", "engine"), [("vit_mae", "deepspeed"), ("conformer", "deepspeed"), ("conformer", "ddp")]
+    ("family", "engine"),
+    [("vit_mae", "deepspeed"), ("conformer", "deepspeed"), ("conformer", "ddp"), ("conformer", "fsdp")],
 )
 def test_bf16_runs_with_float_buffers_and_inputs(family: str, engine: str, tmp_path: Path) -> None:
     """bf16: DeepSpeed casts only the parameters (the engine casts pixels, waveforms and float buffers: MAE's
-    positions, BatchNorm's statistics), DDP autocasts (the Conformer's relative-position biases follow q)."""
+    positions, BatchNorm's statistics), DDP autocasts (the Conformer's relative-position biases follow q), FSDP
+    casts the parameters but not BatchNorm's fp32 statistics (the Conformer's BatchNorm computes in fp32)."""
     import math
 
     config, shrink = FAMILIES[family]

@@ -150,11 +150,6 @@ BAD = {
         ["model.preset=vit-tiny-mae", "eval.samples=[a prompt]"],
         ["eval.samples", "an image model"],
     ),
-    "conformer in bf16 on fsdp": (
-        None,
-        ["model.preset=conformer-tiny", "engine.backend=fsdp", "train.precision=bf16"],
-        ["train.precision", "bf16 with engine.backend=fsdp", "Conformer", "engine.backend=deepspeed or ddp"],
-    ),
     "bestrq on vit": (
         None,
         ["model.preset=vit-tiny-mae", "objective=bestrq"],
