@@ -37,6 +37,16 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [s for s, _ in points], [v for _, v in points]
 
 
+def _unit(run_dir: Path) -> str:
+    """What the run's tokens/s counts (text tokens, image patches, audio frames), from its config.yaml."""
+    from pretrain.export import read_run_config
+
+    try:
+        return read_run_config(run_dir).unit
+    except UserError:  # no or an old config: the records alone still plot
+        return "tokens"
+
+
 def build_figure(run_dirs: Sequence[Path]) -> Any:
     """The matplotlib figure for `run_dirs` (one color per run); UserError if a run has no training records."""
     import matplotlib
@@ -50,7 +60,9 @@ def build_figure(run_dirs: Sequence[Path]) -> Any:
         if not train:
             raise UserError(f"no training records in {run_dir / METRICS_FILE}; train first")
         runs.append((run_dir, train, read_resumes(run_dir)))
-    panels = [(k, label) for k, label in _PANELS if any(_series(t, k)[0] for _, t, _ in runs)]
+    units = " | ".join(dict.fromkeys(_unit(run_dir) for run_dir in run_dirs))
+    labels = {**dict(_PANELS), "tokens_per_s": f"{units} / s"}
+    panels = [(k, labels[k]) for k, _ in _PANELS if any(_series(t, k)[0] for _, t, _ in runs)]
     fig, axes = plt.subplots(
         1 + len(panels), 1, figsize=(9, 2.6 * (1 + len(panels))), sharex=True, squeeze=False
     )

@@ -105,12 +105,13 @@ def test_plot_overlays_runs_with_panels_smoothing_and_resume_marks(tmp_path: Pat
         (run / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in records))
         runs.append(run)
     note_resume(runs[1], 6)
+    (runs[1] / "config.yaml").write_text("model: {preset: vit-tiny-mae}\n")  # an image run counts patches
     fig = build_figure(runs)
     axes = fig.axes
     assert [ax.get_ylabel() for ax in axes] == [
         "loss",
         "learning rate",
-        "tokens / s",
+        "tokens | patches / s",
         "grad norm",
     ]  # no MFU logged
     loss_lines = axes[0].get_lines()
