@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.base import (
@@ -37,9 +36,9 @@ class MLMHead(nn.Module):
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
-    def forward(self, x: Tensor, embedding: Tensor) -> Tensor:
+    def forward(self, x: Tensor, embed: Embeddings) -> Tensor:
         x = self.norm(ACTIVATIONS[self.activation](self.transform(x)))
-        return F.linear(x, embedding, self.bias)
+        return embed.project(x, self.bias)
 
 
 class BERT(LanguageModel):
@@ -55,6 +54,7 @@ class BERT(LanguageModel):
             norm_eps=config.layer_norm_eps,
             dropout=config.dropout,
             padding_idx=config.pad_token_id,
+            tied_head=True,
         )
         self.blocks = Stack(
             [PostNormBlock(block) for _ in range(config.n_layers)],
@@ -73,9 +73,9 @@ class BERT(LanguageModel):
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
         if labels is None:
-            return ModelOutput(logits=self.head(x, self.embed.tokens.weight))
+            return ModelOutput(logits=self.head(x, self.embed))
         masked = labels != -100
-        logits = self.head(x[masked], self.embed.tokens.weight)  # (num_masked, V)
+        logits = self.head(x[masked], self.embed)  # (num_masked, V)
         return ModelOutput(logits=logits, loss=cross_entropy(logits, labels[masked]))
 
     def transformer_blocks(self) -> list[nn.Module]:

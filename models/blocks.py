@@ -196,7 +196,11 @@ class Stack(nn.ModuleList):
 
 
 class Embeddings(nn.Module):
-    """Token embedding (+ token types) (+ absolute positions), then an optional LayerNorm and dropout."""
+    """Token embedding (+ token types) (+ absolute positions), then an optional LayerNorm and dropout.
+
+    `tied_head`: the token table is also the model's output projection (`project`), called in every
+    forward that looks tokens up, so the table's gradient always has the head's dense part.
+    """
 
     def __init__(
         self,
@@ -208,9 +212,11 @@ class Embeddings(nn.Module):
         norm_eps: float | None = None,
         dropout: float = 0.0,
         padding_idx: int | None = None,
+        tied_head: bool = False,
     ) -> None:
         super().__init__()
         self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
+        self.tied_head = tied_head
         self.token_types = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
         self.positions = positions
         self.norm = nn.LayerNorm(d_model, eps=norm_eps) if norm_eps is not None else None
@@ -221,8 +227,16 @@ class Embeddings(nn.Module):
         tables = (self.tokens, self.token_types, self.positions)
         return [p for table in tables if table is not None for p in table.parameters()]
 
+    def project(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
+        """Logits over the vocabulary from the token table: the LM head of a model built with `tied_head`."""
+        return F.linear(x, self.tokens.weight, bias)  # (..., V)
+
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        x = self.tokens(input_ids)  # (B, L, D)
+        # Tied: the lookup's gradient stays sparse (B x L rows) and is added into the head's dense V x D
+        # gradient, instead of a zero-filled V x D tensor beside it (one table's worth less at the backward
+        # peak, bench/NOTES.md). Functional, so that DDP, seeing no sparse module, expects a dense gradient.
+        t = self.tokens
+        x = F.embedding(input_ids, t.weight, t.padding_idx, sparse=self.tied_head)  # (B, L, D)
         if self.token_types is not None:
             # No ids means type 0 everywhere: add that one row instead of a lookup per token.
             x = x + (

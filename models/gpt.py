@@ -34,7 +34,11 @@ class GPT(LanguageModel):
         block = BlockConfig.from_model(config, causal=True)
         positions = make_positions(config.positions, config.max_seq_len, config.d_model)
         self.embed = Embeddings(
-            config.vocab_size, config.d_model, positions=positions, dropout=config.dropout
+            config.vocab_size,
+            config.d_model,
+            positions=positions,
+            dropout=config.dropout,
+            tied_head=True,
         )
         self.blocks = Stack(
             [PreNormBlock(block) for _ in range(config.n_layers)],
@@ -48,7 +52,7 @@ class GPT(LanguageModel):
         """Causal LM. `labels` are aligned with `input_ids` (usually equal); the shift happens here."""
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids), key_padding_mask=padding)  # (B, L, D)
-        logits = F.linear(self.norm(x), self.embed.tokens.weight)  # (B, L, V)
+        logits = self.embed.project(self.norm(x))  # (B, L, V)
         loss = None
         if labels is not None:
             # Predict token t+1 at position t; padding the shifted labels avoids copying the logits.

@@ -8,7 +8,6 @@ by all its layers: bidirectional buckets in the encoder, causal ones in the deco
 from __future__ import annotations
 
 import torch.nn as nn
-import torch.nn.functional as F
 from torch import Tensor
 
 from models.attention import SelfAttention
@@ -51,7 +50,9 @@ class T5(LanguageModel):
         bias = dict(num_buckets=config.relative_buckets, max_distance=config.relative_max_distance)
         checkpointing = config.gradient_checkpointing
 
-        self.embed = Embeddings(config.vocab_size, config.d_model, dropout=config.dropout)
+        self.embed = Embeddings(
+            config.vocab_size, config.d_model, dropout=config.dropout, tied_head=config.tie_embeddings
+        )
         self.encoder_bias = RelativePositionBias(config.n_heads, bidirectional=True, **bias)
         self.encoder = Stack(
             [PreNormBlock(encoder_block) for _ in range(config.n_layers)],
@@ -99,7 +100,7 @@ class T5(LanguageModel):
         )
         x = self.drop(self.decoder_norm(x))  # (B, Ltgt, D)
         if self.lm_head is None:
-            logits = F.linear(x * self.config.d_model**-0.5, self.embed.tokens.weight)
+            logits = self.embed.project(x * self.config.d_model**-0.5)
         else:
             logits = self.lm_head(x)
         loss = cross_entropy(logits, labels) if labels is not None else None

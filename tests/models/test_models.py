@@ -58,6 +58,23 @@ def test_gradient_checkpointing_leaves_gradients_unchanged(preset: str, dropout:
         torch.testing.assert_close(grads_b[name], g, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "t5-tiny"])
+def test_a_tied_table_gets_its_lookup_gradient_sparse_and_its_whole_gradient_dense(preset: str) -> None:
+    """The lookup adds B x L rows into the head's dense gradient; the sum equals the dense lookup's."""
+    torch.manual_seed(0)
+    model = models.build_model(preset, **SMALL, attention="sdpa")
+    table = model.embed.tokens.weight
+    inputs = batch(model.config.family)
+    (lookup,) = torch.autograd.grad(model.embed(inputs["input_ids"]).sum(), table)
+    assert lookup.is_sparse
+    _, grads = grads_of(model, inputs)
+    assert table.grad.layout == torch.strided  # what DDP's reducer and every optimizer expect
+    model.embed.tied_head = False
+    _, dense = grads_of(model, inputs)
+    name = "embed.tokens.weight"
+    torch.testing.assert_close(grads[name], dense[name], rtol=1e-6, atol=1e-7)
+
+
 def test_bert_with_labels_returns_logits_only_at_masked_positions() -> None:
     model = models.build_model("bert-tiny", **SMALL).eval()
     inputs = batch("bert")
