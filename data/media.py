@@ -55,7 +55,8 @@ class MediaRecord:
     label: int = -1
 
     def __len__(self) -> int:
-        """Bytes held in memory (DocStream bounds a shuffle block's total)."""
+        """Bytes held in memory (DocStream bounds a shuffle block's total; a prepared array is a view of a
+        memory map, so it holds none)."""
         return len(self.payload) if isinstance(self.payload, bytes) else 1
 
 
@@ -391,7 +392,7 @@ class PreparedMediaSource:
         )
         self.skips = SkipLog()
         split = spec.index["splits"][spec.split]
-        self.file_records = np.array([f["records"] for f in split["files"]], dtype=np.int64)
+        self.file_records = np.load(os.path.join(spec.path, f"{spec.split}-files.npy"))
         self.file_start = np.concatenate([[0], np.cumsum(self.file_records)])
         self.image = spec.index["modality"] == "image"
         dtype = np.uint8 if self.image else np.int16
@@ -400,8 +401,8 @@ class PreparedMediaSource:
             base = os.path.join(spec.path, shard["name"])
             values = np.memmap(f"{base}.bin", dtype, mode="r") if shard["values"] else np.zeros(0, dtype)
             offsets = np.load(f"{base}.idx.npy", mmap_mode="r")
-            labels = np.load(f"{base}.labels.npy")
-            shapes = np.load(f"{base}.shapes.npy") if self.image else None
+            labels = np.load(f"{base}.labels.npy", mmap_mode="r")
+            shapes = np.load(f"{base}.shapes.npy", mmap_mode="r") if self.image else None
             self.shards.append((values, offsets, labels, shapes))
             starts.append(starts[-1] + shard["records"])
         self.shard_start = np.array(starts, dtype=np.int64)

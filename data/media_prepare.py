@@ -2,9 +2,10 @@
 
 Layout of OUT_DIR, as data/prepare.py's token shards: `{split}-{n:05d}.bin` (the records' values back to
 back), `{split}-{n:05d}.idx.npy` (int64 offsets, one more than records), `{split}-{n:05d}.labels.npy`
-(int64 classes, -1 unknown), for images `{split}-{n:05d}.shapes.npy` (int32 height, width), and
-`index.json` (written last) with the modality, the settings and how many records each source file gave,
-so the prepared source numbers and shards the records as the folder does: same seed, same batches.
+(int64 classes, -1 unknown), for images `{split}-{n:05d}.shapes.npy` (int32 height, width),
+`{split}-files.npy` (int64: how many records each source file gave, in the source's file order, so the
+prepared source numbers and shards the records as the folder does: same seed, same batches; an array, not
+JSON, as image folders have a file per record), and `index.json` (written last: modality, settings, shards).
 
 Images are (H, W, C) uint8 in the model's channels, resized (bicubic) so the shorter side is `short_side`
 (training crops from them). Audio is mono int16 at the model's sample rate: wav and flac are mostly 16-bit
@@ -123,9 +124,10 @@ def _source_spec(cfg: DataConfig, split: str, modality: Modality) -> MediaFilesS
         setting="data.validation_source" if separate else "data.source",
     )
     if not isinstance(spec, MediaFilesSpec):
-        what = {"builtin": "is generated from each record's number (nothing to decode)"}.get(
-            source, "is not a folder, glob or parquet of files (hf: sources are not prepared yet)"
-        )
+        what = {
+            "BuiltinSpec": "is generated from each record's number (nothing to decode)",
+            "HFMediaSpec": "is a hub dataset (hf: sources are not prepared yet)",
+        }.get(type(spec).__name__, "is prepared already")
         raise DataError(f"data prepare: {source!r} {what}; prepare local {modality} files")
     return spec
 
@@ -143,13 +145,10 @@ def _prepare_files(
         for result in imap(_decode_files, tasks):
             results.append(result)
             progress.advance(bar)
-    files = [
-        {"key": f.key, "records": n}
-        for group, (per_file, _, _) in zip(groups, results)
-        for f, n in zip(group, per_file)
-    ]
+    per_file = np.array([n for per_group, _, _ in results for n in per_group], dtype=np.int64)
+    np.save(out_dir / f"{split}-files.npy", per_file)
     shards = [shard for _, shard, _ in results]
-    summary = {"files": files, "shards": shards, "records": sum(s["records"] for s in shards)}
+    summary = {"files": len(per_file), "shards": shards, "records": sum(s["records"] for s in shards)}
     return summary, sum((Counter(r[2]) for r in results), Counter())
 
 

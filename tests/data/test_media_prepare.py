@@ -107,7 +107,9 @@ def test_index_and_stored_arrays(images, tmp_path: Path) -> None:
     }
     counts = {split: index["splits"][split]["records"] for split in ("train", "validation")}
     assert counts["train"] + counts["validation"] == 24 and counts["validation"] > 0
-    assert all(len(index["splits"][s]["files"]) == 24 for s in counts)  # every file listed in both splits
+    for split in counts:  # every file counted in both splits, in the folder's order
+        per_file = np.load(prepared / f"{split}-files.npy")
+        assert index["splits"][split]["files"] == len(per_file) == 24 and per_file.sum() == counts[split]
     # other sizes are resized to the shorter side, gray images get the model's channels
     (tmp_path / "big").mkdir()
     big = builtin_image(3, size=48)[0][:40]  # 40 x 48
