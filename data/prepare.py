@@ -4,7 +4,7 @@ Layout of OUT_DIR: `{split}-{n:05d}.bin` (the documents' tokens back to back, ui
 `{split}-{n:05d}.idx.npy` (int64 document offsets, one more than documents), `tokenizer/`, and
 `index.json` (written last, so a half-written directory is never read). The index keeps how many
 documents each source file gave, so the prepared source shuffles and shards exactly like the streaming
-one: same seed, same batches.
+one: same seed, same batches. Images and audio are decoded into the same layout by data/media_prepare.py.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from data.config import DataConfig
 from data.errors import DataError
 from data.files import FilesSpec
 from data.hub import HFSpec
-from data.shards import PREPARED_INDEX
+from data.shards import FORMATS, PREPARED_INDEX
 from data.sources import resolve_source
 from data.tokenizer import Encoder, fingerprint
 
-FORMAT = "pretrain-token-shards"
 TASKS_PER_PROC = 4  # several tasks per process keep the processes busy when files differ in size
 STREAM_BATCH = 256  # documents per task when tokenising a streamed dataset
 
@@ -55,7 +54,7 @@ def prepare_shards(
         skipped.update(split_skips)
     tokenizer.save_pretrained(out_dir / "tokenizer")
     index = {
-        "format": FORMAT,
+        "format": FORMATS["text"],
         "version": 1,
         "source": cfg.source,
         "dtype": np.dtype(dtype).name,
