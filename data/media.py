@@ -391,14 +391,22 @@ class PreparedMediaSource:
             shuffle,
         )
         self.skips = SkipLog()
-        split = spec.index["splits"][spec.split]
-        self.file_records = np.load(os.path.join(spec.path, f"{spec.split}-files.npy"))
-        self.file_start = np.concatenate([[0], np.cumsum(self.file_records)])
         self.image = spec.index["modality"] == "image"
+        try:
+            self._open(spec.index["splits"][spec.split])
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"data.source: {spec.name!r} is incomplete ({exc}); prepare it again into an empty directory"
+            ) from None
+
+    def _open(self, split: dict[str, Any]) -> None:
+        path = self.spec.path
+        self.file_records = np.load(os.path.join(path, f"{self.spec.split}-files.npy"))
+        self.file_start = np.concatenate([[0], np.cumsum(self.file_records)])
         dtype = np.uint8 if self.image else np.int16
         self.shards, starts = [], [0]
         for shard in split["shards"]:
-            base = os.path.join(spec.path, shard["name"])
+            base = os.path.join(path, shard["name"])
             values = np.memmap(f"{base}.bin", dtype, mode="r") if shard["values"] else np.zeros(0, dtype)
             offsets = np.load(f"{base}.idx.npy", mmap_mode="r")
             labels = np.load(f"{base}.labels.npy", mmap_mode="r")

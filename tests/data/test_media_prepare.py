@@ -201,6 +201,12 @@ def test_refusals_name_the_mismatch(images, clips) -> None:
         DataError, match=r"holds prepared decoded audio shards, but this run's model reads image"
     ):
         _loader(prepared_clips, "simmim", Image16())
+    (prepared_clips / "train-files.npy").rename(prepared_clips / "moved.npy")  # a damaged directory
+    try:
+        with pytest.raises(DataError, match=r"is incomplete \(.*train-files.npy"):
+            _take(_loader(prepared_clips, "bestrq", Speech()), 1)
+    finally:
+        (prepared_clips / "moved.npy").rename(prepared_clips / "train-files.npy")
     with pytest.raises(DataError, match="generated from each record's number"):
         prepare_media_shards(
             DataConfig(),
