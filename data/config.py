@@ -19,7 +19,7 @@ FIELD_OBJECTIVES: dict[str, tuple[str, ...]] = {
     "text_field": _TEXT, "text_unit": _TEXT, "mlm_probability": ("mlm",), "noise_density": ("span",),
     "mean_noise_span_length": ("span",), "media_field": ("mae", "simmim", "bestrq"),
     "crop_scale": ("mae", "simmim"), "image_flip": ("mae", "simmim"), "mask_patch_size": ("simmim",),
-    "mask_ratio": ("simmim",), "clip_seconds": ("bestrq",),
+    "mask_ratio": ("simmim",), "clip_seconds": ("bestrq",), "prepared_image_size": ("mae", "simmim"),
 }  # fmt: skip
 TextUnit = Literal["file", "paragraph", "line"]
 TEXT_UNITS = ("file", "paragraph", "line")
@@ -89,6 +89,11 @@ class DataConfig:
         "speech: seconds per sample (longer clips are cropped, randomly in training; shorter zero-padded)",
         2.0,
     )
+    prepared_image_size: int | None = _doc(
+        "images, `pretrain data prepare`: the shorter side images are resized to before they are stored "
+        "(training crops from them); null = ceil(model image size x 256 / 224), ImageNet's 256 for 224",
+        None,
+    )
     virtual_streams: int | None = field(
         default=None,
         metadata={
@@ -133,6 +138,8 @@ class DataConfig:
             value = getattr(self, name)
             if not isinstance(value, int | float) or not 0.0 <= value < 1.0:
                 raise ValueError(f"data.{name}: expected a number in [0, 1), got {value!r}")
+        if self.prepared_image_size is not None:
+            _check_int("prepared_image_size", self.prepared_image_size, 1)
         if self.mask_patch_size is not None:
             _check_int("mask_patch_size", self.mask_patch_size, 1)
         if not isinstance(self.mask_ratio, int | float) or not 0.0 < self.mask_ratio < 1.0:

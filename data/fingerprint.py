@@ -5,7 +5,7 @@ thing if the files are the same: an added, removed or rewritten file silently sh
 other documents. `data_fingerprint(cfg)` records, per source: local files as (relative path, size,
 modification time) (the builtin corpus without times: they differ between installs of the same
 Python); a prepared directory as the hash of its `index.json` (which lists its shards, documents per
-source file and tokenizer); an `hf:` dataset as its name, config and split. `check_fingerprint` answers
+source file and tokenizer or decoding settings); an `hf:` dataset as its name, config and split. `check_fingerprint` answers
 a change with a one-line DataError naming the first changed file, or, with `data.allow_changed=true`,
 a warning to print.
 
@@ -43,7 +43,7 @@ def data_fingerprint(cfg: DataConfig, modality: Modality | None = None) -> Finge
 
 
 def _source(spec: Any) -> dict[str, Any]:
-    from data.media import BuiltinSpec, HFMediaSpec, MediaFilesSpec
+    from data.media import BuiltinSpec, HFMediaSpec, MediaFilesSpec, PreparedMediaSpec
 
     if isinstance(spec, BuiltinSpec):  # generated: its size is all there is to it
         return {"kind": "files", "name": spec.name, "files": [["generated", spec.size, None]]}
@@ -59,7 +59,7 @@ def _source(spec: Any) -> dict[str, Any]:
             st = os.stat(f.path)
             files.append([f.key, st.st_size, st.st_mtime_ns if timed else None])
         return {"kind": "files", "name": spec.name, "files": files}
-    if isinstance(spec, PreparedSpec):
+    if isinstance(spec, PreparedSpec | PreparedMediaSpec):
         with open(os.path.join(spec.path, PREPARED_INDEX), "rb") as fh:
             digest = hashlib.sha256(fh.read()).hexdigest()
         return {"kind": "prepared", "name": spec.name, "index_sha256": digest}

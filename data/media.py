@@ -7,7 +7,9 @@ in the seeded file order and stream s of S owns those with g % S == s. A record 
 key, an encoded payload (bytes), a file path or a builtin index, and a class label; it is decoded only
 when its batch is made, so a shuffle block holds at most 32 MB of encoded payload (DocStream's bound).
 
-Images decode with Pillow, audio with soundfile (wav, flac, ogg, mp3) and is resampled with soxr.
+Images decode with Pillow, audio with soundfile (wav, flac, ogg, mp3) and is resampled with soxr. A
+directory from `pretrain data prepare` (data/media_prepare.py) holds them decoded once: its records carry
+the array (a view of a memory map), which decoding passes through.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import numpy as np
 from data.errors import DataError
 from data.files import in_validation
 from data.records import Cursor, SkipLog, epoch_order
+from data.shards import PREPARED_INDEX, load_prepared_index
 
 Modality = Literal["image", "audio"]
 SUFFIXES: dict[str, tuple[str, ...]] = {
@@ -43,15 +46,17 @@ AUDIO_CLASSES = tuple(
 
 @dataclass(frozen=True)
 class MediaRecord:
-    """One sample before decoding. payload: encoded bytes, a file path (str), or a builtin index (int).
+    """One sample before decoding. payload: encoded bytes, a file path (str), a builtin index (int), or the
+    decoded array of a prepared shard (a memory-map view: nothing is read until the sample is made).
     label: the class (a folder name's index, a label column, the builtin class), -1 when unknown."""
 
     key: str
-    payload: bytes | str | int
+    payload: bytes | str | int | np.ndarray
     label: int = -1
 
     def __len__(self) -> int:
-        """Bytes held in memory (DocStream bounds a shuffle block's total)."""
+        """Bytes held in memory (DocStream bounds a shuffle block's total; a prepared array is a view of a
+        memory map, so it holds none)."""
         return len(self.payload) if isinstance(self.payload, bytes) else 1
 
 
@@ -367,6 +372,105 @@ class HFMediaSpec:
         return HFMediaSource(self, stream=stream, num_streams=num_streams, seed=seed, shuffle=shuffle)
 
 
+# --- prepared: arrays decoded once by `pretrain data prepare` (data/media_prepare.py) ---------------------
+
+
+class PreparedMediaSource:
+    """Decoded shards, read at random. Records are numbered as the folder they came from numbers them (its
+    files in the epoch's seeded order, each file's records in turn) and stream s of S takes those with
+    g % S == s, so a run on the shards sees the folder's records in the folder's order."""
+
+    def __init__(
+        self, spec: PreparedMediaSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool
+    ) -> None:
+        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
+            spec,
+            stream,
+            num_streams,
+            seed,
+            shuffle,
+        )
+        self.skips = SkipLog()
+        self.image = spec.index["modality"] == "image"
+        try:
+            self._open(spec.index["splits"][spec.split])
+        except (OSError, ValueError) as exc:
+            raise DataError(
+                f"data.source: {spec.name!r} is incomplete ({exc}); prepare it again into an empty directory"
+            ) from None
+
+    def _open(self, split: dict[str, Any]) -> None:
+        path = self.spec.path
+        self.file_records = np.load(os.path.join(path, f"{self.spec.split}-files.npy"))
+        self.file_start = np.concatenate([[0], np.cumsum(self.file_records)])
+        dtype = np.uint8 if self.image else np.int16
+        self.shards, starts = [], [0]
+        for shard in split["shards"]:
+            base = os.path.join(path, shard["name"])
+            values = np.memmap(f"{base}.bin", dtype, mode="r") if shard["values"] else np.zeros(0, dtype)
+            offsets = np.load(f"{base}.idx.npy", mmap_mode="r")
+            labels = np.load(f"{base}.labels.npy", mmap_mode="r")
+            shapes = np.load(f"{base}.shapes.npy", mmap_mode="r") if self.image else None
+            self.shards.append((values, offsets, labels, shapes))
+            starts.append(starts[-1] + shard["records"])
+        self.shard_start = np.array(starts, dtype=np.int64)
+
+    def record(self, index: int) -> MediaRecord:
+        shard = int(np.searchsorted(self.shard_start, index, side="right")) - 1
+        values, offsets, labels, shapes = self.shards[shard]
+        local = index - int(self.shard_start[shard])
+        array = values[offsets[local] : offsets[local + 1]]
+        if shapes is not None:
+            array = array.reshape(*shapes[local], -1)
+        return MediaRecord(f"{self.spec.name}#{index}", array, int(labels[local]))
+
+    def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, MediaRecord]]:
+        order = epoch_order(len(self.file_records), seed=self.seed, epoch=epoch, shuffle=self.shuffle)
+        epoch_start = np.concatenate([[0], np.cumsum(self.file_records[order])])
+        S, start = self.num_streams, cursor["g"] if cursor else 0
+        for g in range(start + (self.stream - start) % S, int(epoch_start[-1]), S):
+            fi = (
+                int(np.searchsorted(epoch_start, g, side="right")) - 1
+            )  # files with no record are passed over
+            yield {"g": g + 1}, self.record(int(self.file_start[order[fi]]) + g - int(epoch_start[fi]))
+
+
+@dataclass(frozen=True)
+class PreparedMediaSpec:
+    name: str
+    path: str
+    split: str
+    index: dict[str, Any]
+
+    def open(self, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> PreparedMediaSource:
+        return PreparedMediaSource(self, stream=stream, num_streams=num_streams, seed=seed, shuffle=shuffle)
+
+
+def check_prepared(spec: Any, model: Any, *, setting: str = "data.source") -> None:
+    """Prepared shards must fit the model they feed: its channels and no smaller than its image, or its
+    sample rate (anything else is a source that decodes as it goes)."""
+    if not isinstance(spec, PreparedMediaSpec):
+        return
+    settings, again = spec.index["settings"], "prepare them again with this run's config"
+    if spec.index["modality"] == "audio":
+        if settings["sample_rate"] != model.sample_rate:
+            raise DataError(
+                f"{setting}: {spec.name!r} was prepared at {settings['sample_rate']} Hz, the model reads "
+                f"{model.sample_rate} Hz; {again}"
+            )
+        return
+    if settings["channels"] != model.num_channels:
+        raise DataError(
+            f"{setting}: {spec.name!r} was prepared with {settings['channels']} channels, the model reads "
+            f"{model.num_channels}; {again}"
+        )
+    if settings["short_side"] < model.image_size:
+        raise DataError(
+            f"{setting}: {spec.name!r} holds images of shorter side {settings['short_side']}, smaller than "
+            f"the model's {model.image_size}; {again}"
+        )
+
+
 def resolve_media_source(
     spec: str,
     modality: Modality,
@@ -378,8 +482,9 @@ def resolve_media_source(
     hf_split: str = "train",
     builtin_size: int = 20_000,
     setting: str = "data.source",
-) -> BuiltinSpec | MediaFilesSpec | HFMediaSpec:
-    """`builtin`, `hf:NAME[:CONFIG]`, or a directory / glob of media or parquet files -> a source spec."""
+) -> BuiltinSpec | MediaFilesSpec | HFMediaSpec | PreparedMediaSpec:
+    """`builtin`, `hf:NAME[:CONFIG]`, a prepared directory, or a directory / glob of media or parquet
+    files -> a source spec."""
     field = field or modality
     if spec == "builtin":
         return BuiltinSpec(
@@ -397,6 +502,12 @@ def resolve_media_source(
             field=field,
             label_field=label_field,
         )
+    path = os.path.expanduser(spec)
+    if os.path.isfile(os.path.join(path, PREPARED_INDEX)):
+        index = load_prepared_index(path, modality, setting=setting)
+        if split not in index["splits"]:
+            raise DataError(f"{setting}: prepared {path!r} has no {split!r} split")
+        return PreparedMediaSpec(name=spec, path=path, split=split, index=index)
     files = resolve_media_files(spec, modality, setting=setting)
     return MediaFilesSpec(
         name=spec, files=files, split=split, held_out=held_out, field=field, label_field=label_field
@@ -408,6 +519,8 @@ def resolve_media_source(
 
 def decode_image(record: MediaRecord, channels: int) -> np.ndarray:
     """(H, W, channels) uint8."""
+    if isinstance(record.payload, np.ndarray):  # prepared: decoded with the channels check_prepared checked
+        return np.asarray(record.payload)
     if isinstance(record.payload, int):
         image, _ = builtin_image(record.payload)
         return image if channels == 3 else image.mean(-1, keepdims=True).round().astype(np.uint8)
@@ -424,6 +537,8 @@ def decode_image(record: MediaRecord, channels: int) -> np.ndarray:
 
 def decode_audio(record: MediaRecord, sample_rate: int) -> np.ndarray:
     """Mono float32 at `sample_rate` (channels averaged, resampled with soxr when the file's rate differs)."""
+    if isinstance(record.payload, np.ndarray):  # prepared: int16 at the rate check_prepared checked
+        return record.payload.astype(np.float32) / 32768  # as soundfile reads 16-bit PCM: exactly
     if isinstance(record.payload, int):
         return builtin_audio(record.payload, sample_rate)[0]
     import soundfile

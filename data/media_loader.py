@@ -19,7 +19,14 @@ import numpy as np
 from data.config import MEDIA_MODALITY, DataConfig, MediaObjectiveName
 from data.errors import DataError
 from data.loader import DataPipeline, build_pipeline, check_loader_args
-from data.media import MediaRecord, Modality, decode_audio, decode_image, resolve_media_source
+from data.media import (
+    MediaRecord,
+    Modality,
+    check_prepared,
+    decode_audio,
+    decode_image,
+    resolve_media_source,
+)
 from data.media_objectives import BestRQ, ImageAugment, ImageModel, SpeechModel, mae_noise, simmim_mask
 from data.records import SourceSpec
 
@@ -132,7 +139,8 @@ def build_media_loader(
     grad_accum: int = 1,
 ) -> DataPipeline:
     """Batches of `objective` for one rank, from `cfg.source` (`builtin`, a folder or glob of image/audio
-    or parquet files, `hf:NAME[:CONFIG]`, or a mixture of them). `model` is the model's config: it gives the
+    or parquet files, `hf:NAME[:CONFIG]`, a directory of decoded shards from `pretrain data prepare`, or a
+    mixture of them). `model` is the model's config: it gives the
     image size and patch grid, or the sample rate, frame geometry, masking and quantizer settings.
 
     mae: pixel_values (B, C, H, W), noise (B, N); simmim: pixel_values, bool_masked_pos (B, N);
@@ -147,6 +155,8 @@ def build_media_loader(
     options = options or MediaOptions()
     train = split == "train"
     specs = _media_specs(cfg, MODALITY[objective], split, options)
+    for spec, _ in specs:
+        check_prepared(spec, model)
     sampler = MediaSampler(objective=objective, model=model, options=options, train=train)
     meta = {
         "objective": objective,

@@ -4,7 +4,7 @@ Layout of OUT_DIR: `{split}-{n:05d}.bin` (the documents' tokens back to back, ui
 `{split}-{n:05d}.idx.npy` (int64 document offsets, one more than documents), `tokenizer/`, and
 `index.json` (written last, so a half-written directory is never read). The index keeps how many
 documents each source file gave, so the prepared source shuffles and shards exactly like the streaming
-one: same seed, same batches.
+one: same seed, same batches. Images and audio are decoded into the same layout by data/media_prepare.py.
 """
 
 from __future__ import annotations
@@ -29,11 +29,10 @@ from data.config import DataConfig
 from data.errors import DataError
 from data.files import FilesSpec
 from data.hub import HFSpec
-from data.shards import PREPARED_INDEX
+from data.shards import FORMATS, PREPARED_INDEX
 from data.sources import resolve_source
 from data.tokenizer import Encoder, fingerprint
 
-FORMAT = "pretrain-token-shards"
 TASKS_PER_PROC = 4  # several tasks per process keep the processes busy when files differ in size
 STREAM_BATCH = 256  # documents per task when tokenising a streamed dataset
 
@@ -44,13 +43,8 @@ def prepare_shards(
     """Tokenise cfg's source (train and validation splits) into OUT_DIR; returns a summary of what was written."""
     if not isinstance(cfg.source, str):
         raise DataError("data prepare: give one source (not a mixture); prepare each and mix the directories")
-    if num_procs < 1:
-        raise ValueError(f"num_procs: expected >= 1, got {num_procs}")
-    out_dir = Path(out_dir)
-    if (out_dir / PREPARED_INDEX).exists():
-        raise DataError(f"data prepare: {out_dir} already holds prepared shards; choose an empty directory")
     start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = start_out_dir(out_dir, num_procs)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, skipped = {}, Counter()
     for split in ("train", "validation"):
@@ -60,7 +54,7 @@ def prepare_shards(
         skipped.update(split_skips)
     tokenizer.save_pretrained(out_dir / "tokenizer")
     index = {
-        "format": FORMAT,
+        "format": FORMATS["text"],
         "version": 1,
         "source": cfg.source,
         "dtype": np.dtype(dtype).name,
@@ -68,9 +62,7 @@ def prepare_shards(
         "splits": splits,
         "skipped": dict(skipped),
     }
-    tmp = out_dir / f".{PREPARED_INDEX}.tmp"
-    tmp.write_text(json.dumps(index, indent=1))
-    os.replace(tmp, out_dir / PREPARED_INDEX)
+    write_index(out_dir, index)
     seconds = time.perf_counter() - start
     tokens = sum(s["tokens"] for s in splits.values())
     return {
@@ -82,6 +74,24 @@ def prepare_shards(
         "seconds": round(seconds, 2),
         "tokens_per_s": round(tokens / seconds),
     }
+
+
+def start_out_dir(out_dir: Path, num_procs: int) -> Path:
+    """OUT_DIR, created; refused when it holds prepared shards already."""
+    if num_procs < 1:
+        raise ValueError(f"num_procs: expected >= 1, got {num_procs}")
+    out_dir = Path(out_dir)
+    if (out_dir / PREPARED_INDEX).exists():
+        raise DataError(f"data prepare: {out_dir} already holds prepared shards; choose an empty directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return out_dir
+
+
+def write_index(out_dir: Path, index: dict[str, Any]) -> None:
+    """index.json, moved into place last: a half-written directory is never read."""
+    tmp = out_dir / f".{PREPARED_INDEX}.tmp"
+    tmp.write_text(json.dumps(index, indent=1))
+    os.replace(tmp, out_dir / PREPARED_INDEX)
 
 
 def _source_spec(cfg: DataConfig, split: str) -> FilesSpec | HFSpec:
@@ -101,13 +111,13 @@ def _prepare_files(
     num_procs: int,
 ) -> tuple[dict[str, Any], Counter[str]]:
     """Local files: contiguous groups of files tokenised in parallel, one shard per group."""
-    groups = _balanced_groups(spec, num_procs * TASKS_PER_PROC)
+    groups = balanced_groups(spec, num_procs * TASKS_PER_PROC)
     tasks = [
         (replace(spec, files=group), f"{split}-{i:05d}", str(out_dir), dtype)
         for i, group in enumerate(groups)
     ]
     results = []
-    with Progress() as progress, _mapper(num_procs, tokenizer) as imap:
+    with Progress() as progress, process_map(num_procs, _set_encoder, tokenizer) as imap:
         bar = progress.add_task(f"tokenising {split} ({len(spec.files)} files)", total=len(tasks))
         for result in imap(_tokenise_files, tasks):
             results.append(result)
@@ -135,8 +145,8 @@ def _prepare_stream(
     source = spec.open(stream=0, num_streams=1, seed=0, shuffle=False)
     texts = (text for _, text in source.documents(0, None))
     batches = iter(lambda: list(islice(texts, STREAM_BATCH)), [])
-    writer = _ShardWriter(out_dir, f"{split}-00000", dtype)
-    with Progress() as progress, _mapper(num_procs, tokenizer) as imap:
+    writer = ShardWriter(out_dir, f"{split}-00000", dtype)
+    with Progress() as progress, process_map(num_procs, _set_encoder, tokenizer) as imap:
         bar = progress.add_task(f"tokenising {split} of {spec.name} (documents)", total=None)
         for token_lists in imap(_tokenise_texts, batches):
             for tokens in token_lists:
@@ -151,7 +161,7 @@ def _split_summary(files: list[dict], shards: list[dict]) -> dict[str, Any]:
     return {"files": files, "shards": shards, "docs": docs, "tokens": tokens}
 
 
-def _balanced_groups(spec: FilesSpec, count: int) -> list[list]:
+def balanced_groups(spec: Any, count: int) -> list[list]:
     """Contiguous runs of files of about equal total size (the file order must be kept)."""
     sizes = np.array([max(os.path.getsize(f.path), 1) for f in spec.files], dtype=np.float64)
     bounds = np.searchsorted(np.cumsum(sizes), np.linspace(0, sizes.sum(), count + 1)[1:-1], side="left")
@@ -159,7 +169,7 @@ def _balanced_groups(spec: FilesSpec, count: int) -> list[list]:
     return [spec.files[a:b] for a, b in zip(edges, edges[1:]) if b > a]
 
 
-class _ShardWriter:
+class ShardWriter:
     """Appends documents' tokens to NAME.bin and their offsets to NAME.idx.npy (moved into place on close)."""
 
     def __init__(self, out_dir: str | Path, name: str, dtype: type) -> None:
@@ -179,7 +189,7 @@ class _ShardWriter:
         return {"name": self.name, "docs": len(self.offsets) - 1, "tokens": self.offsets[-1]}
 
 
-_encode: Encoder | None = None  # per worker process, set once by _mapper
+_encode: Encoder | None = None  # per worker process, set once by process_map's initializer
 
 
 def _set_encoder(tokenizer: PreTrainedTokenizerFast) -> None:
@@ -188,14 +198,14 @@ def _set_encoder(tokenizer: PreTrainedTokenizerFast) -> None:
 
 
 @contextmanager
-def _mapper(num_procs: int, tokenizer: PreTrainedTokenizerFast) -> Iterator[Callable]:
-    """An ordered imap over num_procs processes that each hold the encoder (in-process for one)."""
+def process_map(num_procs: int, initializer: Callable[[Any], None], arg: Any) -> Iterator[Callable]:
+    """An ordered imap over num_procs processes, each set up once by initializer(arg) (in-process for one)."""
     if num_procs == 1:
-        _set_encoder(tokenizer)
+        initializer(arg)
         yield map
         return
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one thread per process
-    with multiprocessing.Pool(num_procs, initializer=_set_encoder, initargs=(tokenizer,)) as pool:
+    with multiprocessing.Pool(num_procs, initializer=initializer, initargs=(arg,)) as pool:
         yield pool.imap
 
 
@@ -204,7 +214,7 @@ def _tokenise_files(task) -> tuple[list[int], dict[str, Any], dict[str, int]]:
     spec, name, out_dir, dtype = task
     source = spec.open(stream=0, num_streams=1, seed=0, shuffle=False)
     docs_per_file = [0] * len(spec.files)
-    writer = _ShardWriter(out_dir, name, dtype)
+    writer = ShardWriter(out_dir, name, dtype)
     for cursor, text in source.documents(0, None):
         writer.add(_encode(text))
         docs_per_file[cursor["file"]] += 1

@@ -81,13 +81,29 @@ class PreparedSpec:
         )
 
 
-def load_prepared_index(path: str) -> dict[str, Any]:
+FORMATS = {
+    "text": "pretrain-token-shards",
+    "image": "pretrain-image-shards",
+    "audio": "pretrain-audio-shards",
+}
+
+
+def load_prepared_index(path: str, kind: str = "text", *, setting: str = "data.source") -> dict[str, Any]:
+    """The prepared directory's index, refused in one line when it holds another kind of shards (text,
+    image or audio) than the run reads."""
     try:
         with open(os.path.join(path, PREPARED_INDEX)) as fh:
             index = json.load(fh)
-        assert index["format"] == "pretrain-token-shards" and index["splits"]
-    except (OSError, ValueError, KeyError, AssertionError):
+        found = {v: k for k, v in FORMATS.items()}[index["format"]]
+        assert index["splits"]
+    except (OSError, ValueError, KeyError, AssertionError, TypeError):
         raise DataError(
-            f"data.source: {path!r} has no valid {PREPARED_INDEX} (write one with `pretrain data prepare`)"
+            f"{setting}: {path!r} has no valid {PREPARED_INDEX} (write one with `pretrain data prepare`)"
         ) from None
+    if found != kind:
+        held = "token shards" if found == "text" else f"decoded {found} shards"
+        raise DataError(
+            f"{setting}: {path!r} holds prepared {held}, but this run's model reads {kind}; give shards "
+            "that `pretrain data prepare` wrote with a config of this model"
+        )
     return index

@@ -40,7 +40,7 @@ def resolve_source(
         os.path.join(os.path.expanduser(spec), PREPARED_INDEX)
     ):
         path = os.path.expanduser(spec)
-        index = load_prepared_index(path)
+        index = load_prepared_index(path, setting=setting)
         if split not in index["splits"]:
             raise DataError(f"{setting}: prepared {path!r} has no {split!r} split")
         return PreparedSpec(name=spec, path=path, split=split, index=index)

@@ -101,10 +101,17 @@ def _check_records(cfg: RunConfig, notes: list[str]) -> None:
 
 def _check_media_records(cfg: RunConfig, notes: list[str]) -> None:
     """Image and speech sources: the first file of every local source decodes (a parquet file has the
-    media column); hub datasets are in the local cache."""
+    media column); prepared shards fit the model; hub datasets are in the local cache."""
     from data import DataError
     from data.hub import check_cached
-    from data.media import HFMediaSpec, MediaFilesSpec, MediaRecord, decode_audio, decode_image
+    from data.media import (
+        HFMediaSpec,
+        MediaFilesSpec,
+        MediaRecord,
+        check_prepared,
+        decode_audio,
+        decode_image,
+    )
     from data.sources import resolve_any_source, source_settings
 
     modality = cfg.modality
@@ -112,6 +119,7 @@ def _check_media_records(cfg: RunConfig, notes: list[str]) -> None:
         spec = resolve_any_source(
             source, cfg.data, split, held_out=held_out, modality=modality, setting=setting
         )
+        check_prepared(spec, cfg.model.config, setting=setting)
         if isinstance(spec, MediaFilesSpec):
             first = spec.open(stream=0, num_streams=1, seed=0, shuffle=False).documents(0, None)
             record = next(iter(first), (None, None))[1]

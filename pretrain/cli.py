@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     data_commands = data.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     prepare = add_command(
-        data_commands, "prepare", common, "pre-tokenise the corpus into shards",
+        data_commands, "prepare", common,
+        "pre-tokenise the corpus (text) or decode the images / audio (vit, swin, conformer) into shards",
         "pretrain data prepare gpt-tiny.yaml prepared/gpt-tiny data.source='corpus/*.jsonl'",
     )  # fmt: skip
     prepare.add_argument("config", type=Path, help="run config YAML (or a bundled one's name)")

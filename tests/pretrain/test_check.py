@@ -129,3 +129,32 @@ def test_an_image_folder_whose_first_file_does_not_decode(capsys, monkeypatch, t
     Image.new("RGB", (40, 30), (200, 10, 10)).save(folder / "a.png")
     code, out, _ = check(capsys, *run, f"data.source={tmp_path / 'images'}")
     assert code == 0 and out.startswith("ok: ")
+
+
+def test_prepared_image_shards_through_the_cli(capsys, monkeypatch, tmp_path):
+    """`pretrain data prepare` with an image config decodes the folder at the model's prepared size (37 for
+    vit-tiny's 32); `pretrain check` accepts the shards for that model and refuses them, in one line, for a
+    speech model, a text model and a one-channel ViT."""
+    from PIL import Image
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])
+    for i in range(3):
+        (tmp_path / "images" / f"c{i}").mkdir(parents=True)
+        Image.new("RGB", (48, 40), (80 * i, 10, 10)).save(tmp_path / "images" / f"c{i}" / "a.png")
+    run = ["configs/vit-tiny-mae.yaml", f"run.dir={tmp_path / 'run'}", "wandb.mode=disabled"]
+    out = tmp_path / "prepared"
+    assert main(["data", "prepare", run[0], str(out), f"data.source={tmp_path / 'images'}"]) == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["settings"]["short_side"] == 37 and index["splits"]["train"]["records"] == 3
+    capsys.readouterr()
+    assert check(capsys, *run, f"data.source={out}")[0] == 0
+    conformer = ["configs/conformer-tiny.yaml", f"run.dir={tmp_path / 'run2'}", f"data.source={out}"]
+    assert "holds prepared decoded image shards, but this run's model reads audio" in refused(
+        capsys, *conformer
+    )
+    gpt = ["configs/gpt-tiny.yaml", f"run.dir={tmp_path / 'run3'}", f"data.source={out}"]
+    assert "holds prepared decoded image shards, but this run's model reads text" in refused(capsys, *gpt)
+    assert refused(capsys, *run, f"data.source={out}", "model.num_channels=1") == (
+        f"data.source: '{out}' was prepared with 3 channels, the model reads 1; prepare them again with this "
+        "run's config"
+    )
