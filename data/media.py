@@ -127,18 +127,20 @@ def builtin_audio(
     return audio.astype(np.float32), label
 
 
-class BuiltinSource:
+class _StreamSource:
+    """What every media source keeps: its spec, which of how many streams it feeds, the epoch shuffle's seed
+    and switch, and the records it skipped."""
+
+    def __init__(self, spec: Any, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> None:
+        self.spec, self.stream, self.num_streams = spec, stream, num_streams
+        self.seed, self.shuffle = seed, shuffle
+        self.skips = SkipLog()
+
+
+class BuiltinSource(_StreamSource):
     """The builtin set's records in the epoch's seeded order, this stream's share only."""
 
-    def __init__(self, spec: BuiltinSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> None:
-        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
-            spec,
-            stream,
-            num_streams,
-            seed,
-            shuffle,
-        )
-        self.skips = SkipLog()
+    spec: BuiltinSpec
 
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, MediaRecord]]:
         spec = self.spec
@@ -219,21 +221,11 @@ def _payload(value: Any) -> bytes | str | None:
     return None
 
 
-class MediaFileSource:
+class MediaFileSource(_StreamSource):
     """Records from media files (one each) and parquet files (one per row); every stream walks the files in
     the epoch's order and keeps the records it owns. Cursor: file, record within it, records numbered."""
 
-    def __init__(
-        self, spec: MediaFilesSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool
-    ) -> None:
-        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
-            spec,
-            stream,
-            num_streams,
-            seed,
-            shuffle,
-        )
-        self.skips = SkipLog()
+    spec: MediaFilesSpec
 
     def _wanted(self, key: str, record: int) -> bool:
         held_out = self.spec.held_out
@@ -302,19 +294,12 @@ class MediaFilesSpec:
 # --- hf: a streamed datasets dataset with an image / audio column ----------------------------------------
 
 
-class HFMediaSource:
+class HFMediaSource(_StreamSource):
     """A streamed dataset, sharded by `split_dataset_by_node`; its own state is the cursor (as for text).
     The media column is read undecoded (bytes or path), so decoding happens in our workers, seeded."""
 
     def __init__(self, spec: HFMediaSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool) -> None:
-        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
-            spec,
-            stream,
-            num_streams,
-            seed,
-            shuffle,
-        )
-        self.skips = SkipLog()
+        super().__init__(spec, stream=stream, num_streams=num_streams, seed=seed, shuffle=shuffle)
         self._dataset = None
 
     def documents(self, epoch: int, cursor: Cursor | None) -> Iterator[tuple[Cursor, MediaRecord]]:
@@ -375,7 +360,7 @@ class HFMediaSpec:
 # --- prepared: arrays decoded once by `pretrain data prepare` (data/media_prepare.py) ---------------------
 
 
-class PreparedMediaSource:
+class PreparedMediaSource(_StreamSource):
     """Decoded shards, read at random. Records are numbered as the folder they came from numbers them (its
     files in the epoch's seeded order, each file's records in turn) and stream s of S takes those with
     g % S == s, so a run on the shards sees the folder's records in the folder's order."""
@@ -383,14 +368,7 @@ class PreparedMediaSource:
     def __init__(
         self, spec: PreparedMediaSpec, *, stream: int, num_streams: int, seed: int, shuffle: bool
     ) -> None:
-        self.spec, self.stream, self.num_streams, self.seed, self.shuffle = (
-            spec,
-            stream,
-            num_streams,
-            seed,
-            shuffle,
-        )
-        self.skips = SkipLog()
+        super().__init__(spec, stream=stream, num_streams=num_streams, seed=seed, shuffle=shuffle)
         self.image = spec.index["modality"] == "image"
         try:
             self._open(spec.index["splits"][spec.split])
