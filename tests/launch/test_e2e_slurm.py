@@ -63,6 +63,10 @@ def release_when_pending(job_id: str) -> None:
     wait_for(
         lambda: job_state(job_id) == "PENDING", timeout=90, what=f"job {job_id} to be requeued", interval=0.5
     )
+    # slurmd revokes the old instance's credential on requeue and refuses any credential of that job created in
+    # the same second ("Killing non-startable batch JobId=N: Job credential revoked" in slurmctld.log, and the job
+    # ends FAILED): a restart released at once can land in that second. A real cluster's requeue waits minutes.
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "StartTime=now"], check=True, timeout=30)
 
 
