@@ -18,7 +18,7 @@ from launch.job import LaunchError, TrainJob, parse_endpoint
 from launch.slurm import SlurmJob, submit
 from launch.torchrun import SHUTDOWN_ENV, SIGNAL_ENV, Torchrun, check_nnodes
 from pretrain.bundled import package_version
-from pretrain.cli import add_command
+from pretrain.cli import add_command, seconds
 from pretrain.console import RANK_LOG_DIR_ENV
 
 EXIT_USAGE = 2
@@ -60,13 +60,8 @@ positive, non_negative = _int_at_least(1), _int_at_least(0)
 
 
 def _seconds(text: str) -> str:
-    """A number of seconds >= 0, kept as typed (it is passed on to `pretrain train --wait-lock`)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, got {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0 seconds, got {text!r}")
+    """`pretrain train --wait-lock`'s check, the value kept as typed (it is passed on to that flag)."""
+    seconds(text)
     return text
 
 

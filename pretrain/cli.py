@@ -83,7 +83,8 @@ def add_command(subparsers: Any, name: str, parent: argparse.ArgumentParser, wha
     )
 
 
-def _seconds(text: str) -> float:
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0 (`--wait-lock`, here and in `launch`)."""
     try:
         value = float(text)
     except ValueError:
@@ -132,7 +133,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "train":
             command.add_argument(
                 "--wait-lock",
-                type=_seconds,
+                type=seconds,
                 default=0.0,
                 metavar="SECONDS",
                 help="if another trainer holds the run directory, wait up to this long for it to end (default: refuse)",
