@@ -47,6 +47,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bench._common import FAMILIES, QUICK, ROOT, SMALL, Shape, adamw, make_batch, print_table, train_step_fn
+from pretrain.engines.base import storage_bytes
 
 MIB = 2**20
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -124,19 +125,6 @@ def run_checkpointing(shape: Shape, families: list[str]) -> None:
 # --- ZeRO -----------------------------------------------------------------------------------------
 
 
-def _bytes(tensors: list[torch.Tensor | None], seen: set[int]) -> int:
-    """Bytes of the tensors' storages not counted yet (views of one flat buffer count once)."""
-    total = 0
-    for t in tensors:
-        if t is None or t.numel() == 0:
-            continue
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in seen:
-            seen.add(storage.data_ptr())
-            total += storage.nbytes()
-    return total
-
-
 def model_state_bytes(
     model: torch.nn.Module, optimizer: torch.optim.Optimizer, seen: set[int]
 ) -> dict[str, int]:
@@ -144,12 +132,12 @@ def model_state_bytes(
     fp32 copies of the params (DeepSpeed's partitions, when they are not the model's tensors), and AdamW's
     moments; storages in `seen` are skipped (DeepSpeed steps its param groups one at a time)."""
     model_params = list(model.parameters())
-    params = _bytes([getattr(p, "ds_tensor", p) for p in model_params], seen)
+    params = storage_bytes([getattr(p, "ds_tensor", p) for p in model_params], seen)
     optimized = [p for group in optimizer.param_groups for p in group["params"]]
-    master = _bytes(optimized, seen)
-    grads = _bytes([p.grad for p in optimized + model_params], seen)
-    moments = _bytes([v for state in optimizer.state.values() for v in state.values()
-                      if isinstance(v, torch.Tensor) and v.numel() > 1], seen)  # fmt: skip
+    master = storage_bytes(optimized, seen)
+    grads = storage_bytes([p.grad for p in optimized + model_params if p.grad is not None], seen)
+    moments = storage_bytes([v for state in optimizer.state.values() for v in state.values()
+                             if isinstance(v, torch.Tensor)], seen)  # fmt: skip
     return {"params": params, "master": master, "grads": grads, "moments": moments}
 
 

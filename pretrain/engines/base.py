@@ -121,11 +121,11 @@ class Engine(ABC):
         model's own tensor). Gradients are not counted: every engine frees them after the step. What
         `pretrain plan` predicts (pretrain/plan.py) is checked against this."""
         seen: set[int] = set()
-        params = _storage_bytes((getattr(p, "ds_tensor", p) for p in self.model.parameters()), seen)
+        params = storage_bytes((getattr(p, "ds_tensor", p) for p in self.model.parameters()), seen)
         optimizer = self._optimizer  # type: ignore[attr-defined]  # every engine builds one
         held = [p for group in optimizer.param_groups for p in group["params"]]
         held += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, Tensor)]
-        return {"params": params, "optimizer": _storage_bytes(held, seen)}
+        return {"params": params, "optimizer": storage_bytes(held, seen)}
 
     def gradient_bytes(self) -> int:
         """Bytes of the gradients this rank holds now: the model's `.grad` and the optimizer's (DeepSpeed steps a
@@ -134,7 +134,7 @@ class Engine(ABC):
         optimizer = self._optimizer  # type: ignore[attr-defined]  # every engine builds one
         grads = [p.grad for p in self.model.parameters()]
         grads += [p.grad for group in optimizer.param_groups for p in group["params"]]
-        return _storage_bytes((g for g in grads if g is not None), set())
+        return storage_bytes((g for g in grads if g is not None), set())
 
     @abstractmethod
     def save(self, path: Path) -> None:
@@ -174,7 +174,7 @@ def dropout_seed(seed: int, micro_batch: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def _storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
+def storage_bytes(tensors: Iterable[Tensor], seen: set[int]) -> int:
     """Bytes of the tensors' storages not in `seen` (views of one flat buffer count once); a DTensor counts
     its local shard, a scalar (AdamW's step count) nothing."""
     total = 0
