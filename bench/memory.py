@@ -17,9 +17,10 @@ fp32 AdamW (params 4, grads 4, two moments 8 bytes per parameter, divided by the
 says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers).
 
 Engines (`--part engines`): per engine (DDP, ZeRO-1, 2, 3, 3+offload, FSDP) and world size (1, 2, 4), one
-torchrun job builds a GPT from a recipe (ZeRO-3 / FSDP: sharded from the first byte) and trains 2 steps
+torchrun job builds a GPT from a recipe (ZeRO-3 / FSDP: sharded from the first byte) and trains 4 steps
 (seq 64, micro-batch 2, fp32). Each rank reads its resident set before the build (the per-process
-baseline: torch, gloo, the engine's library), its high-water mark over the build, and over the two steps;
+baseline: torch, gloo, the engine's library), its high-water mark over the build, and over the steps
+(DDP's reaches its steady value only at the third step: bench/NOTES.md, "Steady-state peaks");
 next to them `pretrain.plan`'s model states and activations, the ratio step peak / (baseline + predicted
 states + activations), and the planner's whole prediction (baseline + states + buffers + activations) with
 measured / predicted.
@@ -227,7 +228,7 @@ ENGINE_KEYS = {  # pretrain.plan's engine names -> the engine sections that sele
     "zero3-offload": dict(backend="deepspeed", zero_stage=3, offload="params"),
     "fsdp": dict(backend="fsdp"),
 }
-ENGINE_SEQ, ENGINE_BATCH = 64, 2
+ENGINE_SEQ, ENGINE_BATCH, ENGINE_STEPS = 64, 2, 4
 
 
 def engine_worker(engine: str, preset: str, out: Path) -> None:
@@ -259,7 +260,7 @@ def engine_worker(engine: str, preset: str, out: Path) -> None:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     g = torch.Generator().manual_seed(dist.rank)
-    for _ in range(2):
+    for _ in range(ENGINE_STEPS):
         ids = torch.randint(0, config.vocab_size, (ENGINE_BATCH, ENGINE_SEQ), generator=g)
         engine_.train_step([{"input_ids": ids, "labels": ids.clone()}])
     step = _status_kib("VmHWM") * 1024
@@ -306,7 +307,7 @@ def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
                 f"{step / planner:.2f}",
             ])  # fmt: skip
             print(" | ".join(rows[-1]), flush=True)
-    print(f"\n{preset} ({shape.params / 1e6:.0f} M), fp32, seq {ENGINE_SEQ}, micro-batch {ENGINE_BATCH}; "
+    print(f"\n{preset} ({shape.params / 1e6:.0f} M), fp32, seq {ENGINE_SEQ}, micro-batch {ENGINE_BATCH}, {ENGINE_STEPS} steps; "
           "MiB per rank (max over ranks)")  # fmt: skip
     print_table(
         ["engine", "ranks", "predicted states", "baseline", "predicted activations", "peak at build",

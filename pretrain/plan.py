@@ -91,10 +91,13 @@ def model_states(engine: str, n: int, world: int, precision: str) -> ModelStates
         raise ValueError(f"unknown engine {engine!r}; accepted: {', '.join(ENGINES)}")
     stage = int(engine[4])
     width = 4 if precision == "fp32" else 2
+    # fp32 ZeRO-3 steps its parameter partitions themselves (pretrain/engines/deepspeed.py
+    # `_share_master_partitions`); every other case keeps an fp32 master partition beside them.
+    master = 0 if engine == "zero3" and precision == "fp32" else 4
     states = ModelStates(
         params=width * n / (world if stage >= 3 else 1),
         grads=width * n / (world if stage >= 3 else 1),
-        optimizer=(4 + 8) * n / world,  # fp32 partition + moments (stage >= 1 shards both)
+        optimizer=(master + 8) * n / world,  # fp32 partition + moments (stage >= 1 shards both)
     )
     if engine == "zero3-offload":
         return ModelStates(params=0.0, grads=0.0, optimizer=0.0, host=states.total)

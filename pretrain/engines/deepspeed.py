@@ -85,6 +85,28 @@ def _join(spec: EngineSpec, dist: DistInfo, *, hidden_size: int) -> dict:
     return fill_model_fields(fill_device_fields(spec.deepspeed_json, cuda=not cpu), hidden_size=hidden_size)
 
 
+def _share_master_partitions(zero: object) -> None:
+    """fp32 ZeRO-3: let AdamW update the parameters' own flat partitions instead of a copy of them.
+
+    DeepSpeed 0.19.8 means to (stage3.py `_create_fp32_partitions`: "we don't need another copy of the
+    weights") but compares the partition's `torch.device` with its device *name*, a string, which is never
+    equal, so it keeps a second fp32 copy: 4 bytes per parameter / world size (bench/NOTES.md). Its step then
+    copies the master into the partition, which is now a copy onto itself. Offloaded and NVMe-swapped
+    optimizers keep theirs: their masters live elsewhere by design."""
+    low = getattr(zero, "fp16_partitioned_groups_flat", None)
+    if not low or getattr(zero, "offload_optimizer", False) or getattr(zero, "offload_param", False):
+        return
+    for part, master in zip(low, zero.fp32_partitioned_groups_flat, strict=True):
+        if (
+            part is None
+            or master.numel() == 0
+            or part.untyped_storage().data_ptr() == master.untyped_storage().data_ptr()
+        ):
+            continue
+        if part.dtype == master.dtype and part.device == master.device and part.shape == master.shape:
+            master.data = part.data
+
+
 def build_partitioned(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
     """ZeRO-3: construct inside `zero.Init` (each module's parameters partitioned as it is built), then fill
     each rank's partition (a flat slice of the parameter) from the parameter's starting value (`initial_slices`)."""
@@ -119,6 +141,7 @@ class DeepSpeedEngine(Engine):
         self._optimizer = build_optimizer(model, spec.optimizer)
         self.scheduler = build_scheduler(self._optimizer, spec.optimizer)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=config)
+        _share_master_partitions(self._ds.optimizer)
         # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
         self._own_norm = spec.deepspeed.zero_stage == 0 and spec.precision == "fp32"
 
@@ -162,6 +185,9 @@ class DeepSpeedEngine(Engine):
         )
         known = {
             t.untyped_storage().data_ptr() for group in self._optimizer.param_groups for t in group["params"]
+        }
+        known |= {
+            getattr(p, "ds_tensor", p).untyped_storage().data_ptr() for p in self._ds.module.parameters()
         }
         extra = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in masters}
         held["optimizer"] += sum(size for ptr, size in extra.items() if ptr not in known)

@@ -28,7 +28,7 @@ N = 1_000_000
         ("fsdp", "fp32", N, N, 2 * N),
         ("zero1", "fp32", 4 * N, 4 * N, 3 * N),  # fp32 partition + moments, sharded 4 ways
         ("zero2", "bf16", 2 * N, 2 * N, 3 * N),  # full-size grads until the step (bench/NOTES.md)
-        ("zero3", "fp32", N, N, 3 * N),
+        ("zero3", "fp32", N, N, 2 * N),  # AdamW steps the parameter partitions themselves: no fp32 copy
         ("zero3", "bf16", N / 2, N / 2, 3 * N),  # the ZeRO paper's 16 bytes per parameter / 4
     ],
 )  # fmt: skip
