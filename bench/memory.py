@@ -19,7 +19,7 @@ says) so one can see what DeepSpeed adds (fp32 master partitions, bucket buffers
 Engines (`--part engines`): per engine (DDP, ZeRO-1, 2, 3, 3+offload, FSDP) and world size (1, 2, 4), one
 torchrun job builds a GPT from a recipe (ZeRO-3 / FSDP: sharded from the first byte) and trains 4 steps
 (seq 64, micro-batch 2, fp32). Each rank reads its resident set before the build (the per-process
-baseline: torch, gloo, the engine's library), its high-water mark over the build, and over the steps
+baseline: torch, gloo, the engine's library, the model's code), its high-water mark over the build, and over the steps
 (DDP's reaches its steady value only at the third step: bench/NOTES.md, "Steady-state peaks");
 next to them `pretrain.plan`'s model states and activations, the ratio step peak / (baseline + predicted
 states + activations), and the planner's whole prediction (baseline + states + buffers + activations) with
@@ -252,10 +252,12 @@ def engine_worker(engine: str, preset: str, out: Path) -> None:
     else:
         import accelerate  # noqa: F401
     config = get_config(preset, max_seq_len=max(ENGINE_SEQ, 64))
+    recipe = ModelRecipe(config=config, seed=0)
+    recipe.model_class()  # the model code's import (torch._dynamo, through the kernels: ~80 MiB) is baseline too
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
     baseline = _status_kib("VmRSS") * 1024
-    engine_ = build_engine(spec, ModelRecipe(config=config, seed=0), dist)
+    engine_ = build_engine(spec, recipe, dist)
     build = _status_kib("VmHWM") * 1024
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")
