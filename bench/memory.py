@@ -49,6 +49,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bench._common import FAMILIES, QUICK, ROOT, SMALL, Shape, adamw, make_batch, print_table, train_step_fn
 from pretrain.engines.base import storage_bytes
+from pretrain.engines.dist import end_process
 
 MIB = 2**20
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
@@ -201,6 +202,12 @@ def run_zero(shape: Shape, world: int = 2) -> None:
                 lines = proc.stderr.splitlines()
                 errors = [x for x in lines if x.startswith("[rank") and "Error" in x] or ["no result files"]
                 rows.append([str(stage), "failed", errors[-1][-100:], "", "", ""])
+                print(
+                    f"ZeRO-{stage} failed (exit {proc.returncode}); its output ends:",
+                    *lines[-60:],
+                    sep="\n",
+                    flush=True,
+                )
                 continue
         n, r0 = results[0]["n"], results[0]
         states = r0["params"] + r0["master"] + r0["grads"] + r0["moments"]
@@ -341,8 +348,10 @@ def main(argv: list[str] | None = None) -> None:
         print("RESULT " + json.dumps(step_worker(args.step_worker, shape, args.checkpointing)), flush=True)
     elif args.zero_worker is not None:
         zero_worker(args.zero_worker, shape, args.out)
+        end_process()
     elif args.engine_worker:
         engine_worker(args.engine_worker, args.model, args.out)
+        end_process()
     elif args.part == "engines":
         run_engines(args.model, args.engines.split(","), [int(w) for w in args.worlds.split(",")])
     else:

@@ -6,13 +6,12 @@ worker ("terminate called without an active exception", SIGABRT) and turn a comp
 """
 
 import os
-import sys
 
 from pretrain.cli import main
 
 code = main()  # has closed the rank's own log file (PRETRAIN_RANK_LOG_DIR), if any, with the exit code
 if os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from pretrain.engines.dist import end_process  # torch is loaded by now: the import costs nothing
+
+    end_process(code)
 raise SystemExit(code)

@@ -11,7 +11,15 @@ from torch import nn
 from pretrain.config import EngineSpec
 from pretrain.engines.base import Engine, StepOutput
 from pretrain.engines.build import ModelRecipe, build_model, sharded
-from pretrain.engines.dist import DistInfo, any_rank, barrier, broadcast_int, init_distributed, shutdown
+from pretrain.engines.dist import (
+    DistInfo,
+    any_rank,
+    barrier,
+    broadcast_int,
+    end_process,
+    init_distributed,
+    shutdown,
+)
 
 __all__ = [
     "DistInfo",
@@ -24,6 +32,7 @@ __all__ = [
     "broadcast_int",
     "build_engine",
     "build_model",
+    "end_process",
     "init_distributed",
     "sharded",
     "shutdown",

@@ -24,7 +24,7 @@ from models import build_from_config, get_config
 from models.config import ModelConfig
 from pretrain.components import meta_model
 from pretrain.config import resolve_model
-from pretrain.engines import ModelRecipe, build_model, init_distributed, shutdown
+from pretrain.engines import ModelRecipe, build_model, end_process, init_distributed, shutdown
 from pretrain.init_from import open_weights
 from tests.pretrain import engines_worker as cases
 
@@ -98,3 +98,4 @@ def main(out: Path, sources: dict[str, str | None]) -> None:
 if __name__ == "__main__":
     given = dict(arg.split("=", 1) for arg in sys.argv[2:])
     main(Path(sys.argv[1]), {"seeded": None, **given})
+    end_process()

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from models import build_model
 from pretrain.config import DeepSpeedConfig, EngineConfig, EngineSpec, FSDPConfig, TrainConfig, engine_spec
-from pretrain.engines import DistInfo, Engine, barrier, build_engine, init_distributed, shutdown
+from pretrain.engines import DistInfo, Engine, barrier, build_engine, end_process, init_distributed, shutdown
 from pretrain.engines.base import dropout_seed
 from tests.pretrain.engines_worker import MODEL_OVERRIDES, SEQ, _batch
 
@@ -128,3 +128,4 @@ def main(out_dir: Path, phase: str, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    end_process()

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from models import build_model
 from pretrain.config import DeepSpeedConfig, EngineConfig, EngineSpec, FSDPConfig, TrainConfig, engine_spec
-from pretrain.engines import DistInfo, Engine, barrier, build_engine, init_distributed, shutdown
+from pretrain.engines import DistInfo, Engine, barrier, build_engine, end_process, init_distributed, shutdown
 
 STEPS = 6
 MICRO_BATCH = 4
@@ -188,6 +188,7 @@ def main(out_dir: Path, cases: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    end_process()
 
 
 def assert_result(result: dict, *, sharded: bool) -> None:

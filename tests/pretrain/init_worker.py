@@ -16,7 +16,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 
 from models import get_config
-from pretrain.engines import ModelRecipe, build_engine, init_distributed, shutdown
+from pretrain.engines import ModelRecipe, build_engine, end_process, init_distributed, shutdown
 from tests.pretrain import engines_worker as cases
 
 SEED = 7
@@ -50,3 +50,4 @@ def main(out_dir: Path, names: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    end_process()

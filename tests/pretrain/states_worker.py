@@ -14,7 +14,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from pretrain.engines import Engine, build_engine, init_distributed, shutdown
+from pretrain.engines import Engine, build_engine, end_process, init_distributed, shutdown
 from tests.pretrain import engines_worker as cases
 from tests.pretrain import init_worker
 
@@ -48,3 +48,4 @@ def main(out: Path, names: list[str]) -> None:
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]), sys.argv[2:])
+    end_process()
