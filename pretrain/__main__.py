@@ -1,8 +1,7 @@
 """`python -m pretrain ...` is the `pretrain` command (and what every launcher runs on each worker).
 
-A worker of a multi-process job that has finished (process group destroyed, files closed, output flushed) ends
-with `os._exit`, skipping the interpreter's teardown: there torch's C++ threads occasionally abort a finished
-worker ("terminate called without an active exception", SIGABRT) and turn a completed job into a failed one.
+A worker of a multi-process job that has finished ends through `end_process` (pretrain/engines/dist.py),
+skipping the interpreter's teardown, which occasionally aborts a finished worker.
 """
 
 import os

@@ -97,14 +97,10 @@ def _share_master_partitions(zero: object) -> None:
     if not low or getattr(zero, "offload_optimizer", False) or getattr(zero, "offload_param", False):
         return
     for part, master in zip(low, zero.fp32_partitioned_groups_flat, strict=True):
-        if (
-            part is None
-            or master.numel() == 0
-            or part.untyped_storage().data_ptr() == master.untyped_storage().data_ptr()
-        ):
+        if part is None or master.numel() == 0:
             continue
-        if part.dtype == master.dtype and part.device == master.device and part.shape == master.shape:
-            master.data = part.data
+        if (part.dtype, part.device, part.shape) == (master.dtype, master.device, master.shape):
+            master.data = part.data  # a no-op where DeepSpeed shared them itself
 
 
 def build_partitioned(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
