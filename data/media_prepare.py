@@ -79,10 +79,8 @@ def prepare_media_shards(
     cfg: DataConfig, out_dir: Path, *, settings: MediaSettings, num_procs: int
 ) -> dict[str, Any]:
     """Decode cfg's image or audio source (train and validation splits) into OUT_DIR; returns a summary."""
-    if not isinstance(cfg.source, str):
-        raise DataError("data prepare: give one source (not a mixture); prepare each and mix the directories")
     start = time.perf_counter()
-    out_dir = start_out_dir(out_dir, num_procs)
+    out_dir = start_out_dir(cfg, out_dir, num_procs)
     splits, skipped = {}, Counter()
     for split in ("train", "validation"):
         spec = _source_spec(cfg, split, settings.modality)

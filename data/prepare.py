@@ -41,10 +41,8 @@ def prepare_shards(
     cfg: DataConfig, out_dir: Path, *, tokenizer: PreTrainedTokenizerFast, num_procs: int
 ) -> dict[str, Any]:
     """Tokenise cfg's source (train and validation splits) into OUT_DIR; returns a summary of what was written."""
-    if not isinstance(cfg.source, str):
-        raise DataError("data prepare: give one source (not a mixture); prepare each and mix the directories")
     start = time.perf_counter()
-    out_dir = start_out_dir(out_dir, num_procs)
+    out_dir = start_out_dir(cfg, out_dir, num_procs)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     splits, skipped = {}, Counter()
     for split in ("train", "validation"):
@@ -76,8 +74,10 @@ def prepare_shards(
     }
 
 
-def start_out_dir(out_dir: Path, num_procs: int) -> Path:
-    """OUT_DIR, created; refused when it holds prepared shards already."""
+def start_out_dir(cfg: DataConfig, out_dir: Path, num_procs: int) -> Path:
+    """OUT_DIR, created, for cfg's one source; refused when cfg mixes sources or OUT_DIR holds prepared shards."""
+    if not isinstance(cfg.source, str):
+        raise DataError("data prepare: give one source (not a mixture); prepare each and mix the directories")
     if num_procs < 1:
         raise ValueError(f"num_procs: expected >= 1, got {num_procs}")
     out_dir = Path(out_dir)
