@@ -195,11 +195,51 @@ class Stack(nn.ModuleList):
         return x
 
 
+class _TiedLookup(torch.autograd.Function):
+    """Token lookup that also returns the table for the tied head, so that both gradients of the table meet in
+    this node's backward.
+
+    Left to autograd, the head's dense V x D gradient arrives first and waits in the table's input buffer; the
+    lookup's gradient (sparse: B x L rows) is then added to it out of place, so the table's gradient briefly
+    exists twice (bench/NOTES.md, "The tied table's gradient, once"). Here the head reads the returned table, so
+    its gradient comes back as this node's second output gradient, and the backward adds the looked-up rows into
+    it in place: the table receives one dense gradient, and no second V x D tensor is made.
+    """
+
+    @staticmethod
+    def forward(ctx, input_ids: Tensor, table: Tensor, padding_idx: int | None) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(input_ids)
+        ctx.padding_idx = padding_idx
+        ctx.table_shape = table.shape
+        ctx.set_materialize_grads(False)  # an unread table's gradient stays None, not a V x D of zeros
+        return F.embedding(input_ids, table, padding_idx), table.view_as(table)
+
+    @staticmethod
+    def backward(ctx, grad_x: Tensor | None, grad_table: Tensor | None) -> tuple[None, Tensor | None, None]:
+        if grad_x is None:
+            return None, grad_table, None
+        (input_ids,) = ctx.saved_tensors
+        index = input_ids.reshape(-1)
+        rows = grad_x.reshape(index.numel(), -1)
+        if ctx.padding_idx is not None:  # as F.embedding: the padding row gets no gradient from the lookup
+            keep = index != ctx.padding_idx
+            index, rows = index[keep], rows[keep]
+        if grad_table is None:  # the head did not read this lookup's table (T5's encoder lookup)
+            return (
+                None,
+                torch.sparse_coo_tensor(index.unsqueeze(0), rows, ctx.table_shape, check_invariants=False),
+                None,
+            )
+        # The head's weight gradient is a fresh matmul result that nothing else holds: add into it.
+        return None, grad_table.contiguous().index_add_(0, index, rows.to(grad_table.dtype)), None
+
+
 class Embeddings(nn.Module):
     """Token embedding (+ token types) (+ absolute positions), then an optional LayerNorm and dropout.
 
     `tied_head`: the token table is also the model's output projection (`project`), called in every
-    forward that looks tokens up, so the table's gradient always has the head's dense part.
+    forward that looks tokens up, after the lookup; in training it reads the table through the last
+    lookup (`_TiedLookup`), so that the table's two gradients are summed in place.
     """
 
     def __init__(
@@ -221,6 +261,7 @@ class Embeddings(nn.Module):
         self.positions = positions
         self.norm = nn.LayerNorm(d_model, eps=norm_eps) if norm_eps is not None else None
         self.drop = nn.Dropout(dropout)
+        self._head_table: Tensor | None = None  # the table as the last lookup returned it, until `project`
 
     def lookup_parameters(self) -> list[nn.Parameter]:
         """Parameters used by lookup, not matmul (excluded from FLOPs and `exclude_embeddings` counts)."""
@@ -229,14 +270,16 @@ class Embeddings(nn.Module):
 
     def project(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
         """Logits over the vocabulary from the token table: the LM head of a model built with `tied_head`."""
-        return F.linear(x, self.tokens.weight, bias)  # (..., V)
+        table, self._head_table = self._head_table, None  # dropped here: it would keep the table alive
+        return F.linear(x, self.tokens.weight if table is None else table, bias)  # (..., V)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
-        # Tied: the lookup's gradient stays sparse (B x L rows) and is added into the head's dense V x D
-        # gradient, instead of a zero-filled V x D tensor beside it (one table's worth less at the backward
-        # peak, bench/NOTES.md). Functional, so that DDP, seeing no sparse module, expects a dense gradient.
         t = self.tokens
-        x = F.embedding(input_ids, t.weight, t.padding_idx, sparse=self.tied_head)  # (B, L, D)
+        self._head_table = None
+        if self.tied_head and torch.is_grad_enabled() and t.weight.requires_grad:
+            x, self._head_table = _TiedLookup.apply(input_ids, t.weight, t.padding_idx)  # (B, L, D)
+        else:
+            x = F.embedding(input_ids, t.weight, t.padding_idx)
         if self.token_types is not None:
             # No ids means type 0 everywhere: add that one row instead of a lookup per token.
             x = x + (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import models
 from models.t5 import shift_right
@@ -73,6 +75,38 @@ def test_a_tied_table_gets_its_lookup_gradient_sparse_and_its_whole_gradient_den
     _, dense = grads_of(model, inputs)
     name = "embed.tokens.weight"
     torch.testing.assert_close(grads[name], dense[name], rtol=1e-6, atol=1e-7)
+
+
+class _TableSizedOutputs(TorchDispatchMode):
+    """Records the ops that make a new dense tensor of the token table's shape (not views, not in-place)."""
+
+    def __init__(self, shape: torch.Size) -> None:
+        super().__init__()
+        self.shape, self.ops = shape, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        fresh = not func.is_view and not func._schema.is_mutable
+        dense = [t for t in tree_leaves(out) if isinstance(t, torch.Tensor) and t.layout == torch.strided]
+        if fresh and any(t.shape == self.shape for t in dense):
+            self.ops.append(func.__name__)
+        return out
+
+
+@pytest.mark.parametrize(("preset", "expected"), [("gpt-tiny", 1), ("bert-tiny", 1), ("t5-tiny", 2)])
+def test_the_tied_tables_gradient_is_made_once(preset: str, expected: int) -> None:
+    """The head's weight gradient is the only V x D tensor backward makes: the lookup adds its rows into it in
+    place (models/blocks.py `_TiedLookup`) instead of autograd summing the two into a new one. T5 looks tokens
+    up twice (encoder, decoder); the encoder's rows still arrive sparse and are summed out of place."""
+    torch.manual_seed(0)
+    tie = {"tie_embeddings": True} if preset.startswith("t5") else {}  # GPT and BERT always tie
+    model = models.build_model(preset, **SMALL, attention="sdpa", **tie)
+    table = model.embed.tokens.weight
+    loss = model(**batch(model.config.family)).loss
+    with _TableSizedOutputs(table.shape) as made:
+        loss.backward()
+    assert len(made.ops) == expected, made.ops
+    assert table.grad.layout == torch.strided and table.grad.is_contiguous()
 
 
 def test_bert_with_labels_returns_logits_only_at_masked_positions() -> None:
