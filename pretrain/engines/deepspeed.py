@@ -41,6 +41,7 @@ from pretrain.engines.base import Engine
 from pretrain.engines.build import ModelRecipe, initial_slices
 from pretrain.engines.dist import DistInfo, ensure_process_group
 from pretrain.engines.ds_config import fill_device_fields, fill_model_fields
+from pretrain.engines.gloo import all_gather_in_place, reduce_scatter_in_place
 from pretrain.engines.optim import build_optimizer, build_scheduler
 from pretrain.errors import ConfigError
 
@@ -80,6 +81,15 @@ def _join(spec: EngineSpec, dist: DistInfo, *, hidden_size: int) -> dict:
         # half-way blocks every later start). Without it, collectives go through the gloo group.
         # (import_module: `import deepspeed.comm.torch as m` would bind torch itself, which deepspeed.comm re-exports)
         importlib.import_module("deepspeed.comm.torch").build_shm_op = lambda: None
+        # ZeRO-3's reduce-scatter and all-gather without gloo's full-size copies (engines/gloo.py). Their only
+        # callers hand in scratch buffers: the reduce-scatter input is pre-divided in place and read back only
+        # at this rank's chunk, the all-gather output is a fresh buffer with this rank's chunk already in it.
+        collectives = importlib.import_module("deepspeed.runtime.comm.coalesced_collectives")
+        collectives._torch_reduce_scatter_fn = lambda scratch, out, group=None, **_: reduce_scatter_in_place(
+            out, scratch, group
+        )
+        gathers = importlib.import_module("deepspeed.runtime.zero.partition_parameters")
+        gathers._dist_allgather_fn = lambda chunk, out, group=None: all_gather_in_place(out, chunk, group)
     deepspeed.init_distributed(dist_backend="gloo" if cpu else "nccl")
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     return fill_model_fields(fill_device_fields(spec.deepspeed_json, cuda=not cpu), hidden_size=hidden_size)
