@@ -92,3 +92,20 @@ def test_process_group_reforms_after_elastic_restart(tmp_path: Path) -> None:
         "backend": "gloo",
         "any_rank": [True, False],
     }
+
+
+def test_in_place_gloo_collectives_equal_gloos_own_bitwise(tmp_path: Path) -> None:
+    """ZeRO-3's reduce-scatter and all-gather on CPU (pretrain/engines/gloo.py) give gloo's results bit for bit,
+    with the output inside the input (DeepSpeed's way) or apart, on 3 ranks (odd chunk counts)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    out = tmp_path / "gloo.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "3"]
+    cmd += [str(Path(worker.__file__).with_name("gloo_worker.py")), str(out)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 3
+    assert result["all_ranks_equal"], result
+    assert all(all(r.values()) for r in result["rank0"].values()), result
