@@ -281,7 +281,7 @@ def engine_worker(engine: str, preset: str, out: Path) -> None:
 
 def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
     from models import get_config
-    from pretrain.plan import ModelShape, activations_per_sample, buffers, model_states
+    from pretrain.plan import ModelShape, activations_per_sample, buffers, model_states, peak
 
     shape = ModelShape.of(get_config(preset, max_seq_len=64))
     acts = ENGINE_BATCH * activations_per_sample(shape, ENGINE_SEQ, "fp32", checkpointing=False)
@@ -309,7 +309,9 @@ def run_engines(preset: str, engines: list[str], worlds: list[int]) -> None:
             base = max(r["baseline"] for r in results)
             build, step = max(r["build"] for r in results), max(r["step"] for r in results)
             predicted = base + states.total + acts
-            planner = predicted + buffers(engine, shape, "fp32", world)
+            planner = base + peak(
+                engine, states, buffers(engine, shape, "fp32", world), acts, n=results[0]["n"], world=world
+            )
             rows.append([
                 engine, str(world), f"{states.total / MIB:.0f}", f"{base / MIB:.0f}", f"{acts / MIB:.0f}",
                 f"{build / MIB:.0f}", f"{step / MIB:.0f}", f"{step / predicted:.2f}", f"{planner / MIB:.0f}",

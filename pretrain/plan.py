@@ -7,10 +7,12 @@ Model states follow the ZeRO paper (Rajbhandari et al.) per parameter, with what
   partition of the params (kept even in fp32) and the moments; stage 1 shards those two, stage 3 also the
   params and grads. Stage 2 shards the grads on paper, but DeepSpeed keeps every parameter's full-size
   .grad until the step, so its peak holds them whole, as stage 1's does (measured, bench/NOTES.md).
-  `zero3-offload` keeps params, grads and optimizer on the host.
+  `zero3-offload` keeps params, grads and optimizer on the host. ZeRO-3 holds its gradient partition only
+  from a step's first gradient reduce to the end of its optimizer step (pretrain/engines/deepspeed.py
+  `_GradientPartitions`), so its top is either the start of backward or the optimizer step (`peak`).
 This is DeepSpeed's `estimate_zero3_model_states_mem_needs` arithmetic; transient buffers are listed apart
 (communication buckets sized as pretrain/engines/ds_config.py fills them; the fp32 copy of the rank's
-gradient partition DeepSpeed flattens inside its step; the parameters a sharded engine gathers: FSDP's
+gradient partition DeepSpeed flattens inside its step, ZeRO-3's counted at its step; the parameters a sharded engine gathers: FSDP's
 and ZeRO-3's block in use and their root unit, the embedding, with its full gradient), as are
 activations (per block, the tensors autograd keeps, counted for a pre-norm block as torchtitan's estimator
 does, plus the fp32 logits and their log-softmax) with and without gradient checkpointing.
@@ -119,12 +121,27 @@ def buffers(engine: str, shape: ModelShape, precision: str, world: int) -> float
     if engine == "fsdp":  # the block in use and the prefetched one, gathered, with their unsharded grads;
         # the root unit (embeddings) stays gathered from forward to backward
         return (2 * shape.largest_block_params + shape.root_params) * (width + 4)
-    flat_grads = flat_gradient(engine, shape.params, world)
-    if engine in ("zero1", "zero2"):
-        return 2 * h * h * width + flat_grads  # + reduce and all-gather buckets (h^2 each)
+    if engine in ("zero1", "zero2"):  # + reduce and all-gather buckets (h^2 each)
+        return 2 * h * h * width + flat_gradient(engine, shape.params, world)
     # ZeRO-3 (no prefetch, pretrain/engines/ds_config.py): the reduce bucket, the block being computed and
-    # the root unit (the embedding, also the tied LM head), gathered, the root with its full gradient
-    return h * h * width + flat_grads + shape.largest_block_params * width + shape.root_params * (width + 4)
+    # the root unit (the embedding, also the tied LM head), gathered, the root with its full gradient. Its
+    # fp32 gradient copy is part of the optimizer step (`peak`), when none of these is held.
+    return h * h * width + shape.largest_block_params * width + shape.root_params * (width + 4)
+
+
+def peak(
+    engine: str, states: ModelStates, buffers: float, activations: float, *, n: int, world: int
+) -> float:
+    """Bytes per GPU at the step's high-water mark, the process's fixed overhead aside.
+
+    Every engine holds its states, buffers and activations at once, except ZeRO-3: its gradient partition
+    is allocated at the step's first gradient reduce and freed after the optimizer step, so its top is the
+    larger of the start of backward (activations, gathered parameters) and the optimizer step (the gradient
+    partition and DeepSpeed's fp32 copy of it)."""
+    if engine != "zero3":
+        return states.total + buffers + activations
+    at_step = states.grads + flat_gradient(engine, n, world)
+    return states.params + states.optimizer + max(buffers + activations, at_step)
 
 
 def activations_per_sample(shape: ModelShape, seq_len: int, precision: str, *, checkpointing: bool) -> float:
@@ -154,10 +171,15 @@ class EnginePlan:
     activations_ckpt: float  # with it
     max_micro_batch: int  # 0: not even one sequence fits
     max_micro_batch_ckpt: int
+    n: int  # parameters
+    world: int
 
     def total(self, *, checkpointing: bool) -> float:
         acts = self.activations_ckpt if checkpointing else self.activations
-        return self.states.total + self.buffers + acts + OVERHEAD_GIB * GIB
+        return (
+            peak(self.engine, self.states, self.buffers, acts, n=self.n, world=self.world)
+            + OVERHEAD_GIB * GIB
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -218,7 +240,11 @@ def plan(
     for name in ENGINES:
         states = model_states(name, shape.params, world, precision)
         extra = buffers(name, shape, precision, world)
-        free = gpu - states.total - extra - OVERHEAD_GIB * GIB
+        # Room for activations: beside what is held with them (all of it, but ZeRO-3's step-only gradients),
+        # provided the rest of the step fits at all.
+        beside = states.total - (states.grads if name == "zero3" else 0.0) + extra + OVERHEAD_GIB * GIB
+        fits = peak(name, states, extra, 0.0, n=shape.params, world=world) + OVERHEAD_GIB * GIB <= gpu
+        free = gpu - beside if fits else 0.0
         engines.append(
             EnginePlan(
                 engine=name,
@@ -228,6 +254,8 @@ def plan(
                 activations_ckpt=micro_batch * per_sample[True],
                 max_micro_batch=max(0, math.floor(free / per_sample[False])),
                 max_micro_batch_ckpt=max(0, math.floor(free / per_sample[True])),
+                n=shape.params,
+                world=world,
             )
         )
     return Plan(

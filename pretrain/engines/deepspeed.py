@@ -113,6 +113,37 @@ def _share_master_partitions(zero: object) -> None:
             master.data = part.data  # a no-op where DeepSpeed shared them itself
 
 
+class _GradientPartitions:
+    """ZeRO-3's buffer of reduced gradient partitions, resident only from a step's first gradient to the end of
+    its optimizer step, as FSDP2 holds its gradient shards.
+
+    DeepSpeed allocates the buffer (4 bytes per parameter / world size in fp32) once and keeps it, so it also
+    sits through every forward and the start of every backward, where a step's memory peaks (activations all
+    alive; for a tied LM head its gradient and the gathered table too): 118 MiB of gpt2-small's step peak at 4
+    ranks (bench/NOTES.md). Its storage is freed after the optimizer step and re-allocated, zeroed, by a hook
+    that runs when the step's first parameter gradient is ready, before DeepSpeed's own hook reduces into it
+    (ours runs before accumulation, DeepSpeed's after). DeepSpeed keeps views into the buffer; they stay valid,
+    only the storage behind them is released. Offloaded optimizers keep theirs (pinned host memory)."""
+
+    def __init__(self, zero: object, params: list[nn.Parameter]) -> None:
+        self.buffer: Tensor = zero.grad_partitions_flat_buffer
+        self.nbytes = self.buffer.untyped_storage().nbytes()
+        self.hooks = [p.register_hook(self._before_first_reduce) for p in params if p.requires_grad]
+        self.release()
+
+    def _before_first_reduce(self, grad: Tensor) -> None:
+        self.restore()
+
+    def restore(self) -> None:
+        storage = self.buffer.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(self.nbytes)
+            self.buffer.zero_()
+
+    def release(self) -> None:
+        self.buffer.untyped_storage().resize_(0)
+
+
 def build_partitioned(spec: EngineSpec, recipe: ModelRecipe, dist: DistInfo) -> nn.Module:
     """ZeRO-3: construct inside `zero.Init` (each module's parameters partitioned as it is built), then fill
     each rank's partition (a flat slice of the parameter) from the parameter's starting value (`initial_slices`)."""
@@ -148,6 +179,13 @@ class DeepSpeedEngine(Engine):
         self.scheduler = build_scheduler(self._optimizer, spec.optimizer)
         self._ds, _, _, _ = deepspeed.initialize(model=model, optimizer=self._optimizer, config=config)
         _share_master_partitions(self._ds.optimizer)
+        zero = self._ds.optimizer
+        self._grad_partitions = (
+            _GradientPartitions(zero, list(model.parameters()))
+            if getattr(zero, "grad_partitions_flat_buffer", None) is not None
+            and not getattr(zero, "offload_optimizer", False)
+            else None
+        )
         # ZeRO-0 fp32 is the one path where DeepSpeed does not record the norm; its grads are replicated.
         self._own_norm = spec.deepspeed.zero_stage == 0 and spec.precision == "fp32"
 
@@ -169,8 +207,12 @@ class DeepSpeedEngine(Engine):
     def _update(self, *, skip: bool) -> tuple[float, bool]:
         norm = self._replicated_grad_norm() if self._own_norm else None
         skipped_before = self._ds.skipped_steps  # DeepSpeed's own skips (fp16 overflow, invalid norm)
+        if self._grad_partitions is not None:
+            self._grad_partitions.restore()  # in case no gradient reached a hook this step
         with _optimizer_step_disabled(self._optimizer, skip):
             self._ds.step()
+        if self._grad_partitions is not None:
+            self._grad_partitions.release()
         skipped = skip or self._ds.skipped_steps > skipped_before
         if norm is None:
             norm = self._ds.get_global_grad_norm()
