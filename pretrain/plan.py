@@ -129,19 +129,25 @@ def buffers(engine: str, shape: ModelShape, precision: str, world: int) -> float
     return h * h * width + shape.largest_block_params * width + shape.root_params * (width + 4)
 
 
+def held(engine: str, states: ModelStates, buffers: float, *, n: int, world: int) -> tuple[float, float]:
+    """Bytes per GPU, the process's fixed overhead aside: (held together with the activations, held at a
+    moment without them).
+
+    Every engine holds its states and buffers together with the activations, except ZeRO-3's gradient
+    partition: allocated at the step's first gradient reduce and freed after the optimizer step, so ZeRO-3's
+    optimizer step (the partition and DeepSpeed's fp32 copy of it) is a moment of its own."""
+    if engine != "zero3":
+        return states.total + buffers, 0.0
+    kept = states.params + states.optimizer
+    return kept + buffers, kept + states.grads + flat_gradient(engine, n, world)
+
+
 def peak(
     engine: str, states: ModelStates, buffers: float, activations: float, *, n: int, world: int
 ) -> float:
-    """Bytes per GPU at the step's high-water mark, the process's fixed overhead aside.
-
-    Every engine holds its states, buffers and activations at once, except ZeRO-3: its gradient partition
-    is allocated at the step's first gradient reduce and freed after the optimizer step, so its top is the
-    larger of the start of backward (activations, gathered parameters) and the optimizer step (the gradient
-    partition and DeepSpeed's fp32 copy of it)."""
-    if engine != "zero3":
-        return states.total + buffers + activations
-    at_step = states.grads + flat_gradient(engine, n, world)
-    return states.params + states.optimizer + max(buffers + activations, at_step)
+    """Bytes per GPU at the step's high-water mark, the process's fixed overhead aside (`held`)."""
+    beside, apart = held(engine, states, buffers, n=n, world=world)
+    return max(beside + activations, apart)
 
 
 def activations_per_sample(shape: ModelShape, seq_len: int, precision: str, *, checkpointing: bool) -> float:
@@ -240,11 +246,9 @@ def plan(
     for name in ENGINES:
         states = model_states(name, shape.params, world, precision)
         extra = buffers(name, shape, precision, world)
-        # Room for activations: beside what is held with them (all of it, but ZeRO-3's step-only gradients),
-        # provided the rest of the step fits at all.
-        beside = states.total - (states.grads if name == "zero3" else 0.0) + extra + OVERHEAD_GIB * GIB
-        fits = peak(name, states, extra, 0.0, n=shape.params, world=world) + OVERHEAD_GIB * GIB <= gpu
-        free = gpu - beside if fits else 0.0
+        beside, apart = held(name, states, extra, n=shape.params, world=world)
+        # room for activations beside what is held with them, provided the moment without them fits
+        free = gpu - beside - OVERHEAD_GIB * GIB if apart + OVERHEAD_GIB * GIB <= gpu else 0.0
         engines.append(
             EnginePlan(
                 engine=name,

@@ -12,43 +12,32 @@ same as gloo's: the same all-reduce, and copies.
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 from torch import Tensor
 
 
 def reduce_scatter_in_place(
-    output: Tensor,
-    scratch_input: Tensor,
-    group: dist.ProcessGroup | None = None,
-    op: object = dist.ReduceOp.SUM,
+    output: Tensor, scratch_input: Tensor, group: dist.ProcessGroup | None = None
 ) -> None:
     """`output` = this rank's chunk of the reduction of `scratch_input`, which is overwritten."""
-    dist.all_reduce(scratch_input, op=op, group=group)
+    dist.all_reduce(scratch_input, group=group)
     chunks = scratch_input.view(-1).chunk(dist.get_world_size(group=group))
     mine = chunks[dist.get_rank(group=group)]
     if output.data_ptr() != mine.data_ptr():  # DeepSpeed's output is that chunk itself
         output.view(-1).copy_(mine)
 
 
-class Works:
-    """Several async collectives waited on as one."""
-
-    def __init__(self, works: list) -> None:
-        self.works = works
-
-    def wait(self) -> bool:
-        for work in self.works:
-            work.wait()
-        return True
-
-
-def all_gather_in_place(output: Tensor, chunk: Tensor, group: dist.ProcessGroup | None = None) -> Works:
+def all_gather_in_place(
+    output: Tensor, chunk: Tensor, group: dist.ProcessGroup | None = None
+) -> torch.Future:
     """All-gather `chunk` into `output` (this rank's part may already be in place): every rank broadcasts
-    its part into its slot of `output`."""
+    its part into its slot of `output`. Returns one future for all of them (DeepSpeed calls `wait()`)."""
     parts = output.view(-1).chunk(dist.get_world_size(group=group))
     mine = parts[dist.get_rank(group=group)]
     if mine.data_ptr() != chunk.data_ptr():
         mine.copy_(chunk.view(-1))
-    return Works(
-        [dist.broadcast(part, group=group, group_src=src, async_op=True) for src, part in enumerate(parts)]
-    )
+    works = [
+        dist.broadcast(part, group=group, group_src=src, async_op=True) for src, part in enumerate(parts)
+    ]
+    return torch.futures.collect_all([work.get_future() for work in works])
