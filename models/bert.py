@@ -34,7 +34,7 @@ class MLMHead(nn.Module):
         self.activation = config.activation
         self.transform = nn.Linear(config.d_model, config.d_model)
         self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.bias = nn.Parameter(torch.zeros(config.padded_vocab_size))
 
     def forward(self, x: Tensor, embed: Embeddings) -> Tensor:
         x = self.norm(ACTIVATIONS[self.activation](self.transform(x)))
@@ -55,6 +55,7 @@ class BERT(LanguageModel):
             dropout=config.dropout,
             padding_idx=config.pad_token_id,
             tied_head=True,
+            table_rows=config.padded_vocab_size,
         )
         self.blocks = Stack(
             [PostNormBlock(block) for _ in range(config.n_layers)],
@@ -72,11 +73,12 @@ class BERT(LanguageModel):
         """Masked LM. With `labels`, logits are (num_masked, vocab) for labels != -100 (see ModelOutput)."""
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
+        vocab = self.config.vocab_size
         if labels is None:
-            return ModelOutput(logits=self.head(x, self.embed))
+            return ModelOutput(logits=self.head(x, self.embed)[..., :vocab])
         masked = labels != -100
-        logits = self.head(x[masked], self.embed)  # (num_masked, V)
-        return ModelOutput(logits=logits, loss=cross_entropy(logits, labels[masked]))
+        logits = self.head(x[masked], self.embed)  # (num_masked, padded V)
+        return ModelOutput(logits=logits[..., :vocab], loss=cross_entropy(logits, labels[masked]))
 
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)

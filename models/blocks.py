@@ -234,6 +234,32 @@ class _TiedLookup(torch.autograd.Function):
         return None, grad_table.contiguous().index_add_(0, index, rows.to(grad_table.dtype)), None
 
 
+def vocabulary_logits(x: Tensor, weight: Tensor, bias: Tensor | None, vocab_size: int) -> Tensor:
+    """`x @ weight.T + bias` over a head whose rows past `vocab_size` pad the vocabulary (`vocab_multiple`).
+
+    Those columns get -inf, added through the bias so that no second logits-sized tensor is made: softmax
+    gives them exactly 0, so the loss and every real logit are what an unpadded head computes and the padded
+    rows get a zero gradient. The caller computes its loss on these logits and returns `[..., :vocab_size]`.
+    """
+    rows = weight.shape[0]
+    if rows > vocab_size:
+        mask = torch.zeros(rows, dtype=x.dtype if bias is None else bias.dtype, device=x.device)
+        mask[vocab_size:] = float("-inf")
+        bias = mask if bias is None else bias + mask
+    return F.linear(x, weight, bias)
+
+
+class VocabularyHead(nn.Linear):
+    """An untied LM head (no bias) whose rows may pad the vocabulary; padded logits at -inf, as `project`'s."""
+
+    def __init__(self, d_model: int, vocab_size: int, rows: int) -> None:
+        super().__init__(d_model, rows, bias=False)
+        self.vocab_size = vocab_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        return vocabulary_logits(x, self.weight, None, self.vocab_size)  # (..., rows)
+
+
 class Embeddings(nn.Module):
     """Token embedding (+ token types) (+ absolute positions), then an optional LayerNorm and dropout.
 
@@ -253,9 +279,12 @@ class Embeddings(nn.Module):
         dropout: float = 0.0,
         padding_idx: int | None = None,
         tied_head: bool = False,
+        table_rows: int | None = None,
     ) -> None:
         super().__init__()
-        self.tokens = nn.Embedding(vocab_size, d_model, padding_idx=padding_idx)
+        self.vocab_size = vocab_size
+        # Rows past the vocabulary pad the table (ModelConfig.vocab_multiple); no token id reaches them.
+        self.tokens = nn.Embedding(table_rows or vocab_size, d_model, padding_idx=padding_idx)
         self.tied_head = tied_head
         self.token_types = nn.Embedding(type_vocab_size, d_model) if type_vocab_size else None
         self.positions = positions
@@ -269,9 +298,11 @@ class Embeddings(nn.Module):
         return [p for table in tables if table is not None for p in table.parameters()]
 
     def project(self, x: Tensor, bias: Tensor | None = None) -> Tensor:
-        """Logits over the vocabulary from the token table: the LM head of a model built with `tied_head`."""
+        """Logits from the token table, the LM head of a model built with `tied_head`: over all its rows, the
+        padding ones at -inf (`vocabulary_logits`)."""
         table, self._head_table = self._head_table, None  # dropped here: it would keep the table alive
-        return F.linear(x, self.tokens.weight if table is None else table, bias)  # (..., V)
+        weight = self.tokens.weight if table is None else table
+        return vocabulary_logits(x, weight, bias, self.vocab_size)  # (..., rows)
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor | None = None) -> Tensor:
         t = self.tokens

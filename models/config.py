@@ -138,12 +138,39 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.d_model // self.n_heads
 
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token table and the head's outputs (text families may pad them: `vocab_multiple`)."""
+        return self.vocab_size
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 @dataclass(kw_only=True)
-class _AbsolutePositionConfig(ModelConfig):
+class _TextConfig(ModelConfig):
+    """Token in, tokens out: a vocabulary, whose table may be padded for the hardware and the shards."""
+
+    vocab_multiple: int = _doc(
+        "token table (and head) rows rounded up to a multiple of this, as Megatron's "
+        "make-vocab-size-divisible-by: shards that split evenly, aligned matmuls; the extra rows are never "
+        "looked up, their logits are masked out of softmax and loss, and logits come back at vocab_size",
+        1,
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.vocab_multiple < 1:
+            raise ValueError(f"model config: vocab_multiple must be >= 1, got {self.vocab_multiple}")
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Rows of the token table (and of an untied head): vocab_size rounded up to vocab_multiple."""
+        return -(-self.vocab_size // self.vocab_multiple) * self.vocab_multiple
+
+
+@dataclass(kw_only=True)
+class _AbsolutePositionConfig(_TextConfig):
     """GPT-2 and BERT: absolute positions (learned, as published, or sinusoidal); d_model = heads x width."""
 
     max_seq_len: int = _doc("positions the model can take (size of the position table)")
@@ -187,7 +214,7 @@ class BERTConfig(_AbsolutePositionConfig):
 
 
 @dataclass(kw_only=True)
-class T5Config(ModelConfig):
+class T5Config(_TextConfig):
     """T5 encoder-decoder. v1.0: ReLU, tied head with d_model**-0.5 logit scaling; v1.1: gated tanh-GELU, untied.
 
     `d_kv * n_heads` may differ from `d_model`. Attention is unscaled (the init absorbs 1/sqrt(d_kv)).
@@ -472,13 +499,14 @@ def _gpt2(d_model: int, n_layers: int, n_heads: int) -> tuple[type[ModelConfig],
     return GPTConfig, dict(
         vocab_size=50257, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=4 * d_model,
         bos_token_id=50256, eos_token_id=50256, pad_token_id=50256, dropout=0.1, attention_dropout=0.1,
+        vocab_multiple=128,
     )  # fmt: skip
 
 
 def _bert(d_model: int, n_layers: int, n_heads: int) -> tuple[type[ModelConfig], dict[str, Any]]:
     return BERTConfig, dict(
         vocab_size=30522, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=4 * d_model,
-        dropout=0.1, attention_dropout=0.1,
+        dropout=0.1, attention_dropout=0.1, vocab_multiple=128,
     )  # fmt: skip
 
 
@@ -487,7 +515,7 @@ def _t5(
 ) -> tuple[type[ModelConfig], dict[str, Any]]:
     return T5Config, dict(
         vocab_size=32128, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, d_kv=d_kv,
-        dropout=0.1, attention_dropout=0.1,
+        dropout=0.1, attention_dropout=0.1, vocab_multiple=128,
     )  # fmt: skip
 
 
@@ -497,10 +525,12 @@ def _t5_v1_1(
     # v1.1 pre-trained without dropout (a quality win noted in its release) and with an untied head.
     return T5Config, dict(
         vocab_size=32128, d_model=d_model, n_layers=n_layers, n_heads=n_heads, d_ff=d_ff, d_kv=64,
-        activation="gelu_tanh", gated=True, tie_embeddings=False,
+        activation="gelu_tanh", gated=True, tie_embeddings=False, vocab_multiple=128,
     )  # fmt: skip
 
 
+# The published sizes pad their vocabulary to a multiple of 128 rows (Megatron's default): even shards and
+# aligned matmuls on any world size; T5's 32128 already is (its tokenizer has 32100 tokens).
 # Tiny presets: a few layers at width 128-256 so that a demo trains in minutes on 2 CPU cores.
 # The vocabulary matches the tokenizer the data layer trains by default; pretrain overrides it anyway.
 PRESETS: dict[str, tuple[type[ModelConfig], dict[str, Any]]] = {

@@ -39,6 +39,7 @@ class GPT(LanguageModel):
             positions=positions,
             dropout=config.dropout,
             tied_head=True,
+            table_rows=config.padded_vocab_size,
         )
         self.blocks = Stack(
             [PreNormBlock(block) for _ in range(config.n_layers)],
@@ -52,12 +53,12 @@ class GPT(LanguageModel):
         """Causal LM. `labels` are aligned with `input_ids` (usually equal); the shift happens here."""
         padding = key_padding(attention_mask)
         x = self.blocks(self.embed(input_ids), key_padding_mask=padding)  # (B, L, D)
-        logits = self.embed.project(self.norm(x))  # (B, L, V)
+        logits = self.embed.project(self.norm(x))  # (B, L, padded V)
         loss = None
         if labels is not None:
             # Predict token t+1 at position t; padding the shifted labels avoids copying the logits.
             loss = cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
-        return ModelOutput(logits=logits, loss=loss)
+        return ModelOutput(logits=logits[..., : self.config.vocab_size], loss=loss)
 
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)

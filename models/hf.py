@@ -655,6 +655,7 @@ class _Family:
         str, ...
     ] = ()  # our key prefixes with no HF twin (training heads): kept at init, not exported
     prefix: str = ""  # the base model's attribute: checkpoints saved from the base class lack it
+    vocabulary: tuple[str, ...] = ()  # our tensors with a row per token (padded past it: vocab_multiple)
 
 
 _FAMILIES = {
@@ -665,6 +666,7 @@ _FAMILIES = {
         _gpt_rules,
         {"lm_head.weight": "transformer.wte.weight"},
         prefix="transformer.",
+        vocabulary=("embed.tokens.weight",),
     ),
     "bert": _Family(
         "BertForMaskedLM",
@@ -676,6 +678,7 @@ _FAMILIES = {
             "cls.predictions.decoder.bias": "cls.predictions.bias",
         },
         prefix="bert.",
+        vocabulary=("embed.tokens.weight", "head.bias"),
     ),
     "t5": _Family(
         "T5ForConditionalGeneration",
@@ -687,6 +690,7 @@ _FAMILIES = {
             "decoder.embed_tokens.weight": "shared.weight",
             "lm_head.weight": "shared.weight",  # read as our own head when the config is untied (v1.1)
         },
+        vocabulary=("embed.tokens.weight", "lm_head.weight"),
     ),
     "vit_mae": _Family("ViTMAEForPreTraining", _vit_mae_config, _vit_mae_hf_config, _vit_mae_rules, {}),
     "vit_simmim": _Family(
@@ -756,6 +760,12 @@ class WeightMap:
             if "LayerNorm" in key and key.endswith(new):
                 names += [n[: -len(new)] + old for n in names]
         return tuple(names)
+
+
+def vocabulary_tensors(family: str) -> tuple[str, ...]:
+    """Our parameters of `family` with one row per token: rows a padded vocabulary (`vocab_multiple`) adds and
+    a conversion to transformers leaves out, the ones `model.init_from` may resize."""
+    return _FAMILIES[family].vocabulary
 
 
 def weight_map(config: ModelConfig) -> WeightMap:
@@ -839,8 +849,12 @@ def to_hf(model: LanguageModel) -> nn.Module:
         getattr(hf_model, "all_tied_weights_keys", {}).pop("lm_head.weight", None)
     param = next(model.parameters())
     hf_model.to(device=param.device, dtype=param.dtype)
+    state = model.state_dict()
+    for name in spec.vocabulary:  # transformers has the vocabulary's rows, not the padding's
+        if name in state:
+            state[name] = state[name][: model.config.vocab_size]
     missing, unexpected = hf_model.load_state_dict(
-        convert_to_hf(spec.rules(model.config), model.state_dict()), strict=False
+        convert_to_hf(spec.rules(model.config), state), strict=False
     )
     bad = [k for k in missing if k not in spec.tied and not k.startswith(spec.unused)]
     if bad or unexpected:

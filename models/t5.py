@@ -26,7 +26,7 @@ from models.base import (
     row_blocks,
     self_attention_keys,
 )
-from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
+from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack, VocabularyHead
 from models.config import T5Config
 from models.outputs import ModelOutput
 from models.position import RelativePositionBias
@@ -51,7 +51,11 @@ class T5(LanguageModel):
         checkpointing = config.gradient_checkpointing
 
         self.embed = Embeddings(
-            config.vocab_size, config.d_model, dropout=config.dropout, tied_head=config.tie_embeddings
+            config.vocab_size,
+            config.d_model,
+            dropout=config.dropout,
+            tied_head=config.tie_embeddings,
+            table_rows=config.padded_vocab_size,
         )
         self.encoder_bias = RelativePositionBias(config.n_heads, bidirectional=True, **bias)
         self.encoder = Stack(
@@ -67,7 +71,9 @@ class T5(LanguageModel):
         self.decoder_norm = nn.RMSNorm(config.d_model, eps=config.layer_norm_eps)
         self.drop = nn.Dropout(config.dropout)
         self.lm_head = (
-            None if config.tie_embeddings else nn.Linear(config.d_model, config.vocab_size, bias=False)
+            None
+            if config.tie_embeddings
+            else VocabularyHead(config.d_model, config.vocab_size, config.padded_vocab_size)
         )
 
     def forward(
@@ -103,8 +109,8 @@ class T5(LanguageModel):
             logits = self.embed.project(x * self.config.d_model**-0.5)
         else:
             logits = self.lm_head(x)
-        loss = cross_entropy(logits, labels) if labels is not None else None
-        return ModelOutput(logits=logits, loss=loss)
+        loss = cross_entropy(logits, labels) if labels is not None else None  # over the padded V
+        return ModelOutput(logits=logits[..., : self.config.vocab_size], loss=loss)
 
     def transformer_blocks(self) -> list[nn.Module]:
         return [*self.encoder, *self.decoder]

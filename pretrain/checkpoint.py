@@ -41,6 +41,8 @@ if TYPE_CHECKING:
 
 LATEST = "latest"
 FINGERPRINT_FILE = "data_fingerprint.json"  # data.data_fingerprint of the run's data when it saved
+# model.safetensors' header metadata: the model's vocabulary, which its padded tables' rows do not tell
+VOCAB_SIZE_KEY = "vocab_size"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 _NONE = -1  # rank 0's verdict when no checkpoint qualifies
 
@@ -221,9 +223,11 @@ class CheckpointManager:
         any_rank: Callable[[bool], bool] = _itself,
         say: Callable[[str], None] = _say,
         fingerprint: dict[str, Any] | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         self.root = root
         self.fingerprint = fingerprint  # the data's (data.data_fingerprint), recorded in each checkpoint
+        self.vocab_size = vocab_size  # the model's, recorded in each model.safetensors (`VOCAB_SIZE_KEY`)
         self.keep = keep
         self.dist = dist
         self._barrier = barrier
@@ -265,7 +269,8 @@ class CheckpointManager:
         _write_json(rank_dir / "rng.json", rng_state())
         if self.dist.is_main:
             assert weights is not None, "Engine.full_state_dict returns the weights on rank 0"
-            save_file(_unshared(weights), str(tmp / "model.safetensors"))
+            metadata = None if self.vocab_size is None else {VOCAB_SIZE_KEY: str(self.vocab_size)}
+            save_file(_unshared(weights), str(tmp / "model.safetensors"), metadata=metadata)
             _write_json(tmp / "trainer_state.json", dataclasses.asdict(state))
             if self.fingerprint is not None:
                 _write_json(tmp / FINGERPRINT_FILE, self.fingerprint)

@@ -38,6 +38,7 @@ RUNTIME_FIELDS = frozenset(
         "dropout",
         "attention_dropout",
         "init_std",
+        "vocab_multiple",  # padding rows only: the tables are resized (SourceWeights)
     }
 )
 # Filled from the run's tokenizer, as for a preset.
@@ -139,7 +140,7 @@ def _run_source(run_dir: Path, checkpoint: Path) -> InitSource:
     except ConfigError as e:
         raise ConfigError(f"model.init_from: {run_dir / 'config.yaml'}: {e}") from None
     fields = _architecture(section.config)
-    fields["vocab_size"] = _embedding_rows(checkpoint / _WEIGHTS)  # the tokenizer set it in that run
+    fields["vocab_size"] = _vocabulary_size(checkpoint / _WEIGHTS)  # the tokenizer set it in that run
     tokenizer = run_dir / "tokenizer"
     return InitSource(
         path=checkpoint,
@@ -159,14 +160,19 @@ def _architecture(config: Any) -> dict[str, Any]:
     }
 
 
-def _embedding_rows(weights: Path) -> int:
-    """Rows of `embed.tokens.weight`, from the safetensors header alone (no tensor is read)."""
+def _vocabulary_size(weights: Path) -> int:
+    """The vocabulary a checkpoint's model had, from the safetensors header alone (no tensor is read): as the
+    run recorded it (`pretrain.checkpoint.VOCAB_SIZE_KEY`), or, in a checkpoint from before it did (no padded tables then), the
+    rows of `embed.tokens.weight`."""
+    from pretrain.checkpoint import VOCAB_SIZE_KEY
+
     try:
         with weights.open("rb") as f:
             (size,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(size))
-        return int(header["embed.tokens.weight"]["shape"][0])
-    except (OSError, ValueError, KeyError, struct.error) as e:
+        recorded = header.get("__metadata__", {}).get(VOCAB_SIZE_KEY)
+        return int(recorded if recorded is not None else header["embed.tokens.weight"]["shape"][0])
+    except (OSError, ValueError, KeyError, AttributeError, struct.error) as e:
         raise ConfigError(f"model.init_from: {weights} is not a readable checkpoint ({e})") from None
 
 
@@ -247,12 +253,15 @@ class SourceWeights:
     so a rank that fills its shards from here holds its shards plus one source tensor, never the model.
     """
 
-    def __init__(self, label: str, store: _SafetensorsFiles | _Loaded, rules: dict[str, Rule]) -> None:
-        from models.hf import assembled_shape
+    def __init__(
+        self, label: str, store: _SafetensorsFiles | _Loaded, rules: dict[str, Rule], family: str
+    ) -> None:
+        from models.hf import assembled_shape, vocabulary_tensors
 
         self._label = label
         self._store = store
         self._rules = rules  # our name -> the rule that assembles it from the store's tensors
+        self._vocabulary = vocabulary_tensors(family)  # the tables model.vocab_size and vocab_multiple resize
         self.shapes = {n: assembled_shape(r, [store.shape(k) for k in r.theirs]) for n, r in rules.items()}
         self.notes: list[str] = []  # for the run's log: resized tables, a source read whole
 
@@ -269,16 +278,17 @@ class SourceWeights:
         for name, shape in shapes.items():
             if self._resized(name, shape):
                 have = self.shapes[name][0]
-                self.notes.append(
-                    f"init_from resized {name}: {have} -> {shape[0]} rows (new rows initialised)"
-                )
+                what = "new rows initialised" if shape[0] > have else "padding rows left out"
+                self.notes.append(f"init_from resized {name}: {have} -> {shape[0]} rows ({what})")
 
     def _resized(self, name: str, shape: tuple[int, ...]) -> bool:
-        """Whether the source fills only the first rows of `name` (a vocabulary grown by model.vocab_size)."""
+        """Whether `name` is a table with a row per token whose rows differ from the source's: a vocabulary
+        grown by model.vocab_size, or padded to another model.vocab_multiple. Fewer rows than the source's
+        drop only padding: the config refuses a vocab_size below the source's (`conflicts`)."""
         have = self.shapes[name]
         if have == tuple(shape):
             return False
-        if have[1:] == tuple(shape[1:]) and shape[0] > have[0]:
+        if name in self._vocabulary and have[1:] == tuple(shape[1:]):
             return True
         raise ConfigError(
             f"model.init_from: {name} has shape {have} in {self._label}, {tuple(shape)} in this run's model"
@@ -286,7 +296,8 @@ class SourceWeights:
 
     def value(self, name: str, shape: Sequence[int], initial: Callable[[], Tensor]) -> Tensor:
         """Parameter `name`'s whole starting value (CPU, the source's dtype): the source's tensor or, for a
-        resized table, `initial()` with the source's rows over its first ones. Contiguous (ZeRO-3 flattens it)."""
+        resized table, `initial()` with the rows both have copied from the source. Contiguous (ZeRO-3
+        flattens it)."""
         from models.hf import assemble
 
         rule = self._rules[name]
@@ -294,7 +305,8 @@ class SourceWeights:
         if not self._resized(name, tuple(shape)):
             return tensor
         full = initial()
-        full[: tensor.shape[0]].copy_(tensor)
+        rows = min(tensor.shape[0], full.shape[0])
+        full[:rows].copy_(tensor[:rows])
         return full
 
 
@@ -319,12 +331,12 @@ def _open(init_from: str | Path) -> SourceWeights:
     label = str(init_from)
     if source.kind == "run":
         store = _SafetensorsFiles([source.weights])
-        return SourceWeights(label, store, {k: _identity(k) for k in store.names()})
+        return SourceWeights(label, store, {k: _identity(k) for k in store.names()}, source.family)
     files = _safetensors_files(source.weights)
     if files:
         return _transformers_weights(label, source, files)
     state = _read_whole(source)
-    weights = SourceWeights(label, _Loaded(state), {k: _identity(k) for k in state})
+    weights = SourceWeights(label, _Loaded(state), {k: _identity(k) for k in state}, source.family)
     why = f"{_BIN} cannot be read one tensor at a time"
     weights.notes.append(f"init_from reads {label} whole on every rank ({why})")
     return weights
@@ -386,7 +398,7 @@ def _transformers_weights(label: str, source: InitSource, files: list[Path]) -> 
             raise ConfigError(
                 f"model.init_from: {label}: {alias} differs from {tied_to}; this untied variant is not supported"
             )
-    return SourceWeights(label, store, rules)
+    return SourceWeights(label, store, rules, source.family)
 
 
 def _read_whole(source: InitSource) -> dict[str, Tensor]:

@@ -152,6 +152,9 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     seed_everything(cfg.train.seed)
     fresh = not checkpoint_dirs(checkpoints.root)  # a resume restores its own weights, not init_from's
     recipe = components.model_recipe(cfg, tokenizer, init_from=fresh)
+    checkpoints.vocab_size = (
+        recipe.config.vocab_size
+    )  # padded tables do not tell it: model.init_from reads it
     flops_per_token = objective_flops_per_token(components.meta_model(recipe.config), cfg)
     if recipe.weights is not None and dist.is_main:
         for note in recipe.weights.notes:

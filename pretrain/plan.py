@@ -164,7 +164,7 @@ def activations_per_sample(shape: ModelShape, seq_len: int, precision: str, *, c
     per_block = seq_len * (9 * cfg.d_model + 2 * d_ff) * width
     layers = cfg.n_layers + getattr(cfg, "n_decoder_layers", 0)
     stored = (layers * seq_len * cfg.d_model * width + per_block) if checkpointing else layers * per_block
-    logits = 2 * seq_len * cfg.vocab_size * 4
+    logits = 2 * seq_len * cfg.padded_vocab_size * 4  # the head computes every row, padding ones too
     return stored + logits
 
 

@@ -10,6 +10,7 @@ import torch
 import models
 from models.build import build_from_config
 from models.config import CONFIG_CLASSES, PRESETS, T5Config, get_config
+from models.hf import vocabulary_tensors
 
 
 @pytest.mark.parametrize("family", list(CONFIG_CLASSES))
@@ -74,24 +75,34 @@ def _hf_twin(config: models.ModelConfig) -> torch.nn.Module:
     "preset", [p for p, (cls, _) in PRESETS.items() if cls.family in ("gpt", "bert", "t5")]
 )
 def test_parameter_count_equals_transformers(preset: str) -> None:
-    """Built on the meta device (no memory): same architecture as transformers' => same parameter count."""
-    config = get_config(preset)
+    """Built on the meta device (no memory): same architecture as transformers' => same parameter count; the
+    preset's padded vocabulary adds its padding rows to the tables with a row per token, nothing else."""
+    config = get_config(preset, vocab_multiple=1)
     with torch.device("meta"):
         ours = build_from_config(config, init=False)
         theirs = _hf_twin(config)
+        padded = build_from_config(get_config(preset), init=False)
     expected = theirs.num_parameters()
     if config.family == "t5" and not config.tie_embeddings:
         expected += config.vocab_size * config.d_model  # transformers >= 5 ties T5's head; v1.1's is its own
     assert ours.num_parameters() == expected
     assert ours.num_parameters(exclude_embeddings=True) < ours.num_parameters()
+    rows = padded.config.padded_vocab_size - config.vocab_size
+    vocabulary = dict(padded.named_parameters())
+    extra = sum(rows * vocabulary[n][0].numel() for n in vocabulary_tensors(config.family) if n in vocabulary)
+    assert padded.num_parameters() == expected + extra
+    assert padded.config.padded_vocab_size % 128 == 0
 
 
 def test_known_sizes_and_flops() -> None:
     with torch.device("meta"):
-        gpt2 = models.build_model("gpt2-small")
+        gpt2 = models.build_model("gpt2-small", vocab_multiple=1)
+        padded = models.build_model("gpt2-small")
     assert gpt2.num_parameters() == 124_439_808  # the published GPT-2 small count
-    n = gpt2.num_parameters(exclude_embeddings=True) + 50257 * 768  # the tied head is a matmul
-    assert gpt2.flops_per_token(models.SampleShape(1024)) == 6 * n + 12 * 12 * 768 * 1024
+    assert padded.num_parameters() == 124_439_808 + (50304 - 50257) * 768  # the preset pads to 128 rows
+    for model, rows in ((gpt2, 50257), (padded, 50304)):
+        n = model.num_parameters(exclude_embeddings=True) + rows * 768  # the tied head is a matmul, every row
+        assert model.flops_per_token(models.SampleShape(1024)) == 6 * n + 12 * 12 * 768 * 1024
 
 
 def test_init_weights_is_deterministic_and_follows_the_scheme() -> None:

@@ -8,6 +8,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 import models
+from models.hf import vocabulary_tensors
 from models.t5 import shift_right
 
 SMALL = dict(vocab_size=64, d_model=32, n_heads=2, d_ff=48, n_layers=2)
@@ -107,6 +108,39 @@ def test_the_tied_tables_gradient_is_made_once(preset: str, expected: int) -> No
         loss.backward()
     assert len(made.ops) == expected, made.ops
     assert table.grad.layout == torch.strided and table.grad.is_contiguous()
+
+
+@pytest.mark.parametrize("preset", ["gpt-tiny", "bert-tiny", "t5-tiny", "t5-v1_1-small"])
+def test_a_padded_vocabulary_computes_what_the_unpadded_one_does(preset: str) -> None:
+    """vocab_multiple adds table (and head) rows that never count: logits come back at vocab_size, the loss
+    and every real row's gradient are the unpadded model's, the padded rows get exactly zero gradient, whatever
+    their values (here large, so that an unmasked padded logit would dominate the softmax)."""
+    extra = dict(n_heads=2) if preset.startswith("t5-v1_1") else {}
+    torch.manual_seed(0)
+    plain = models.build_model(preset, **{**SMALL, **extra}, attention="sdpa", vocab_multiple=1)
+    padded = models.build_model(preset, **{**SMALL, **extra}, attention="sdpa", vocab_multiple=48)
+    vocabulary = vocabulary_tensors(plain.config.family)
+    state = plain.state_dict()
+    with torch.no_grad():
+        for name, param in padded.named_parameters():
+            if name in vocabulary:
+                assert param.shape[0] == 96 and state[name].shape[0] == 64, name
+                param[:64] = state[name]
+                param[64:] = 50.0
+            else:
+                param.copy_(state[name])
+    inputs = batch(plain.config.family)
+    loss_a, grads_a = grads_of(plain, inputs)
+    loss_b, grads_b = grads_of(padded, inputs)
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-6, atol=1e-6)
+    for name, grad in grads_a.items():
+        torch.testing.assert_close(grads_b[name][: grad.shape[0]], grad, rtol=1e-5, atol=1e-7, msg=name)
+        if name in vocabulary:
+            assert torch.count_nonzero(grads_b[name][64:]) == 0, name
+    with torch.no_grad():
+        logits_a, logits_b = plain(**inputs).logits, padded(**inputs).logits
+    assert logits_b.shape == logits_a.shape and logits_b.shape[-1] == 64
+    torch.testing.assert_close(logits_b, logits_a, rtol=1e-5, atol=1e-5)
 
 
 def test_bert_with_labels_returns_logits_only_at_masked_positions() -> None:

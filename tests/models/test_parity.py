@@ -76,8 +76,10 @@ def test_to_hf_round_trip(hf_case: HFCase) -> None:
         assert torch.equal(back(**hf_case.inputs).logits, hf_case.model(**hf_case.inputs).logits)
 
 
-def test_to_hf_from_built_model_matches() -> None:
-    """A model from our presets converts to transformers and computes the same logits."""
+@pytest.mark.parametrize("vocab_multiple", [1, 48])
+def test_to_hf_from_built_model_matches(vocab_multiple: int) -> None:
+    """A model from our presets converts to transformers and computes the same logits; a padded vocabulary
+    (64 tokens in 96 rows) converts to transformers' 64 rows."""
     for preset, extra in (
         ("gpt-tiny", {}),
         ("bert-tiny", {}),
@@ -85,8 +87,12 @@ def test_to_hf_from_built_model_matches() -> None:
         ("t5-v1_1-small", dict(n_layers=1, n_heads=2)),
     ):
         torch.manual_seed(0)
-        model = models.build_model(preset, vocab_size=64, d_model=32, d_ff=48, **extra).eval()
+        model = models.build_model(
+            preset, vocab_size=64, d_model=32, d_ff=48, vocab_multiple=vocab_multiple, **extra
+        ).eval()
+        assert model.embed.tokens.weight.shape[0] == (96 if vocab_multiple == 48 else 64)
         hf = models.to_hf(model)
+        assert hf.config.vocab_size == 64
         ids = torch.randint(0, 64, (2, 9))
         inputs = (
             dict(input_ids=ids, decoder_input_ids=ids[:, :5])

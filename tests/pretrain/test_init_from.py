@@ -241,6 +241,19 @@ def test_a_grown_vocabulary_keeps_the_source_rows_and_the_rest_seeded(sources):
     ]
 
 
+def test_a_padded_vocabulary_keeps_the_source_rows_in_every_table_with_a_row_per_token(sources):
+    """model.vocab_multiple may differ from the source's: BERT's table and head bias get padding rows."""
+    values, notes = _read(sources["bert"], _meta(sources["bert"], vocab_multiple=256))
+    source = _from_hf(sources["bert"])
+    for name in ("embed.tokens.weight", "head.bias"):
+        assert values[name].shape[0] == 512 and torch.equal(values[name][:VOCAB], source[name]), name
+        assert torch.equal(values[name][VOCAB:], torch.ones(512 - VOCAB, *source[name].shape[1:])), name
+    assert notes == [
+        f"init_from resized {name}: {VOCAB} -> 512 rows (new rows initialised)"
+        for name in ("embed.tokens.weight", "head.bias")
+    ]
+
+
 def test_weights_that_do_not_fit_the_model_are_refused_in_one_line(sources, tmp_path):
     from pretrain.init_from import open_weights
 
@@ -331,6 +344,34 @@ def test_a_second_phase_starts_from_a_run_directory(sources, tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in before)
     checkpoint = tmp_path / "first/checkpoints/step_2"
     assert resolve_model({"init_from": str(checkpoint)}).config == cfg.model.config
+
+
+@pytest.mark.slow
+def test_a_padded_vocabulary_is_recorded_and_left_out_where_it_does_not_belong(sources, tmp_path):
+    """A run with model.vocab_multiple pads its tables; its checkpoint records the real vocabulary, so a second
+    phase without padding reads the source's rows back, and the export has transformers' vocabulary."""
+    from safetensors import safe_open
+
+    first = write_run_config(tmp_path / "first.yaml", sources["t5"], steps=1)
+    notes = run_cli("train", str(first), f"run.dir={tmp_path / 'first'}", "model.vocab_multiple=256")
+    assert f"note: init_from resized embed.tokens.weight: {VOCAB} -> 512 rows" in notes
+    checkpoint = tmp_path / "first/checkpoints/step_1"
+    with safe_open(str(checkpoint / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"vocab_size": str(VOCAB)}
+        assert f.get_slice("embed.tokens.weight").get_shape()[0] == 512
+    second = write_run_config(tmp_path / "second.yaml", tmp_path / "first", steps=0)
+    cfg = load_config(second, [f"run.dir={tmp_path / 'second'}", "model.vocab_multiple=1"])
+    assert cfg.model.config.vocab_size == VOCAB and cfg.model.config.padded_vocab_size == VOCAB
+    notes = run_cli("train", str(second), f"run.dir={tmp_path / 'second'}", "model.vocab_multiple=1")
+    assert (
+        f"note: init_from resized embed.tokens.weight: 512 -> {VOCAB} rows (padding rows left out)" in notes
+    )
+    before = load_file(checkpoint / "model.safetensors")
+    after = load_file(tmp_path / "second/checkpoints/step_0/model.safetensors")
+    assert all(torch.equal(before[k][: after[k].shape[0]], after[k]) for k in before)
+    run_cli("export", str(tmp_path / "first"), str(tmp_path / "export"))  # checks the logits on its own
+    exported = load_file(tmp_path / "export/model.safetensors")["shared.weight"]
+    assert torch.equal(exported, before["embed.tokens.weight"][:VOCAB])
 
 
 # ------------------------------------------------------------------------------- exports through pipelines

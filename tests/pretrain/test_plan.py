@@ -67,7 +67,7 @@ def test_plan_command_prints_every_engine_and_a_recommendation(capsys) -> None:
     code = main(["plan", "gpt2-large.yaml", "--nodes", "2", "--gpus-per-node", "8", "--gpu-memory-gib", "80"])
     out = capsys.readouterr().out.splitlines()
     assert code == 0
-    assert out[0].startswith("774.0 M parameters, 16 GPUs x 80 GiB, bf16, micro-batch 4 x 1024 tokens")
+    assert out[0].startswith("774.1 M parameters, 16 GPUs x 80 GiB, bf16, micro-batch 4 x 1024 tokens")
     assert [line.split()[0] for line in out[2:-1]] == list(ENGINES)
     assert out[-1].startswith("recommended: engine.backend=ddp, without gradient checkpointing")
     code = main(["plan", "gpt2-large.yaml", "--nodes", "1", "--gpus-per-node", "1", "--gpu-memory-gib", "16"])
