@@ -20,7 +20,7 @@ from models.base import (
     self_attention_keys,
     sequence_projection_weights,
 )
-from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack
+from models.blocks import ACTIVATIONS, BlockConfig, Embeddings, PostNormBlock, Stack, vocabulary_columns
 from models.config import BERTConfig
 from models.outputs import ModelOutput
 from models.position import make_positions
@@ -75,10 +75,12 @@ class BERT(LanguageModel):
         x = self.blocks(self.embed(input_ids, token_type_ids), key_padding_mask=padding)  # (B, L, D)
         vocab = self.config.vocab_size
         if labels is None:
-            return ModelOutput(logits=self.head(x, self.embed)[..., :vocab])
+            return ModelOutput(logits=vocabulary_columns(self.head(x, self.embed), vocab))
         masked = labels != -100
         logits = self.head(x[masked], self.embed)  # (num_masked, padded V)
-        return ModelOutput(logits=logits[..., :vocab], loss=cross_entropy(logits, labels[masked]))
+        return ModelOutput(
+            logits=vocabulary_columns(logits, vocab), loss=cross_entropy(logits, labels[masked])
+        )
 
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)

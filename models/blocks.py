@@ -239,7 +239,7 @@ def vocabulary_logits(x: Tensor, weight: Tensor, bias: Tensor | None, vocab_size
 
     Those columns get -inf, added through the bias so that no second logits-sized tensor is made: softmax
     gives them exactly 0, so the loss and every real logit are what an unpadded head computes and the padded
-    rows get a zero gradient. The caller computes its loss on these logits and returns `[..., :vocab_size]`.
+    rows get a zero gradient. The caller computes its loss on these logits and returns `vocabulary_columns`.
     """
     rows = weight.shape[0]
     if rows > vocab_size:
@@ -247,6 +247,11 @@ def vocabulary_logits(x: Tensor, weight: Tensor, bias: Tensor | None, vocab_size
         mask[vocab_size:] = float("-inf")
         bias = mask if bias is None else bias + mask
     return F.linear(x, weight, bias)
+
+
+def vocabulary_columns(logits: Tensor, vocab_size: int) -> Tensor:
+    """The logits of the real vocabulary: `vocabulary_logits`' own tensor when nothing is padded, else a view."""
+    return logits if logits.shape[-1] == vocab_size else logits[..., :vocab_size]
 
 
 class VocabularyHead(nn.Linear):

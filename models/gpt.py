@@ -21,7 +21,7 @@ from models.base import (
     parameter_names,
     self_attention_keys,
 )
-from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack
+from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack, vocabulary_columns
 from models.config import GPTConfig
 from models.outputs import ModelOutput
 from models.position import make_positions
@@ -58,7 +58,7 @@ class GPT(LanguageModel):
         if labels is not None:
             # Predict token t+1 at position t; padding the shifted labels avoids copying the logits.
             loss = cross_entropy(logits, F.pad(labels[:, 1:], (0, 1), value=-100))
-        return ModelOutput(logits=logits[..., : self.config.vocab_size], loss=loss)
+        return ModelOutput(logits=vocabulary_columns(logits, self.config.vocab_size), loss=loss)
 
     def transformer_blocks(self) -> list[nn.Module]:
         return list(self.blocks)

@@ -26,7 +26,7 @@ from models.base import (
     row_blocks,
     self_attention_keys,
 )
-from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack, VocabularyHead
+from models.blocks import BlockConfig, Embeddings, PreNormBlock, Stack, VocabularyHead, vocabulary_columns
 from models.config import T5Config
 from models.outputs import ModelOutput
 from models.position import RelativePositionBias
@@ -110,7 +110,7 @@ class T5(LanguageModel):
         else:
             logits = self.lm_head(x)
         loss = cross_entropy(logits, labels) if labels is not None else None  # over the padded V
-        return ModelOutput(logits=logits[..., : self.config.vocab_size], loss=loss)
+        return ModelOutput(logits=vocabulary_columns(logits, self.config.vocab_size), loss=loss)
 
     def transformer_blocks(self) -> list[nn.Module]:
         return [*self.encoder, *self.decoder]

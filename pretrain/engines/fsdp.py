@@ -8,6 +8,8 @@ Built from a recipe, the model is sharded before any weight exists (meta device 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor, nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -19,7 +21,13 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from pretrain.config import EngineSpec
 from pretrain.engines.build import ModelRecipe, initial_slices
 from pretrain.engines.dist import DistInfo, ensure_process_group
+from pretrain.engines.gloo import FSDPAllGather, FSDPReduceScatter
 from pretrain.engines.native import NativeEngine
+
+# With a padded vocabulary the model returns its logits as a view of the padded ones (models/blocks.py
+# `vocabulary_columns`), and FSDP2 warns that an in-place op on a view would drop its pre-backward hook.
+# Backward starts from the loss, which carries the hook, and nothing writes into the logits.
+warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(\w+\) returned a view tensor")
 
 
 def shard(model: nn.Module, spec: EngineSpec, dist: DistInfo) -> nn.Module:
@@ -31,9 +39,13 @@ def shard(model: nn.Module, spec: EngineSpec, dist: DistInfo) -> nn.Module:
         param_dtype=torch.bfloat16 if spec.precision == "bf16" else None, reduce_dtype=torch.float32
     )
     reshard = spec.fsdp.reshard_after_forward
-    for block in model.transformer_blocks():
-        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    units = [*model.transformer_blocks(), model]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
+    if dist.device.type == "cpu":  # gloo's collectives without their full-size copies (engines/gloo.py)
+        for unit in units:
+            unit.set_custom_all_gather(FSDPAllGather())
+            unit.set_custom_reduce_scatter(FSDPReduceScatter())
     return model
 
 

@@ -95,8 +95,8 @@ def test_process_group_reforms_after_elastic_restart(tmp_path: Path) -> None:
 
 
 def test_in_place_gloo_collectives_equal_gloos_own_bitwise(tmp_path: Path) -> None:
-    """ZeRO-3's reduce-scatter and all-gather on CPU (pretrain/engines/gloo.py) give gloo's results bit for bit,
-    with the output inside the input (DeepSpeed's way) or apart, on 3 ranks (odd chunk counts)."""
+    """ZeRO-3's and FSDP2's reduce-scatter and all-gather on CPU (pretrain/engines/gloo.py) give gloo's results
+    bit for bit, with the output inside the input (DeepSpeed's way) or apart, on 3 ranks (odd chunk counts)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)
