@@ -28,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,6 +173,42 @@ def _unshared(weights: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def safetensors_header(path: Path) -> dict[str, Any]:
+    """A safetensors file's header (names, dtypes, shapes, `__metadata__`), read without reading a tensor.
+    CheckpointError (one line) when the file is unreadable."""
+    try:
+        with path.open("rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+    except (OSError, ValueError, struct.error) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})", path=path) from None
+    if not isinstance(header, dict):
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file (its header is not a table)", path=path
+        )
+    return header
+
+
+_RESUME_FIX = "resume with the model fields the run started with (its config.yaml)"
+
+
+def check_fits(weights: Path, shapes: dict[str, tuple[int, ...]], *, fix: str) -> None:
+    """Refuse, in one line ending in `fix`, a checkpoint's `model.safetensors` whose tensors are not the model's
+    (`shapes`: its state dict's, by name), read from the header alone: a model config other than the one
+    that wrote it."""
+    saved = {n: tuple(e["shape"]) for n, e in safetensors_header(weights).items() if n != "__metadata__"}
+    for name in sorted(saved.keys() | shapes.keys()):
+        ours, theirs = shapes.get(name), saved.get(name)
+        if ours == theirs:
+            continue
+        if ours is None or theirs is None:
+            where = "the checkpoint" if ours is None else "this run's model"
+            what = f"{name} is only in {where}"
+        else:
+            what = f"{name} is {theirs} there and {ours} in this run's model"
+        raise CheckpointError(f"{weights.parent} does not fit this run's model: {what}; {fix}", path=weights)
+
+
 def _alone(value: int) -> int:
     return value
 
@@ -228,6 +265,8 @@ class CheckpointManager:
         self.root = root
         self.fingerprint = fingerprint  # the data's (data.data_fingerprint), recorded in each checkpoint
         self.vocab_size = vocab_size  # the model's, recorded in each model.safetensors (`VOCAB_SIZE_KEY`)
+        # The model's state dict shapes by name: a checkpoint of another architecture is refused on restore.
+        self.model_shapes: dict[str, tuple[int, ...]] | None = None
         self.keep = keep
         self.dist = dist
         self._barrier = barrier
@@ -406,6 +445,8 @@ class CheckpointManager:
         from pretrain.rng import set_rng_state
 
         state = read_trainer_state(path)
+        if self.model_shapes is not None:
+            check_fits(path / "model.safetensors", self.model_shapes, fix=_RESUME_FIX)
         if state.world_size == self.dist.world_size:
             rank_dir = path / f"rank_{self.dist.rank}"
             engine.load(path / "engine")

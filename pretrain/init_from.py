@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -162,17 +161,16 @@ def _architecture(config: Any) -> dict[str, Any]:
 
 def _vocabulary_size(weights: Path) -> int:
     """The vocabulary a checkpoint's model had, from the safetensors header alone (no tensor is read): as the
-    run recorded it (`pretrain.checkpoint.VOCAB_SIZE_KEY`), or, in a checkpoint from before it did (no padded tables then), the
-    rows of `embed.tokens.weight`."""
-    from pretrain.checkpoint import VOCAB_SIZE_KEY
+    run recorded it (`pretrain.checkpoint.VOCAB_SIZE_KEY`), or, in a checkpoint from before it did (no padded
+    tables then), the rows of `embed.tokens.weight`."""
+    from pretrain.checkpoint import VOCAB_SIZE_KEY, safetensors_header
+    from pretrain.errors import CheckpointError
 
     try:
-        with weights.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-        recorded = header.get("__metadata__", {}).get(VOCAB_SIZE_KEY)
+        header = safetensors_header(weights)
+        recorded = (header.get("__metadata__") or {}).get(VOCAB_SIZE_KEY)
         return int(recorded if recorded is not None else header["embed.tokens.weight"]["shape"][0])
-    except (OSError, ValueError, KeyError, AttributeError, struct.error) as e:
+    except (CheckpointError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"model.init_from: {weights} is not a readable checkpoint ({e})") from None
 
 

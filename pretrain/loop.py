@@ -152,10 +152,12 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     seed_everything(cfg.train.seed)
     fresh = not checkpoint_dirs(checkpoints.root)  # a resume restores its own weights, not init_from's
     recipe = components.model_recipe(cfg, tokenizer, init_from=fresh)
-    checkpoints.vocab_size = (
-        recipe.config.vocab_size
-    )  # padded tables do not tell it: model.init_from reads it
-    flops_per_token = objective_flops_per_token(components.meta_model(recipe.config), cfg)
+    meta = components.meta_model(recipe.config)
+    # Recorded in each checkpoint (padded tables do not tell it: model.init_from reads it), and the shapes a
+    # checkpoint must have to be restored.
+    checkpoints.vocab_size = recipe.config.vocab_size
+    checkpoints.model_shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+    flops_per_token = objective_flops_per_token(meta, cfg)
     if recipe.weights is not None and dist.is_main:
         for note in recipe.weights.notes:
             _say(f"note: {note}")

@@ -247,7 +247,7 @@ def test_launch_says_how_it_will_resume_at_another_world_size(tmp_path, corpus, 
 
 
 @pytest.mark.slow
-def test_train_records_the_data_and_refuses_a_changed_file_unless_allowed(tmp_path, corpus) -> None:
+def test_train_records_the_data_and_refuses_a_changed_file_or_model_unless_allowed(tmp_path, corpus) -> None:
     """Through `pretrain train`: the checkpoint records the data, an edited file stops the resume in one line
     naming it, and data.allow_changed=true resumes with a warning."""
     corpus.write_text("\n\n".join(f"paragraph {i} " + "word " * (i % 17) for i in range(400)))
@@ -276,3 +276,19 @@ def test_train_records_the_data_and_refuses_a_changed_file_unless_allowed(tmp_pa
     assert allowed.returncode == 0, allowed.stderr[-3000:]
     assert "warning: the data changed since the checkpoint (" in allowed.stderr
     assert "resuming at step 2" in allowed.stderr
+    # another architecture than the checkpoint's (here: its vocabulary padded to 400 rows) is refused in one line
+    other = train("train.max_steps=6", "model.vocab_multiple=100")
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, other.stderr[-3000:]
+    assert "step_4 does not fit this run's model: embed.tokens.weight is (" in errors[0]
+    assert "there and (400, 32) in this run's model; resume with the model fields" in errors[0]
+    # and so is an export from a config.yaml whose model is not the one trained (a preset's defaults changed)
+    saved = tmp_path / "run" / "config.yaml"
+    saved.write_text(saved.read_text().replace("model:\n", "model:\n  vocab_multiple: 100\n", 1))
+    cmd = [sys.executable, "-m", "pretrain", "export", str(tmp_path / "run"), str(tmp_path / "export")]
+    env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
+    export = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert export.returncode == 2 and "Traceback" not in export.stderr, export.stderr[-3000:]
+    assert "does not fit this run's model: embed.tokens.weight is (" in export.stderr
+    assert not (tmp_path / "export").exists()
