@@ -14,10 +14,14 @@ HF_HUB_OFFLINE=1 set (a node without network, where the run would fail) it is an
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from pretrain.components import TOKENIZER_DIR
 from pretrain.config import RunConfig
 from pretrain.errors import ConfigError
+
+if TYPE_CHECKING:
+    from models import ModelConfig
 
 
 def check_run(cfg: RunConfig) -> list[str]:
@@ -27,9 +31,12 @@ def check_run(cfg: RunConfig) -> list[str]:
     notes: list[str] = []
     try:
         if cfg.modality is not None:
+            _check_checkpoint_fits(cfg, cfg.model.config)
             _check_media_records(cfg, notes)
             return notes
-        _check_tokenizer(cfg, notes)
+        model = _check_tokenizer(cfg, notes)
+        if model is not None:
+            _check_checkpoint_fits(cfg, model)
         _check_init_weights(cfg)
         _check_records(cfg, notes)
     except DataError as e:
@@ -50,21 +57,34 @@ def _not_cached(error: Exception, notes: list[str], what: str) -> None:
     )
 
 
-def _check_tokenizer(cfg: RunConfig, notes: list[str]) -> None:
-    """The tokenizer the run will use loads and fits the model (a resumed run reuses its saved copy)."""
+def _check_tokenizer(cfg: RunConfig, notes: list[str]) -> ModelConfig | None:
+    """The tokenizer the run will use loads and fits the model (a resumed run reuses its saved copy); the model
+    config it gives, or None when the tokenizer is trained at start or not in the cache."""
     from data import DataError
     from data.tokenizer import load_tokenizer, with_family_tokens
 
     saved = cfg.run_dir / TOKENIZER_DIR
     name = str(saved) if (saved / "tokenizer.json").is_file() else cfg.data.tokenizer
     if name is None:
-        return  # trained from the data at start
+        return None  # trained from the data at start
     try:
         tokenizer = load_tokenizer(name, offline=True)
     except DataError as e:
         _not_cached(e, notes, repr(name))
-        return
-    cfg.model.for_tokenizer(with_family_tokens(tokenizer, cfg.model.family, name))
+        return None
+    return cfg.model.for_tokenizer(with_family_tokens(tokenizer, cfg.model.family, name))
+
+
+def _check_checkpoint_fits(cfg: RunConfig, model: ModelConfig) -> None:
+    """A resumed run's newest checkpoint has the model's tensors in their shapes (its header only), as the
+    restore will check."""
+    from pretrain.checkpoint import RESUME_FIX, check_fits, checkpoint_dirs
+    from pretrain.components import meta_model
+
+    newest = next(iter(checkpoint_dirs(cfg.run_dir / "checkpoints")), None)
+    if newest is not None and (newest / "model.safetensors").is_file():
+        shapes = {name: tuple(t.shape) for name, t in meta_model(model).state_dict().items()}
+        check_fits(newest / "model.safetensors", shapes, fix=RESUME_FIX)
 
 
 def _check_init_weights(cfg: RunConfig) -> None:

@@ -189,7 +189,7 @@ def safetensors_header(path: Path) -> dict[str, Any]:
     return header
 
 
-_RESUME_FIX = "resume with the model fields the run started with (its config.yaml)"
+RESUME_FIX = "resume with the model fields the run started with (its config.yaml)"
 
 
 def check_fits(weights: Path, shapes: dict[str, tuple[int, ...]], *, fix: str) -> None:
@@ -446,7 +446,7 @@ class CheckpointManager:
 
         state = read_trainer_state(path)
         if self.model_shapes is not None:
-            check_fits(path / "model.safetensors", self.model_shapes, fix=_RESUME_FIX)
+            check_fits(path / "model.safetensors", self.model_shapes, fix=RESUME_FIX)
         if state.world_size == self.dist.world_size:
             rank_dir = path / f"rank_{self.dist.rank}"
             engine.load(path / "engine")

@@ -253,14 +253,17 @@ def test_train_records_the_data_and_refuses_a_changed_file_or_model_unless_allow
     corpus.write_text("\n\n".join(f"paragraph {i} " + "word " * (i % 17) for i in range(400)))
     path, _ = config(tmp_path, corpus)
 
-    def train(*overrides: str) -> subprocess.CompletedProcess[str]:
+    def train_cli(command: str, *overrides: str) -> subprocess.CompletedProcess[str]:
         tiny = ["model.n_layers=1", "model.d_model=32", "model.n_heads=2", "model.d_ff=64", "data.seq_len=16"]
         tiny += ["data.vocab_size=384", "checkpoint.every=2", "wandb.mode=offline", "engine.backend=ddp"]
         env = {k: v for k, v in os.environ.items() if k not in {"RANK", "WORLD_SIZE", "LOCAL_RANK"}}
-        cmd = [sys.executable, "-m", "pretrain", "train", str(path), *tiny, *overrides]
+        cmd = [sys.executable, "-m", "pretrain", command, str(path), *tiny, *overrides]
         return subprocess.run(
             cmd, cwd=REPO, env=env | {"OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300
         )
+
+    def train(*overrides: str) -> subprocess.CompletedProcess[str]:
+        return train_cli("train", *overrides)
 
     first = train("train.max_steps=2")
     assert first.returncode == 0, first.stderr[-3000:]
@@ -283,6 +286,11 @@ def test_train_records_the_data_and_refuses_a_changed_file_or_model_unless_allow
     assert len(errors) == 1, other.stderr[-3000:]
     assert "step_4 does not fit this run's model: embed.tokens.weight is (" in errors[0]
     assert "there and (400, 32) in this run's model; resume with the model fields" in errors[0]
+    check = train_cli("check", "model.vocab_multiple=100")
+    assert (
+        check.returncode == 2 and check.stderr.startswith("error: ") and len(check.stderr.splitlines()) == 1
+    )
+    assert "step_4 does not fit this run's model: embed.tokens.weight is (" in check.stderr
     # and so is an export from a config.yaml whose model is not the one trained (a preset's defaults changed)
     saved = tmp_path / "run" / "config.yaml"
     saved.write_text(saved.read_text().replace("model:\n", "model:\n  vocab_multiple: 100\n", 1))
