@@ -306,8 +306,16 @@ def _tokenizer(cfg: RunConfig, dist: DistInfo) -> PreTrainedTokenizerFast | None
     if cfg.modality is not None:
         return None
     family = cfg.model.family
-    tokenizer = components.build_tokenizer(cfg.data, family, cfg.run_dir) if dist.is_main else None
-    barrier()
+    tokenizer, error = None, None
+    if dist.is_main:
+        try:
+            tokenizer = components.build_tokenizer(cfg.data, family, cfg.run_dir)
+        except Exception as e:  # noqa: BLE001 - agreed on below, then raised on rank 0
+            error = e
+    if any_rank(error is not None):  # instead of a barrier: the others stop too, and rank 0 alone says why
+        if error is not None:
+            raise error
+        raise ConfigError("rank 0 could not make the tokenizer (its error says why)")
     return tokenizer or components.build_tokenizer(cfg.data, family, cfg.run_dir)
 
 

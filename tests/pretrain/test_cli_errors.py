@@ -75,6 +75,35 @@ def test_a_config_error_under_torchrun_is_said_once(tmp_path: Path) -> None:
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["every rank", "rank 0 alone"])
+def test_a_failed_worker_ends_launchs_agent_in_one_line(tmp_path: Path, where: str) -> None:
+    """launch's torchrun agent answers a failed worker with one line and its exit code, not torchrun's
+    ChildFailedError traceback and summary. A config error meets every rank; an unreadable tokenizer only
+    rank 0, which makes it while the others wait: they stop with it, without a traceback of their own."""
+    if where == "every rank":
+        args, expected = BAD_CONFIG, EXPECTED
+    else:
+        (tmp_path / "tokenizer").mkdir()
+        (tmp_path / "tokenizer" / "tokenizer.json").write_text("{not json")
+        args = ["train", "configs/gpt-tiny.yaml", f"data.tokenizer={tmp_path / 'tokenizer'}"]
+        expected = (
+            f"error: data.tokenizer: cannot load '{tmp_path / 'tokenizer'}': JSONDecodeError: Expecting"
+        )
+    cmd = [sys.executable, "-m", "launch.agent", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "pretrain", *args, f"run.dir={tmp_path / 'run'}"]
+    launcher = {"WANDB_API_KEY", "RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}
+    env = {k: v for k, v in os.environ.items() if k not in launcher} | {"WANDB_MODE": "disabled"}
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == EXIT_USAGE, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(expected), proc.stderr
+    assert "Traceback" not in proc.stderr and "ChildFailedError" not in proc.stderr, proc.stderr
+    assert proc.stderr.rstrip().splitlines()[-1] == (
+        f"launch: the job failed: rank 0 exited with code {EXIT_USAGE} first (its output is above)"
+    ), proc.stderr
+
+
 def test_a_config_error_answers_before_torch_is_imported() -> None:
     """Importing torch costs seconds; validating the config needs none of it."""
     code = (
