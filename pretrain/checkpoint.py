@@ -206,6 +206,8 @@ def check_fits(weights: Path, shapes: dict[str, tuple[int, ...]], *, fix: str) -
             what = f"{name} is only in {where}"
         else:
             what = f"{name} is {theirs} there and {ours} in this run's model"
+            if name.endswith("tokens.weight") and ours[1:] == theirs[1:]:
+                what += " (another vocabulary or its padding: model.vocab_size, model.vocab_multiple)"
         raise CheckpointError(f"{weights.parent} does not fit this run's model: {what}; {fix}", path=weights)
 
 

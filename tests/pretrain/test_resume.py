@@ -285,7 +285,11 @@ def test_train_records_the_data_and_refuses_a_changed_file_or_model_unless_allow
     errors = [line for line in other.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, other.stderr[-3000:]
     assert "step_4 does not fit this run's model: embed.tokens.weight is (" in errors[0]
-    assert "there and (400, 32) in this run's model; resume with the model fields" in errors[0]
+    assert (
+        "there and (400, 32) in this run's model (another vocabulary or its padding: model.vocab_size, "
+        in errors[0]
+    )
+    assert errors[0].endswith("; resume with the model fields the run started with (its config.yaml)")
     check = train_cli("check", "model.vocab_multiple=100")
     assert (
         check.returncode == 2 and check.stderr.startswith("error: ") and len(check.stderr.splitlines()) == 1
