@@ -32,7 +32,10 @@ class ModelConfig:
     __pydantic_config__ = {"extra": "forbid"}  # validated by pydantic from a run config: no unknown fields
 
     family: str = field(default="", init=False)
-    vocab_size: int = _doc("embedding rows (a run fills it from its tokenizer unless set)")
+    vocab_size: int = _doc(
+        "tokens the model knows: embedding rows before any vocab_multiple padding (a run fills it from its "
+        "tokenizer unless set)"
+    )
     d_model: int = _doc("hidden width")
     n_layers: int = _doc("transformer blocks (T5: encoder blocks)")
     n_heads: int = _doc("attention heads")
