@@ -78,13 +78,12 @@ def _check_tokenizer(cfg: RunConfig, notes: list[str]) -> ModelConfig | None:
 def _check_checkpoint_fits(cfg: RunConfig, model: ModelConfig) -> None:
     """A resumed run's newest checkpoint has the model's tensors in their shapes (its header only), as the
     restore will check."""
-    from pretrain.checkpoint import RESUME_FIX, check_fits, checkpoint_dirs
+    from pretrain.checkpoint import RESUME_FIX, check_fits, checkpoint_dirs, state_dict_shapes
     from pretrain.components import meta_model
 
     newest = next(iter(checkpoint_dirs(cfg.run_dir / "checkpoints")), None)
     if newest is not None and (newest / "model.safetensors").is_file():
-        shapes = {name: tuple(t.shape) for name, t in meta_model(model).state_dict().items()}
-        check_fits(newest / "model.safetensors", shapes, fix=RESUME_FIX)
+        check_fits(newest / "model.safetensors", state_dict_shapes(meta_model(model)), fix=RESUME_FIX)
 
 
 def _check_init_weights(cfg: RunConfig) -> None:

@@ -28,7 +28,6 @@ import json
 import os
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -173,20 +172,22 @@ def _unshared(weights: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def safetensors_header(path: Path) -> dict[str, Any]:
-    """A safetensors file's header (names, dtypes, shapes, `__metadata__`), read without reading a tensor.
+def safetensors_header(path: Path) -> tuple[dict[str, tuple[int, ...]], dict[str, str]]:
+    """A safetensors file's tensor shapes by name and its metadata, from its header (no tensor is read).
     CheckpointError (one line) when the file is unreadable."""
+    from safetensors import SafetensorError, safe_open
+
     try:
-        with path.open("rb") as f:
-            (size,) = struct.unpack("<Q", f.read(8))
-            header = json.loads(f.read(size))
-    except (OSError, ValueError, struct.error) as e:
+        with safe_open(str(path), framework="numpy") as f:
+            names = f.keys()  # a safe_open handle is not iterable
+            return {name: tuple(f.get_slice(name).get_shape()) for name in names}, f.metadata() or {}
+    except (OSError, SafetensorError) as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e})", path=path) from None
-    if not isinstance(header, dict):
-        raise CheckpointError(
-            f"{path} is not a readable safetensors file (its header is not a table)", path=path
-        )
-    return header
+
+
+def state_dict_shapes(model: Any) -> dict[str, tuple[int, ...]]:
+    """The shapes of `model`'s state dict by name (a meta-device build will do): what `check_fits` compares."""
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 RESUME_FIX = "resume with the model fields the run started with (its config.yaml)"
@@ -196,7 +197,7 @@ def check_fits(weights: Path, shapes: dict[str, tuple[int, ...]], *, fix: str) -
     """Refuse, in one line ending in `fix`, a checkpoint's `model.safetensors` whose tensors are not the model's
     (`shapes`: its state dict's, by name), read from the header alone: a model config other than the one
     that wrote it."""
-    saved = {n: tuple(e["shape"]) for n, e in safetensors_header(weights).items() if n != "__metadata__"}
+    saved, _ = safetensors_header(weights)
     for name in sorted(saved.keys() | shapes.keys()):
         ours, theirs = shapes.get(name), saved.get(name)
         if ours == theirs:
@@ -262,12 +263,12 @@ class CheckpointManager:
         any_rank: Callable[[bool], bool] = _itself,
         say: Callable[[str], None] = _say,
         fingerprint: dict[str, Any] | None = None,
-        vocab_size: int | None = None,
     ) -> None:
         self.root = root
         self.fingerprint = fingerprint  # the data's (data.data_fingerprint), recorded in each checkpoint
-        self.vocab_size = vocab_size  # the model's, recorded in each model.safetensors (`VOCAB_SIZE_KEY`)
-        # The model's state dict shapes by name: a checkpoint of another architecture is refused on restore.
+        # Set by the run once its model is known: the model's vocabulary, recorded in each model.safetensors
+        # (`VOCAB_SIZE_KEY`), and its state dict's shapes, which a checkpoint must have to be restored.
+        self.vocab_size: int | None = None
         self.model_shapes: dict[str, tuple[int, ...]] | None = None
         self.keep = keep
         self.dist = dist

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from pretrain.checkpoint import check_fits, find_checkpoint, step_of
+from pretrain.checkpoint import check_fits, find_checkpoint, state_dict_shapes, step_of
 from pretrain.components import TOKENIZER_DIR, build_model
 from pretrain.config import RunConfig, export_problem, load_config
 from pretrain.errors import CheckpointError, ConfigError
@@ -76,12 +76,11 @@ def load_run_model(
         tokenizer = transformers.AutoTokenizer.from_pretrained(run_dir / TOKENIZER_DIR)
     model = build_model(cfg.model, tokenizer, init=False)
     weights = checkpoint / "model.safetensors"
-    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
     fix = (
         f"the model in {run_dir / 'config.yaml'} is not the one that was trained (a preset's defaults may have "
         "changed since: set the differing field there)"
     )
-    check_fits(weights, shapes, fix=fix)
+    check_fits(weights, state_dict_shapes(model), fix=fix)
     model.load_state_dict(load_file(str(weights)), strict=True)
     return model.eval(), tokenizer, checkpoint
 

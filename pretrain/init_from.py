@@ -167,10 +167,9 @@ def _vocabulary_size(weights: Path) -> int:
     from pretrain.errors import CheckpointError
 
     try:
-        header = safetensors_header(weights)
-        recorded = (header.get("__metadata__") or {}).get(VOCAB_SIZE_KEY)
-        return int(recorded if recorded is not None else header["embed.tokens.weight"]["shape"][0])
-    except (CheckpointError, ValueError, KeyError, TypeError) as e:
+        shapes, metadata = safetensors_header(weights)
+        return int(metadata.get(VOCAB_SIZE_KEY) or shapes["embed.tokens.weight"][0])
+    except (CheckpointError, ValueError, KeyError) as e:
         raise ConfigError(f"model.init_from: {weights} is not a readable checkpoint ({e})") from None
 
 

@@ -20,7 +20,7 @@ import yaml
 from torch import Tensor
 
 from pretrain import components
-from pretrain.checkpoint import CheckpointManager, TrainerState, checkpoint_dirs
+from pretrain.checkpoint import CheckpointManager, TrainerState, checkpoint_dirs, state_dict_shapes
 from pretrain.config import RunConfig
 from pretrain.console import say as _say
 from pretrain.engines import (
@@ -156,7 +156,7 @@ def setup(cfg: RunConfig, dist: DistInfo, preemption: PreemptionHandler) -> Run:
     # Recorded in each checkpoint (padded tables do not tell it: model.init_from reads it), and the shapes a
     # checkpoint must have to be restored.
     checkpoints.vocab_size = recipe.config.vocab_size
-    checkpoints.model_shapes = {name: tuple(t.shape) for name, t in meta.state_dict().items()}
+    checkpoints.model_shapes = state_dict_shapes(meta)
     flops_per_token = objective_flops_per_token(meta, cfg)
     if recipe.weights is not None and dist.is_main:
         for note in recipe.weights.notes:

@@ -7,18 +7,17 @@ gradient or parameter at the top of a step: GPT-2's 147 MiB tied table (bench/NO
 gradient, once"). DeepSpeed's buffers are scratch space, so the same results can be computed
 in place: an all-reduce of the reduce-scatter input (the traffic gloo sends anyway), and a broadcast of
 each rank's chunk into the all-gather output (the same bytes received per rank). Results are bitwise the
-same as gloo's: the same all-reduce, and copies. FSDP2 takes the all-gather (`FSDPAllGather`): its
-parameter all-gather is at the top of an FSDP step (the next block's, prefetched in backward).
+same as gloo's: the same all-reduce, and copies. FSDP2 takes both through its custom-comm hooks
+(`FSDPAllGather`, `FSDPReduceScatter`): its all-gather of the next block, prefetched in backward, is at the top
+of an FSDP step.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 import torch.distributed as dist
 from torch import Tensor
-from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
 
 def reduce_scatter_in_place(
@@ -50,12 +49,10 @@ def all_gather_in_place(
     return torch.futures.collect_all([work.get_future() for work in works])
 
 
-class FSDPAllGather(AllGather):
-    """FSDP2's parameter all-gather as `all_gather_in_place` (`FSDPModule.set_custom_all_gather`); it returns
-    once the parameters are in place, as FSDP2's own does when not asked for an asynchronous one."""
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
+class FSDPAllGather(DefaultAllGather):
+    """FSDP2's parameter all-gather as `all_gather_in_place` (`FSDPModule.set_custom_all_gather`; buffers as
+    FSDP2's default allocates them); it returns once the parameters are in place, as FSDP2's own does when not
+    asked for an asynchronous one."""
 
     def __call__(
         self, output_tensor: Tensor, input_tensor: Tensor, group: dist.ProcessGroup, async_op: bool = False
@@ -63,15 +60,13 @@ class FSDPAllGather(AllGather):
         all_gather_in_place(output_tensor, input_tensor, group).wait()
 
 
-class FSDPReduceScatter(ReduceScatter):
-    """FSDP2's gradient reduce-scatter as `reduce_scatter_in_place` (`FSDPModule.set_custom_reduce_scatter`).
+class FSDPReduceScatter(DefaultReduceScatter):
+    """FSDP2's gradient reduce-scatter as `reduce_scatter_in_place` (`FSDPModule.set_custom_reduce_scatter`;
+    buffers as FSDP2's default allocates them).
 
     FSDP2 copies a unit's gradients into a fresh input for each reduce-scatter and, for its streams, keeps
     that input until the next unit's reduce-scatter: on CPU, where there are no streams, the input's storage
     is given back here, once this rank's chunk is out of it."""
-
-    def allocate(self, size: Sequence[int], *, dtype: torch.dtype, device: torch.device) -> Tensor:
-        return torch.empty(*size, dtype=dtype, device=device)
 
     def __call__(
         self,
